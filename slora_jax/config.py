@@ -1,0 +1,205 @@
+"""Typed configs. A field exists once, here, with its default.
+
+`LlamaConfig` describes a base model. It is frozen and hashable so it can be a
+static argument of jitted functions. `LlamaConfig.from_hf(dict)` reads a
+Hugging Face `config.json` (transformers 4.x `rope_theta`/`rope_scaling` or 5.x
+`rope_parameters`) and refuses what the model does not implement, naming the
+field. Named presets give real model shapes for random-weight experiments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from slora_jax.errors import CheckpointError
+
+# The seven projections a LoRA adapter may target, in a fixed order.
+PROJECTIONS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+
+# Hugging Face module name of each projection inside a decoder layer.
+HF_MODULE_NAMES: dict[str, str] = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.x (`rope_type: llama3`) frequency scaling."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_ids: tuple[int, ...] = (2,)
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    def projection_shape(self, proj: str) -> tuple[int, int]:
+        """(input features, output features) of a projection; k/v are GQA-narrow."""
+        h, f = self.hidden_size, self.intermediate_size
+        return {
+            "q": (h, self.q_size),
+            "k": (h, self.kv_size),
+            "v": (h, self.kv_size),
+            "o": (self.q_size, h),
+            "gate": (h, f),
+            "up": (h, f),
+            "down": (f, h),
+        }[proj]
+
+    def num_params(self) -> int:
+        per_layer = sum(i * o for i, o in map(self.projection_shape, PROJECTIONS)) + 2 * self.hidden_size
+        emb = self.vocab_size * self.hidden_size
+        return self.num_hidden_layers * per_layer + emb * (1 if self.tie_word_embeddings else 2) + self.hidden_size
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], source: str = "config.json") -> "LlamaConfig":
+        """Build from a Hugging Face config dict; unsupported values raise `CheckpointError`."""
+
+        def bad(field: str, why: str) -> CheckpointError:
+            return CheckpointError(f"{source}: unsupported `{field}`: {why}")
+
+        archs = d.get("architectures") or ["LlamaForCausalLM"]
+        if d.get("model_type", "llama") != "llama" or list(archs) != ["LlamaForCausalLM"]:
+            raise bad(
+                "architectures",
+                f"model_type={d.get('model_type')!r}, architectures={archs!r}; only LlamaForCausalLM is supported",
+            )
+        if d.get("attention_bias", False):
+            raise bad("attention_bias", "attention projections with bias are not supported")
+        if d.get("mlp_bias", False):
+            raise bad("mlp_bias", "MLP projections with bias are not supported")
+        if d.get("hidden_act", "silu") != "silu":
+            raise bad("hidden_act", f"{d['hidden_act']!r}; only 'silu' (SwiGLU) is supported")
+        if d.get("pretraining_tp", 1) not in (1, None):
+            raise bad("pretraining_tp", "only 1 is supported")
+
+        # transformers 5 keeps theta and scaling in `rope_parameters`; 4.x in two fields.
+        rope = d.get("rope_parameters")
+        field = "rope_parameters"
+        if rope is None:
+            rope = dict(d.get("rope_scaling") or {})
+            field = "rope_scaling"
+            rope.setdefault("rope_theta", d.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        scaling = None
+        if rope_type == "llama3":
+            try:
+                scaling = RopeScaling(
+                    factor=float(rope["factor"]),
+                    low_freq_factor=float(rope["low_freq_factor"]),
+                    high_freq_factor=float(rope["high_freq_factor"]),
+                    original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+                )
+            except KeyError as e:
+                raise CheckpointError(f"{source}: `{field}` of type llama3 lacks {e.args[0]!r}") from None
+        elif rope_type != "default":
+            raise bad(field, f"rope type {rope_type!r}; supported: 'default', 'llama3'")
+
+        heads = int(d["num_attention_heads"])
+        hidden = int(d["hidden_size"])
+        eos = d.get("eos_token_id", 2)
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        try:
+            return cls(
+                vocab_size=int(d["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(d["intermediate_size"]),
+                num_hidden_layers=int(d["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(d.get("num_key_value_heads") or heads),
+                head_dim=int(d.get("head_dim") or hidden // heads),
+                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(rope.get("rope_theta", 10000.0)),
+                rope_scaling=scaling,
+                max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                bos_token_id=d.get("bos_token_id"),
+                eos_token_ids=eos_ids,
+            )
+        except KeyError as e:
+            raise CheckpointError(f"{source}: missing required field {e.args[0]!r}") from None
+        except ValueError as e:
+            raise CheckpointError(f"{source}: {e}") from None
+
+
+def _llama3_scaling() -> RopeScaling:
+    return RopeScaling(
+        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+    )
+
+
+# Real model shapes (random weights) for experiments; see ../shared/BENCHMARKS.md.
+PRESETS: dict[str, LlamaConfig] = {
+    "llama-7b": LlamaConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, head_dim=128, rms_norm_eps=1e-5,
+        max_position_embeddings=4096,
+    ),
+    "llama-13b": LlamaConfig(
+        vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+        num_attention_heads=40, num_key_value_heads=40, head_dim=128, rms_norm_eps=1e-5,
+        max_position_embeddings=4096,
+    ),
+    "llama3-8b": LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+        rope_theta=500000.0, rope_scaling=_llama3_scaling(), max_position_embeddings=131072,
+        bos_token_id=128000, eos_token_ids=(128001, 128008, 128009),
+    ),
+    "llama-70b": LlamaConfig(
+        vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+        max_position_embeddings=4096,
+    ),
+    # A few-MB model for CPU tests, quickstarts and smoke runs.
+    "tiny": LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+        max_position_embeddings=1024,
+    ),
+}
+
+
+def preset(name: str) -> LlamaConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}") from None
