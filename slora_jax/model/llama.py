@@ -1,0 +1,178 @@
+"""The functional Llama: parameters are a pytree, the forward a pure function.
+
+Parameter tree (per-layer leaves stacked on a leading `[L]` axis, kernels `[in, out]`):
+
+    {"embed": {"embedding": [V, H]},
+     "layers": {"attn_norm": {"scale": [L, H]},
+                "q" | "k" | "v" | "o" | "gate" | "up" | "down": {"kernel": [L, in, out]},
+                "mlp_norm": {"scale": [L, H]}},
+     "final_norm": {"scale": [H]},
+     "lm_head": {"kernel": [H, V]}}          # absent when embeddings are tied
+
+`forward` runs a chunk of `S` new tokens for each of `B` sequences at given
+positions against a KV cache (see `cache.py`): a prompt prefill is a chunk at
+positions `0..n-1` on an empty cache, a decode step a chunk of one token.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from slora_jax.config import LlamaConfig
+from slora_jax.model.cache import DenseKVCache
+from slora_jax.model.layers import DecoderLayer, RMSNorm, no_lora, rope_tables
+from slora_jax.ops.lora import SlotWeights, lora_reference
+
+Params = dict[str, Any]
+
+
+class LoraInputs(NamedTuple):
+    """The LoRA part of a forward: adapter weights in slots and each token's slot.
+
+    weights: projection name -> `SlotWeights` stacked over layers (`a: [L, S, in, R]`);
+      projections no resident adapter targets are simply absent.
+    slot_ids: int32 `[B, S]` adapter slot of each token, -1 for the base model.
+    """
+
+    weights: dict[str, SlotWeights]
+    slot_ids: jax.Array
+
+
+def _embed(cfg: LlamaConfig, dtype) -> nn.Embed:
+    return nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=nn.initializers.normal(0.02), param_dtype=dtype)
+
+
+def init_random_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.bfloat16) -> Params:
+    """Random weights of the config's shapes (normal(0.02) kernels, unit norms), jitted."""
+    return _init_params(cfg, key, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init_params(cfg: LlamaConfig, key: jax.Array, dtype) -> Params:
+    k_emb, k_layers, k_head = jax.random.split(key, 3)
+    H = cfg.hidden_size
+    h_1x1xH = jnp.zeros((1, 1, H), dtype)
+    rope = rope_tables(cfg, jnp.zeros((1, 1), jnp.int32))
+    # Only shapes matter at init: stand in for attention with the identity on q.
+    init_layer = lambda k: DecoderLayer(cfg, dtype).init(k, h_1x1xH, rope, lambda q, kk, v: (q, None))["params"]
+    params: Params = {
+        "embed": _embed(cfg, dtype).init(k_emb, jnp.zeros((1,), jnp.int32))["params"],
+        "layers": jax.vmap(init_layer)(jax.random.split(k_layers, cfg.num_hidden_layers)),
+        "final_norm": RMSNorm(cfg.rms_norm_eps, dtype).init(k_head, h_1x1xH)["params"],
+    }
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = {"kernel": nn.initializers.normal(0.02)(k_head, (H, cfg.vocab_size), dtype)}
+    return params
+
+
+def param_shapes(cfg: LlamaConfig, dtype=jnp.bfloat16) -> Params:
+    """The parameter tree as `jax.ShapeDtypeStruct`s, computed without allocating."""
+    return jax.eval_shape(lambda k: _init_params(cfg, k, jnp.dtype(dtype)), jax.random.key(0))
+
+
+def forward(
+    params: Params,
+    cfg: LlamaConfig,
+    tokens_BxS: jax.Array,
+    pos_BxS: jax.Array,
+    cache: DenseKVCache,
+    lora: LoraInputs | None = None,
+    logits_index_B: jax.Array | None = None,
+) -> tuple[jax.Array, DenseKVCache]:
+    """Run `S` new tokens per sequence; returns fp32 logits and the updated cache.
+
+    Args:
+      tokens_BxS: int32 token ids.
+      pos_BxS: int32 position of each token in its sequence; -1 marks padding.
+      cache: anything with the `write`/`attend` interface of `DenseKVCache`.
+      lora: optional `LoraInputs`.
+      logits_index_B: if given, logits only for token `logits_index_B[b]` of each
+        sequence (`[B, 1, V]`), as a decode or the last prompt token needs.
+    Returns:
+      logits `[B, S or 1, V]` in fp32, and the cache holding the new tokens' K/V.
+    """
+    dtype = params["embed"]["embedding"].dtype
+    B, S = tokens_BxS.shape
+    h_BxSxH = jnp.take(params["embed"]["embedding"], tokens_BxS, axis=0)
+    rope = rope_tables(cfg, jnp.maximum(pos_BxS, 0))
+    layer = DecoderLayer(cfg, dtype)
+    slot_T = None if lora is None else lora.slot_ids.reshape(B * S)
+
+    def body(carry, xs):
+        h_BxSxH, cache = carry
+        i, layer_params, lora_w = xs
+
+        def attend(q_BxSxNxD, k_BxSxKxD, v_BxSxKxD):
+            c = cache.write(i, k_BxSxKxD, v_BxSxKxD, pos_BxS)
+            return c.attend(i, q_BxSxNxD, pos_BxS), c
+
+        def add_lora(proj: str, y_TxO: jax.Array, x_TxI: jax.Array) -> jax.Array:
+            if proj not in lora_w:
+                return y_TxO
+            return lora_reference(y_TxO, x_TxI, lora_w[proj], slot_T)
+
+        h_BxSxH, cache = layer.apply(
+            {"params": layer_params}, h_BxSxH, rope, attend, no_lora if lora is None else add_lora
+        )
+        return (h_BxSxH, cache), None
+
+    xs = (jnp.arange(cfg.num_hidden_layers), params["layers"], None if lora is None else lora.weights)
+    (h_BxSxH, cache), _ = jax.lax.scan(body, (h_BxSxH, cache), xs)
+
+    if logits_index_B is not None:
+        h_BxSxH = h_BxSxH[jnp.arange(B), logits_index_B][:, None]
+    h_BxSxH = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": params["final_norm"]}, h_BxSxH)
+    if cfg.tie_word_embeddings:
+        w_HxV = params["embed"]["embedding"].T
+    else:
+        w_HxV = params["lm_head"]["kernel"]
+    logits = jnp.einsum("bsh,hv->bsv", h_BxSxH, w_HxV, preferred_element_type=jnp.float32)
+    return logits, cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def forward_jit(params, cfg, tokens_BxS, pos_BxS, cache, lora=None, logits_index_B=None):
+    """`forward`, jitted with the cache donated (updated in place)."""
+    return forward(params, cfg, tokens_BxS, pos_BxS, cache, lora, logits_index_B)
+
+
+def prefill(
+    params: Params,
+    cfg: LlamaConfig,
+    tokens_BxS: jax.Array,
+    lengths_B: jax.Array,
+    max_len: int,
+    lora: LoraInputs | None = None,
+    logits_index_B: jax.Array | None = None,
+) -> tuple[jax.Array, DenseKVCache]:
+    """Full-sequence forward of right-padded prompts.
+
+    Returns logits `[B, S, V]` for every prompt position (or `[B, 1, V]` at
+    `logits_index_B`) and a `DenseKVCache` of capacity `max_len` holding the
+    prompts' K/V, ready for `decode_step`.
+    """
+    B, S = tokens_BxS.shape
+    pos_BxS = jnp.where(jnp.arange(S)[None, :] < lengths_B[:, None], jnp.arange(S)[None, :], -1)
+    cache = DenseKVCache.create(cfg, B, max_len, params["embed"]["embedding"].dtype)
+    return forward_jit(params, cfg, tokens_BxS, pos_BxS.astype(jnp.int32), cache, lora, logits_index_B)
+
+
+def decode_step(
+    params: Params,
+    cfg: LlamaConfig,
+    tokens_B: jax.Array,
+    pos_B: jax.Array,
+    cache: DenseKVCache,
+    lora: LoraInputs | None = None,
+) -> tuple[jax.Array, DenseKVCache]:
+    """One new token per sequence at position `pos_B` (-1: inactive row); logits `[B, V]`.
+
+    `lora.slot_ids` is `[B, 1]`. The cache is donated.
+    """
+    logits, cache = forward_jit(params, cfg, tokens_B[:, None], pos_B[:, None], cache, lora)
+    return logits[:, 0], cache
