@@ -133,29 +133,37 @@ class LlamaConfig:
         elif rope_type != "default":
             raise bad(field, f"rope type {rope_type!r}; supported: 'default', 'llama3'")
 
-        heads = int(d["num_attention_heads"])
-        hidden = int(d["hidden_size"])
+        def get(name: str, conv, default=None, src: dict = d):
+            if src.get(name) is None:
+                if default is None:
+                    raise CheckpointError(f"{source}: missing required field {name!r}")
+                return default
+            try:
+                return conv(src[name])
+            except (TypeError, ValueError):
+                raise CheckpointError(f"{source}: field {name!r} = {src[name]!r} is not a valid {conv.__name__}") from None
+
+        heads = get("num_attention_heads", int)
+        hidden = get("hidden_size", int)
         eos = d.get("eos_token_id", 2)
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
         try:
             return cls(
-                vocab_size=int(d["vocab_size"]),
+                vocab_size=get("vocab_size", int),
                 hidden_size=hidden,
-                intermediate_size=int(d["intermediate_size"]),
-                num_hidden_layers=int(d["num_hidden_layers"]),
+                intermediate_size=get("intermediate_size", int),
+                num_hidden_layers=get("num_hidden_layers", int),
                 num_attention_heads=heads,
-                num_key_value_heads=int(d.get("num_key_value_heads") or heads),
-                head_dim=int(d.get("head_dim") or hidden // heads),
-                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(rope.get("rope_theta", 10000.0)),
+                num_key_value_heads=get("num_key_value_heads", int, heads),
+                head_dim=get("head_dim", int, hidden // heads),
+                rms_norm_eps=get("rms_norm_eps", float, 1e-6),
+                rope_theta=get("rope_theta", float, 10000.0, src=rope),
                 rope_scaling=scaling,
-                max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+                max_position_embeddings=get("max_position_embeddings", int, 4096),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_ids=eos_ids,
             )
-        except KeyError as e:
-            raise CheckpointError(f"{source}: missing required field {e.args[0]!r}") from None
         except ValueError as e:
             raise CheckpointError(f"{source}: {e}") from None
 

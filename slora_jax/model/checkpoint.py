@@ -60,6 +60,8 @@ def _weight_files(path: str) -> list[str]:
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
             names = sorted(set(weight_map.values()))
+            if not all(isinstance(n, str) for n in names):
+                raise TypeError("weight_map values must be file names")
         except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index}: unreadable index ({e!r})") from None
         files = [os.path.join(path, n) for n in names]
@@ -125,6 +127,8 @@ def load_checkpoint(path: str | os.PathLike, dtype: Any = jnp.bfloat16) -> tuple
                     continue
                 raise CheckpointError(f"{sf.path}: unexpected tensor {name!r} for a {cfg.num_hidden_layers}-layer Llama")
             tree_path, layer, transpose = t
+            if (tree_path, layer) in sources:
+                raise CheckpointError(f"{sf.path}: tensor {name!r} also appears in {sources[(tree_path, layer)][0].path}")
             sources[(tree_path, layer)] = (sf, name, transpose)
 
     def leaf(tree_path: tuple[str, ...], spec: jax.ShapeDtypeStruct) -> jax.Array:
