@@ -1,0 +1,210 @@
+"""The unified pool on the device: one buffer of pages holding KV cache and adapter weights.
+
+The pool is one array `[L, num_pages, page_elems]`; page id `p` names the same
+slot `[l, p]` in every layer. A page is read in one of two views, both free
+reshapes (bitcasts) of the same bytes:
+
+- **KV view** `[num_pages, 2, P, K, D]` per layer: K and V of `P` consecutive
+  tokens of one sequence (`P` = `page_size`, `K` KV heads of `D` dims).
+- **Row view** `[num_pages * rows_per_page, C]` per layer: rows of `C`
+  (`lora_chunk`) elements. Adapter weights are rows.
+
+Adapter page layout (shared with the gathered-LoRA kernels). An adapter owns a
+list of pages (its page table); concatenated they form its *virtual rows*,
+`v -> page_table[v // rows_per_page] * rows_per_page + v % rows_per_page`.
+Every targeted projection stores, at its own rank `r` (the largest over layers),
+`A^T [r, H_in]` and then `B [r, H_out]` (scale folded into `B`), each
+**chunk-major**: column chunk `j` of width `C` is `r` consecutive rows, so a
+kernel tile (ranks `i..i+R`, chunk `j`) is rows `offset + j*r + i ...`. A
+layer the adapter does not target holds zeros. Nothing is padded to a batch-
+or pool-wide max rank; only the adapter's last page is partly unused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from slora_jax.adapters.adapter import LoraAdapter
+from slora_jax.config import PROJECTIONS, LlamaConfig
+from slora_jax.ops.lora import SlotWeights
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolLayout:
+    """Static shape of the pool (hashable: a static argument of jitted functions)."""
+
+    num_layers: int
+    num_pages: int
+    page_size: int  # tokens per KV page
+    num_kv_heads: int
+    head_dim: int
+    lora_chunk: int = 64  # C: adapter row width in elements
+
+    def __post_init__(self):
+        if self.page_elems % self.lora_chunk:
+            raise ValueError(
+                f"page of {self.page_elems} elements (2 x page_size {self.page_size} x {self.num_kv_heads} "
+                f"KV heads x head_dim {self.head_dim}) is not a multiple of lora_chunk {self.lora_chunk}"
+            )
+
+    @classmethod
+    def for_model(cls, cfg: LlamaConfig, num_pages: int, page_size: int = 16, lora_chunk: int = 64) -> "PoolLayout":
+        return cls(cfg.num_hidden_layers, num_pages, page_size, cfg.num_key_value_heads, cfg.head_dim, lora_chunk)
+
+    @property
+    def page_elems(self) -> int:
+        return 2 * self.page_size * self.num_kv_heads * self.head_dim
+
+    @property
+    def rows_per_page(self) -> int:
+        return self.page_elems // self.lora_chunk
+
+    def page_bytes(self, dtype) -> int:
+        """Bytes of one page id across all layers."""
+        return self.num_layers * self.page_elems * jnp.dtype(dtype).itemsize
+
+
+def create_pool(layout: PoolLayout, dtype=jnp.bfloat16) -> jax.Array:
+    """A zeroed pool `[L, num_pages, page_elems]`."""
+    return jnp.zeros((layout.num_layers, layout.num_pages, layout.page_elems), dtype)
+
+
+def kv_view(pool_layer: jax.Array, layout: PoolLayout) -> jax.Array:
+    """One layer's pages as KV blocks `[num_pages, 2, P, K, D]`."""
+    return pool_layer.reshape(layout.num_pages, 2, layout.page_size, layout.num_kv_heads, layout.head_dim)
+
+
+def row_view(pool_layer: jax.Array, layout: PoolLayout) -> jax.Array:
+    """One layer's pages as adapter rows `[num_pages * rows_per_page, C]`."""
+    return pool_layer.reshape(layout.num_pages * layout.rows_per_page, layout.lora_chunk)
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectionPlacement:
+    """Where one projection's LoRA lives in its adapter's virtual rows."""
+
+    rank: int
+    a_row: int  # first virtual row of A^T, chunk-major [H_in / C chunks][rank][C]
+    b_row: int  # first virtual row of B, chunk-major [H_out / C chunks][rank][C]
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterPlacement:
+    """The page layout of one adapter: per-projection placement and its size."""
+
+    projections: dict[str, ProjectionPlacement]
+    num_rows: int
+    num_pages: int
+    unused_elems: int  # allocated but unused, per layer (internal fragmentation)
+
+
+def _chunks(width: int, c: int) -> int:
+    return -(-width // c)
+
+
+def place_adapter(adapter: LoraAdapter, cfg: LlamaConfig, layout: PoolLayout) -> AdapterPlacement:
+    """Plan where each projection's A and B go, at the adapter's own ranks."""
+    c, row = layout.lora_chunk, 0
+    placed = {}
+    for proj in adapter.projections:
+        r = max(m.rank for (_, p), m in adapter.modules.items() if p == proj)
+        h_in, h_out = cfg.projection_shape(proj)
+        a_row, row = row, row + _chunks(h_in, c) * r
+        b_row, row = row, row + _chunks(h_out, c) * r
+        placed[proj] = ProjectionPlacement(r, a_row, b_row)
+    pages = -(-row // layout.rows_per_page)
+    return AdapterPlacement(placed, row, pages, (pages * layout.rows_per_page - row) * c)
+
+
+def _chunk_major(m_RxW: np.ndarray, c: int) -> np.ndarray:
+    """`[r, W]` -> rows `[ceil(W/C) * r, C]`: chunk j's r rows are consecutive (W zero-padded)."""
+    r, w = m_RxW.shape
+    n = _chunks(w, c)
+    padded = np.zeros((r, n * c), m_RxW.dtype)
+    padded[:, :w] = m_RxW
+    return padded.reshape(r, n, c).transpose(1, 0, 2).reshape(n * r, c)
+
+
+def adapter_rows(adapter: LoraAdapter, placement: AdapterPlacement, cfg: LlamaConfig, layout: PoolLayout,
+                 dtype=jnp.bfloat16) -> np.ndarray:
+    """Host array `[L, num_pages * rows_per_page, C]` of the adapter's rows, scale folded into B."""
+    c = layout.lora_chunk
+    rows = np.zeros((cfg.num_hidden_layers, placement.num_pages * layout.rows_per_page, c), np.float32)
+    for (layer, proj), m in adapter.modules.items():
+        p = placement.projections[proj]
+        h_in, h_out = cfg.projection_shape(proj)
+        a_RxI = np.zeros((p.rank, h_in), np.float32)
+        a_RxI[: m.rank] = m.a.T
+        b_RxO = np.zeros((p.rank, h_out), np.float32)
+        b_RxO[: m.rank] = m.b.astype(np.float32) * np.float32(m.scale)
+        na, nb = _chunks(h_in, c) * p.rank, _chunks(h_out, c) * p.rank
+        rows[layer, p.a_row : p.a_row + na] = _chunk_major(a_RxI, c)
+        rows[layer, p.b_row : p.b_row + nb] = _chunk_major(b_RxO, c)
+    return rows.astype(jnp.dtype(dtype))
+
+
+def physical_rows(page_ids: jax.Array, rows_per_page: int) -> jax.Array:
+    """Row-view indices of all rows of `page_ids`, in page-table order."""
+    return (page_ids[:, None] * rows_per_page + jnp.arange(rows_per_page)[None, :]).reshape(-1)
+
+
+@functools.partial(jax.jit, static_argnames=("layout",), donate_argnames=("pool",))
+def write_adapter(pool: jax.Array, rows_LxNxC: jax.Array, page_ids: jax.Array, layout: PoolLayout) -> jax.Array:
+    """Copy an adapter's rows into its pages, in place (the pool is donated).
+
+    `rows_LxNxC` is `adapter_rows(...)` (`N = len(page_ids) * rows_per_page`).
+    """
+    L = layout.num_layers
+    rows = pool.reshape(L, layout.num_pages * layout.rows_per_page, layout.lora_chunk)
+    rows = rows.at[:, physical_rows(page_ids, layout.rows_per_page)].set(rows_LxNxC.astype(pool.dtype))
+    return rows.reshape(pool.shape)
+
+
+def read_projection(pool_layer: jax.Array, layout: PoolLayout, page_table: jax.Array, placement: ProjectionPlacement,
+                    h_in: int, h_out: int) -> tuple[jax.Array, jax.Array]:
+    """Reference read of one projection's `A [H_in, r]` and `B [r, H_out]` from one layer's pages."""
+    c, r = layout.lora_chunk, placement.rank
+    rows = row_view(pool_layer, layout)
+    phys = physical_rows(page_table, layout.rows_per_page)
+
+    def read(first: int, width: int) -> jax.Array:
+        n = _chunks(width, c)
+        m_NxRxC = rows[phys[first : first + n * r]].reshape(n, r, c)
+        return m_NxRxC.transpose(1, 0, 2).reshape(r, n * c)[:, :width]
+
+    return read(placement.a_row, h_in).T, read(placement.b_row, h_out)
+
+
+def gather_slots(pool: jax.Array, layout: PoolLayout, cfg: LlamaConfig,
+                 resident: list[tuple[AdapterPlacement, np.ndarray]]) -> dict[str, SlotWeights]:
+    """Dense `SlotWeights` (slot s = resident[s]) read back out of the pool's pages.
+
+    The jnp reference for kernels that read adapters from pages: equal, slot by
+    slot, to `pack_slots` of the same adapters (ranks are per projection).
+    """
+    out = {}
+    for proj in PROJECTIONS:
+        used = [(s, pl.projections[proj], pt) for s, (pl, pt) in enumerate(resident) if proj in pl.projections]
+        if not used:
+            continue
+        h_in, h_out = cfg.projection_shape(proj)
+        r_max = max(p.rank for _, p, _ in used)
+        L, S = layout.num_layers, len(resident)
+        a = jnp.zeros((L, S, h_in, r_max), pool.dtype)
+        b = jnp.zeros((L, S, r_max, h_out), pool.dtype)
+        ranks = np.zeros((L, S), np.int32)
+        for s, p, pt in used:
+            a_l, b_l = jax.vmap(lambda pl_: read_projection(pl_, layout, jnp.asarray(pt), p, h_in, h_out))(pool)
+            a = a.at[:, s, :, : p.rank].set(a_l)
+            b = b.at[:, s, : p.rank].set(b_l)
+            ranks[:, s] = p.rank
+        out[proj] = SlotWeights(a, b, jnp.asarray(ranks))
+    return out

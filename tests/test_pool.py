@@ -1,0 +1,110 @@
+"""The unified pool on the device: adapter pages round-trip, KV pages serve the model."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from slora_jax.adapters import LoraModule, pack_slots, random_adapter
+from slora_jax.config import preset
+from slora_jax.memory.allocator import PageAllocator
+from slora_jax.memory.kv_cache import PagedKVCache
+from slora_jax.memory.pool import (
+    PoolLayout,
+    adapter_rows,
+    create_pool,
+    gather_slots,
+    place_adapter,
+    write_adapter,
+)
+from slora_jax.model import DenseKVCache, forward, init_random_params
+
+CFG = preset("tiny")  # GQA 4:2, head_dim 16, hidden 64, intermediate 128
+
+
+def adapters():
+    """Mixed ranks (incl. not a multiple of anything) and targets; one with a per-layer rank."""
+    ads = [
+        random_adapter(CFG, 3, ("q", "v"), seed=1, name="r3"),
+        random_adapter(CFG, 16, ("q", "k", "v", "o", "gate", "up", "down"), seed=2, name="r16"),
+        random_adapter(CFG, 8, ("gate", "down"), alpha=4, seed=3, name="r8"),
+    ]
+    rng = np.random.default_rng(0)
+    h_in, h_out = CFG.projection_shape("down")
+    ads[2].modules[(1, "down")] = LoraModule(rng.standard_normal((h_in, 5), np.float32),
+                                             rng.standard_normal((5, h_out), np.float32), 0.5)
+    del ads[2].modules[(0, "gate")]
+    return ads
+
+
+def test_layout_rejects_pages_not_divisible_into_rows():
+    with pytest.raises(ValueError, match="lora_chunk"):
+        PoolLayout(num_layers=1, num_pages=4, page_size=1, num_kv_heads=1, head_dim=16, lora_chunk=64)
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_adapters_round_trip_through_pages(chunk):
+    layout = PoolLayout.for_model(CFG, num_pages=256, page_size=4, lora_chunk=chunk)
+    alloc = PageAllocator(layout.num_pages)
+    alloc.alloc(5, ("kv", "someone"), "kv")  # pages are not handed out from 0
+    pool = create_pool(layout, jnp.float32)
+    resident = []
+    for ad in adapters():
+        placement = place_adapter(ad, CFG, layout)
+        pages = alloc.alloc(placement.num_pages, ("adapter", ad.name), "adapter")
+        old = pool
+        pool = write_adapter(pool, jnp.asarray(adapter_rows(ad, placement, CFG, layout, jnp.float32)),
+                             jnp.asarray(pages), layout)
+        assert old.is_deleted()  # donated: updated in place, not copied
+        resident.append((placement, pages))
+        # Stored at its own rank: only the last page is partly empty.
+        assert placement.unused_elems < layout.rows_per_page * chunk
+    got = gather_slots(pool, layout, CFG, resident)
+    want = pack_slots(adapters(), CFG, jnp.float32)
+    assert set(got) == set(want)
+    for proj in want:
+        np.testing.assert_allclose(np.asarray(got[proj].a), np.asarray(want[proj].a), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(got[proj].b), np.asarray(want[proj].b), rtol=1e-6)
+
+
+def test_pages_freed_by_kv_hold_an_adapter():
+    """Unified paging: the very pages a finished sequence used are reused for adapter weights."""
+    layout = PoolLayout.for_model(CFG, num_pages=8, page_size=4, lora_chunk=16)
+    alloc = PageAllocator(layout.num_pages)
+    kv_pages = alloc.alloc(8, ("kv", 0), "kv")
+    pool = create_pool(layout, jnp.float32).at[:, kv_pages].set(7.0)  # a sequence's KV
+    alloc.free_owner(("kv", 0))
+    ad = random_adapter(CFG, 4, ("q",), seed=5)
+    placement = place_adapter(ad, CFG, layout)
+    pages = alloc.alloc(placement.num_pages, ("adapter", "a"), "adapter")
+    assert set(pages) <= set(kv_pages)
+    pool = write_adapter(pool, jnp.asarray(adapter_rows(ad, placement, CFG, layout, jnp.float32)),
+                         jnp.asarray(pages), layout)
+    got = gather_slots(pool, layout, CFG, [(placement, pages)])["q"]
+    np.testing.assert_allclose(np.asarray(got.a), np.asarray(pack_slots([ad], CFG)["q"].a), rtol=1e-6)
+
+
+def test_model_on_paged_kv_equals_dense_cache():
+    """Chunked prefill then decode, with scattered page tables, gives the dense-cache logits."""
+    params = init_random_params(CFG, jax.random.key(1), jnp.float32)
+    layout = PoolLayout.for_model(CFG, num_pages=32, page_size=4, lora_chunk=16)
+    rng = np.random.default_rng(2)
+    lens = [13, 6, 9]
+    B, T = len(lens), 16
+    tokens = rng.integers(0, CFG.vocab_size, (B, T)).astype(np.int32)
+    page_table = rng.permutation(layout.num_pages)[: B * (T // 4)].reshape(B, T // 4).astype(np.int32)
+    paged = PagedKVCache(create_pool(layout, jnp.float32), jnp.asarray(page_table), layout)
+    dense = DenseKVCache.create(CFG, B, T, jnp.float32)
+    step = jax.jit(forward, static_argnums=1)
+    # Two prefill chunks of different sizes, then single-token decodes.
+    chunks = [(0, 5), (5, 9)] + [(t, t + 1) for t in range(9, 13)]
+    for start, stop in chunks:
+        pos = np.arange(start, stop)[None, :].repeat(B, 0)
+        pos = np.where(pos < np.array(lens)[:, None], pos, -1).astype(np.int32)
+        toks = jnp.asarray(tokens[:, start:stop])
+        lp, paged = step(params, CFG, toks, jnp.asarray(pos), paged)
+        ld, dense = step(params, CFG, toks, jnp.asarray(pos), dense)
+        valid = pos >= 0
+        np.testing.assert_allclose(np.asarray(lp)[valid], np.asarray(ld)[valid], rtol=2e-5, atol=2e-5)
