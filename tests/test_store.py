@@ -1,0 +1,120 @@
+"""The tiered adapter store: disk -> host LRU -> pool pages, pins, eviction, bad input."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from slora_jax.adapters import pack_slots, random_adapter, save_peft_adapter
+from slora_jax.adapters.store import AdapterStore
+from slora_jax.config import preset
+from slora_jax.errors import AdapterError
+from slora_jax.memory.allocator import OutOfPages, PageAllocator
+from slora_jax.memory.pool import PoolLayout, create_pool, gather_slots, place_adapter
+
+CFG = preset("tiny")
+LAYOUT = PoolLayout.for_model(CFG, num_pages=64, page_size=16, lora_chunk=64)  # 32 rows of 64 per page
+
+
+def make_store(tmp_path, n=4, rank=8, host_budget=1 << 30, num_pages=None):
+    layout = LAYOUT if num_pages is None else PoolLayout.for_model(CFG, num_pages, 16, 64)
+    alloc = PageAllocator(layout.num_pages)
+    store = AdapterStore(CFG, layout, alloc, host_budget_bytes=host_budget, dtype=jnp.float32)
+    ads = []
+    for i in range(n):
+        ad = random_adapter(CFG, rank, ("q", "v", "down"), seed=i, name=f"a{i}")
+        save_peft_adapter(ad, tmp_path / f"a{i}")
+        store.register(f"a{i}", tmp_path / f"a{i}")
+        ads.append(ad)
+    return store, alloc, layout, ads
+
+
+def test_resident_adapters_read_back_from_pages(tmp_path):
+    store, alloc, layout, ads = make_store(tmp_path)
+    pool = create_pool(layout, jnp.float32)
+    for name in ["a2", "a0", "a3"]:
+        pool = store.load(pool, name)
+    assert store.stats["disk_loads"] == 3
+    resident = sorted((store.resident(n).slot, n) for n in ["a2", "a0", "a3"])
+    got = gather_slots(pool, layout, CFG, [(store.resident(n).placement, store.resident(n).pages) for _, n in resident])
+    want = pack_slots([ads[int(n[1])] for _, n in resident], CFG, jnp.float32)
+    for proj in want:
+        np.testing.assert_allclose(np.asarray(got[proj].a), np.asarray(want[proj].a), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(got[proj].b), np.asarray(want[proj].b), rtol=1e-6)
+    pool = store.load(pool, "a0")  # already resident: no copy
+    assert store.stats["pool_hits"] == 1 and store.stats["pool_loads"] == 3
+
+
+def test_host_tier_is_lru_under_its_byte_budget(tmp_path):
+    two_adapters = 2 * random_adapter(CFG, 8, ("q", "v", "down")).nbytes
+    store, _, _, _ = make_store(tmp_path, host_budget=two_adapters)
+    for name in ["a0", "a1", "a0", "a2", "a0"]:
+        store.host(name)
+    # a1 was least recently used when a2 came in, so it was dropped; a0 stayed.
+    assert store.stats["disk_loads"] == 3 and store.stats["host_hits"] == 2
+    store.host("a1")
+    assert store.stats["disk_loads"] == 4
+
+
+def test_pinned_adapters_are_never_evicted(tmp_path):
+    per = place_adapter(random_adapter(CFG, 8, ("q", "v", "down")), CFG, LAYOUT).num_pages
+    store, alloc, layout, _ = make_store(tmp_path, num_pages=2 * per)  # room for two adapters
+    pool = create_pool(layout, jnp.float32)
+    pool = store.load(pool, "a0")
+    store.pin("a0")
+    pool = store.load(pool, "a1")
+    pool = store.load(pool, "a2")  # evicts a1 (idle), not a0 (pinned)
+    assert store.is_resident("a0") and store.is_resident("a2") and not store.is_resident("a1")
+    store.pin("a2")
+    before = (alloc.stats(), [store.is_resident(n) for n in store.names])
+    with pytest.raises(OutOfPages):
+        store.load(pool, "a3")
+    assert (alloc.stats(), [store.is_resident(n) for n in store.names]) == before
+    store.unpin("a2")
+    pool = store.load(pool, "a3")
+    assert store.is_resident("a3") and not store.is_resident("a2")
+    with pytest.raises(ValueError, match="not pinned"):
+        store.unpin("a3")
+
+
+def test_kv_cache_can_take_pages_from_idle_adapters(tmp_path):
+    store, alloc, layout, _ = make_store(tmp_path)
+    pool = create_pool(layout, jnp.float32)
+    for name in ["a0", "a1", "a2"]:
+        pool = store.load(pool, name)
+    store.pin("a1")
+    want = alloc.num_free + 2  # two more pages than free: some idle adapter must go
+    freed = store.evict_idle(want)
+    assert freed > 0 and alloc.num_free >= want and store.is_resident("a1")
+    alloc.alloc(want, ("kv", 0), "kv")
+
+
+def test_bad_adapters_fail_alone(tmp_path):
+    store, alloc, layout, _ = make_store(tmp_path, n=2)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_text("{not json")
+    store.register("broken", tmp_path / "broken")
+    huge = random_adapter(CFG, 256, ("q", "k", "v", "o", "gate", "up", "down"), name="huge")
+    store.add(huge)
+    pool = create_pool(layout, jnp.float32)
+    pool = store.load(pool, "a0")
+    with pytest.raises(AdapterError, match="broken"):
+        store.load(pool, "broken")
+    with pytest.raises(AdapterError, match="more than the whole pool"):
+        store.load(pool, "huge")
+    pool = store.load(pool, "a1")
+    assert store.is_resident("a0") and store.is_resident("a1")
+    with pytest.raises(ValueError, match="already registered"):
+        store.register("a0", tmp_path / "a0")
+    with pytest.raises(KeyError):
+        store.load(pool, "nope")
+
+
+def test_prefetch_stages_rows_without_taking_pages(tmp_path):
+    store, alloc, layout, _ = make_store(tmp_path, n=2)
+    free = alloc.num_free
+    store.prefetch("a1")
+    assert alloc.num_free == free and not store.is_resident("a1")
+    pool = store.load(create_pool(layout, jnp.float32), "a1")
+    assert store.is_resident("a1") and store.stats["disk_loads"] == 1
