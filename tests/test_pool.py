@@ -12,10 +12,12 @@ from slora_jax.config import preset
 from slora_jax.memory.allocator import PageAllocator
 from slora_jax.memory.kv_cache import PagedKVCache
 from slora_jax.memory.pool import (
+    AdapterTable,
     PoolLayout,
     adapter_rows,
     create_pool,
     gather_slots,
+    lora_from_pages,
     place_adapter,
     write_adapter,
 )
@@ -95,7 +97,7 @@ def test_model_on_paged_kv_equals_dense_cache():
     B, T = len(lens), 16
     tokens = rng.integers(0, CFG.vocab_size, (B, T)).astype(np.int32)
     page_table = rng.permutation(layout.num_pages)[: B * (T // 4)].reshape(B, T // 4).astype(np.int32)
-    paged = PagedKVCache(create_pool(layout, jnp.float32), jnp.asarray(page_table), layout)
+    pool = create_pool(layout, jnp.float32)
     dense = DenseKVCache.create(CFG, B, T, jnp.float32)
     step = jax.jit(forward, static_argnums=1)
     # Two prefill chunks of different sizes, then single-token decodes.
@@ -104,7 +106,40 @@ def test_model_on_paged_kv_equals_dense_cache():
         pos = np.arange(start, stop)[None, :].repeat(B, 0)
         pos = np.where(pos < np.array(lens)[:, None], pos, -1).astype(np.int32)
         toks = jnp.asarray(tokens[:, start:stop])
+        paged = PagedKVCache.batched(pool, jnp.asarray(page_table), layout, stop - start)
         lp, paged = step(params, CFG, toks, jnp.asarray(pos), paged)
+        pool = paged.pool
         ld, dense = step(params, CFG, toks, jnp.asarray(pos), dense)
         valid = pos >= 0
         np.testing.assert_allclose(np.asarray(lp)[valid], np.asarray(ld)[valid], rtol=2e-5, atol=2e-5)
+        # The same tokens as one ragged row [1, T] (how the engine runs them) give the same logits.
+        seq = np.repeat(np.arange(B), stop - start)[None].astype(np.int32)
+        ragged = PagedKVCache(pool, jnp.asarray(page_table), jnp.asarray(seq), layout)
+        lr, _ = step(params, CFG, toks.reshape(1, -1), jnp.asarray(pos.reshape(1, -1)), ragged)
+        np.testing.assert_allclose(np.asarray(lr)[0][valid.reshape(-1)], np.asarray(ld)[valid], rtol=2e-5, atol=2e-5)
+
+
+def test_jitted_lora_from_pages_matches_dense_slots():
+    layout = PoolLayout.for_model(CFG, num_pages=256, page_size=4, lora_chunk=16)
+    alloc = PageAllocator(layout.num_pages)
+    pool = create_pool(layout, jnp.float32)
+    ads, entries = adapters(), []
+    for ad in ads:
+        placement = place_adapter(ad, CFG, layout)
+        pages = alloc.alloc(placement.num_pages, ad.name, "adapter")
+        pool = write_adapter(pool, jnp.asarray(adapter_rows(ad, placement, CFG, layout, jnp.float32)),
+                             jnp.asarray(pages), layout)
+        entries.append((placement, pages))
+    # Batch order differs from residency order, plus one padding row.
+    order = [2, 0, 1]
+    table = AdapterTable.build([entries[i] for i in order], num_rows=4, max_pages=80)
+    want = pack_slots([ads[i] for i in order], CFG, jnp.float32)
+    for proj, w in want.items():
+        h_in, h_out = CFG.projection_shape(proj)
+        read = jax.jit(lora_from_pages, static_argnums=(1, 3, 4, 5, 6))
+        for layer in range(CFG.num_hidden_layers):
+            got = read(pool[layer], layout, table, proj, h_in, h_out, 32)
+            r = w.a.shape[-1]
+            np.testing.assert_allclose(np.asarray(got.a[:3, :, :r]), np.asarray(w.a[layer]), rtol=1e-6)
+            np.testing.assert_allclose(np.asarray(got.b[:3, :r]), np.asarray(w.b[layer]), rtol=1e-6)
+            assert not np.asarray(got.a[:, :, r:]).any() and not np.asarray(got.a[3]).any()

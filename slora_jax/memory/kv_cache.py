@@ -1,9 +1,14 @@
 """`PagedKVCache`: the model's KV-cache interface (`write`/`attend`) over the unified pool.
 
-Token `t` of sequence `b` lives in page `page_table[b, t // P]`, slot `t % P`
-(KV view of the pool, see `pool.py`). Attention here is the jnp reference:
-the sequence's pages are gathered to a contiguous `[B, T, K, D]` first. The
-Pallas paged-attention kernels replace `attend` without changing the interface.
+Token `t` of a sequence lives in page `page_table[row, t // P]`, slot `t % P`
+(KV view of the pool, see `pool.py`), where `row` is the sequence's row of the
+page table. `seq_ids [B, S]` gives the row of every token of the forward, so
+one forward can mix sequences freely: the engine runs prefill chunks and
+decode tokens of many sequences as one ragged `[1, T]` batch.
+
+Attention here is the jnp reference (each token's pages gathered to a
+contiguous `[T_ctx, K, D]`); the Pallas paged-attention kernels replace
+`attend` without changing the interface.
 """
 
 from __future__ import annotations
@@ -19,27 +24,37 @@ from slora_jax.ops.attention import attention_reference
 @flax.struct.dataclass
 class PagedKVCache:
     pool: jax.Array  # [L, num_pages, page_elems]
-    page_table: jax.Array  # [B, max_pages] int32, page ids of each sequence in order
+    page_table: jax.Array  # [R, max_pages] int32, page ids of each sequence in order
+    seq_ids: jax.Array  # [B, S] int32, page-table row of each token of the forward
     layout: PoolLayout = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def batched(cls, pool: jax.Array, page_table: jax.Array, layout: PoolLayout, seq_len: int) -> "PagedKVCache":
+        """Row b of a `[B, S]` forward is sequence b of the page table."""
+        B = page_table.shape[0]
+        return cls(pool, page_table, jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, seq_len)), layout)
 
     def _kv(self) -> jax.Array:
         lo = self.layout
         return self.pool.reshape(lo.num_layers, lo.num_pages, 2, lo.page_size, lo.num_kv_heads, lo.head_dim)
 
     def write(self, layer: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, pos_BxS: jax.Array):
-        P, B = self.layout.page_size, pos_BxS.shape[0]
-        page_BxS = jnp.take_along_axis(self.page_table, jnp.maximum(pos_BxS, 0) // P, axis=1)
+        P = self.layout.page_size
+        page_BxS = self.page_table[self.seq_ids, jnp.maximum(pos_BxS, 0) // P]
         # Padding (-1) goes to an out-of-range page and is dropped by the scatter.
         page_BxS = jnp.where(pos_BxS >= 0, page_BxS, self.layout.num_pages)
-        slot_BxS = pos_BxS % P
         kv_new = jnp.stack([k_BxSxKxD, v_BxSxKxD], axis=2).astype(self.pool.dtype)  # [B, S, 2, K, D]
-        kv = self._kv().at[layer, page_BxS, :, slot_BxS].set(kv_new, mode="drop")
+        kv = self._kv().at[layer, page_BxS, :, pos_BxS % P].set(kv_new, mode="drop")
         return self.replace(pool=kv.reshape(self.pool.shape))
 
     def attend(self, layer: jax.Array, q_BxSxNxD: jax.Array, pos_BxS: jax.Array) -> jax.Array:
         lo = self.layout
-        B, n_pages = self.page_table.shape
-        seq_BxMx2xPxKxD = self._kv()[layer][self.page_table]
-        k_BxTxKxD = seq_BxMx2xPxKxD[:, :, 0].reshape(B, n_pages * lo.page_size, lo.num_kv_heads, lo.head_dim)
-        v_BxTxKxD = seq_BxMx2xPxKxD[:, :, 1].reshape(B, n_pages * lo.page_size, lo.num_kv_heads, lo.head_dim)
-        return attention_reference(q_BxSxNxD, k_BxTxKxD, v_BxTxKxD, pos_BxS)
+        B, S, N, D = q_BxSxNxD.shape
+        M = self.page_table.shape[1]
+        pages_TxM = self.page_table[self.seq_ids.reshape(B * S)]
+        kv_TxMx2xPxKxD = self._kv()[layer][pages_TxM]
+        k_TxCxKxD = kv_TxMx2xPxKxD[:, :, 0].reshape(B * S, M * lo.page_size, lo.num_kv_heads, D)
+        v_TxCxKxD = kv_TxMx2xPxKxD[:, :, 1].reshape(B * S, M * lo.page_size, lo.num_kv_heads, D)
+        o_Tx1xNxD = attention_reference(q_BxSxNxD.reshape(B * S, 1, N, D), k_TxCxKxD, v_TxCxKxD,
+                                        pos_BxS.reshape(B * S, 1))
+        return o_Tx1xNxD.reshape(B, S, N, D)

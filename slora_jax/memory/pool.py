@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -208,3 +209,58 @@ def gather_slots(pool: jax.Array, layout: PoolLayout, cfg: LlamaConfig,
             ranks[:, s] = p.rank
         out[proj] = SlotWeights(a, b, jnp.asarray(ranks))
     return out
+
+
+class AdapterTable(NamedTuple):
+    """Where the adapters of a batch live, as device arrays (rows: the batch's adapters).
+
+    pages: int32 `[A, max_pages]`, each adapter's page table (padded with 0).
+    rank, a_row, b_row: int32 `[A, 7]`, per projection in `PROJECTIONS` order
+      (rank 0: not targeted).
+    """
+
+    pages: jax.Array
+    rank: jax.Array
+    a_row: jax.Array
+    b_row: jax.Array
+
+    @classmethod
+    def build(cls, entries: list[tuple[AdapterPlacement, np.ndarray]], num_rows: int, max_pages: int) -> "AdapterTable":
+        """Host-side table of `entries` padded to `num_rows` adapters (padding rows are all rank 0)."""
+        pages = np.zeros((num_rows, max_pages), np.int32)
+        meta = np.zeros((3, num_rows, len(PROJECTIONS)), np.int32)
+        for i, (placement, page_ids) in enumerate(entries):
+            pages[i, : len(page_ids)] = page_ids
+            for p, proj in enumerate(PROJECTIONS):
+                if proj in placement.projections:
+                    pp = placement.projections[proj]
+                    meta[:, i, p] = (pp.rank, pp.a_row, pp.b_row)
+        return cls(jnp.asarray(pages), *map(jnp.asarray, meta))
+
+
+def lora_from_pages(pool_layer: jax.Array, layout: PoolLayout, table: AdapterTable, proj: str,
+                    h_in: int, h_out: int, r_max: int) -> SlotWeights:
+    """Jittable jnp read of one layer's `proj` LoRA for every adapter of `table`, as dense slots.
+
+    The reference for kernels that read adapter pages directly; `r_max` (static)
+    bounds the ranks, entries past an adapter's own rank are zero.
+    """
+    c, rpp = layout.lora_chunk, layout.rows_per_page
+    rows = row_view(pool_layer, layout)
+    p = PROJECTIONS.index(proj)
+    r_A = table.rank[:, p]
+    i_R = jnp.arange(r_max)
+
+    def read(first_A: jax.Array, width: int) -> jax.Array:  # -> [A, r_max, width]
+        n = _chunks(width, c)
+        v_AxNxR = first_A[:, None, None] + jnp.arange(n)[None, :, None] * r_A[:, None, None] + i_R[None, None, :]
+        page_AxNxR = jnp.take_along_axis(
+            table.pages, (v_AxNxR // rpp).reshape(v_AxNxR.shape[0], -1), axis=1, mode="clip"
+        ).reshape(v_AxNxR.shape)
+        m_AxNxRxC = rows[page_AxNxR * rpp + v_AxNxR % rpp]
+        m_AxNxRxC = jnp.where((i_R[None, :] < r_A[:, None])[:, None, :, None], m_AxNxRxC, 0)
+        return m_AxNxRxC.transpose(0, 2, 1, 3).reshape(-1, r_max, n * c)[:, :, :width]
+
+    a_AxIxR = read(table.a_row[:, p], h_in).transpose(0, 2, 1)
+    b_AxRxO = read(table.b_row[:, p], h_out)
+    return SlotWeights(a_AxIxR, b_AxRxO, r_A)
