@@ -143,3 +143,32 @@ def test_jitted_lora_from_pages_matches_dense_slots():
             np.testing.assert_allclose(np.asarray(got.a[:3, :, :r]), np.asarray(w.a[layer]), rtol=1e-6)
             np.testing.assert_allclose(np.asarray(got.b[:3, :r]), np.asarray(w.b[layer]), rtol=1e-6)
             assert not np.asarray(got.a[:, :, r:]).any() and not np.asarray(got.a[3]).any()
+
+
+def test_model_with_adapters_in_pages_equals_dense_slots():
+    from slora_jax.memory.paged_lora import PagedLora
+    from slora_jax.model import LoraInputs
+
+    params = init_random_params(CFG, jax.random.key(3), jnp.float32)
+    layout = PoolLayout.for_model(CFG, num_pages=256, page_size=4, lora_chunk=16)
+    alloc = PageAllocator(layout.num_pages)
+    pool = create_pool(layout, jnp.float32)
+    ads, entries = adapters(), []
+    for ad in ads:
+        placement = place_adapter(ad, CFG, layout)
+        pages = alloc.alloc(placement.num_pages, ad.name, "adapter")
+        pool = write_adapter(pool, jnp.asarray(adapter_rows(ad, placement, CFG, layout, jnp.float32)),
+                             jnp.asarray(pages), layout)
+        entries.append((placement, pages))
+    B, T = 4, 8
+    kv_pages = alloc.alloc(B * 2, "kv", "kv").reshape(B, 2)
+    slots = np.array([1, -1, 0, 2], np.int32)[:, None].repeat(T, 1)
+    toks = jnp.asarray(np.random.default_rng(4).integers(0, CFG.vocab_size, (B, T)).astype(np.int32))
+    pos = jnp.asarray(np.arange(T)[None].repeat(B, 0).astype(np.int32))
+    dense_lora = LoraInputs(pack_slots(ads, CFG, jnp.float32), jnp.asarray(slots))
+    want, _ = forward(params, CFG, toks, pos, DenseKVCache.create(CFG, B, T, jnp.float32), dense_lora)
+    paged_lora = PagedLora(AdapterTable.build(entries, 4, 96), jnp.asarray(slots), layout, CFG, 16,
+                           ("q", "k", "v", "o", "gate", "up", "down"))
+    cache = PagedKVCache.batched(pool, jnp.asarray(kv_pages), layout, T)
+    got, _ = jax.jit(forward, static_argnums=1)(params, CFG, toks, pos, cache, paged_lora)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)

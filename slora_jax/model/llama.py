@@ -25,22 +25,41 @@ import jax.numpy as jnp
 
 from slora_jax.config import LlamaConfig
 from slora_jax.model.cache import DenseKVCache
-from slora_jax.model.layers import DecoderLayer, RMSNorm, no_lora, rope_tables
+from slora_jax.model.layers import DecoderLayer, LoraFn, RMSNorm, no_lora, rope_tables
 from slora_jax.ops.lora import SlotWeights, lora_reference
 
 Params = dict[str, Any]
 
 
 class LoraInputs(NamedTuple):
-    """The LoRA part of a forward: adapter weights in slots and each token's slot.
+    """The LoRA part of a forward: adapter weights in dense slots and each token's slot.
 
     weights: projection name -> `SlotWeights` stacked over layers (`a: [L, S, in, R]`);
       projections no resident adapter targets are simply absent.
     slot_ids: int32 `[B, S]` adapter slot of each token, -1 for the base model.
+
+    Any other LoRA source (e.g. adapters read from the pool's pages) plugs into
+    `forward` by offering the same two methods.
     """
 
     weights: dict[str, SlotWeights]
     slot_ids: jax.Array
+
+    def per_layer(self):
+        """Pytree with a leading layer axis, sliced by the layer scan (or None)."""
+        return self.weights
+
+    def layer_fn(self, layer: jax.Array, layer_weights, cache) -> LoraFn:
+        """`lora(proj, y, x) -> y` for one layer, given this layer's slice of `per_layer()`."""
+        del layer, cache
+        slot_T = self.slot_ids.reshape(-1)
+
+        def add_lora(proj: str, y_TxO: jax.Array, x_TxI: jax.Array) -> jax.Array:
+            if proj not in layer_weights:
+                return y_TxO
+            return lora_reference(y_TxO, x_TxI, layer_weights[proj], slot_T)
+
+        return add_lora
 
 
 def _embed(cfg: LlamaConfig, dtype) -> nn.Embed:
@@ -91,17 +110,17 @@ def forward(
       pos_BxS: int32 position of each token in its sequence; -1 marks padding.
       cache: anything with the `write`/`attend` interface of `DenseKVCache`.
       lora: optional `LoraInputs`.
-      logits_index_B: if given, logits only for token `logits_index_B[b]` of each
-        sequence (`[B, 1, V]`), as a decode or the last prompt token needs.
+      logits_index_B: if given, logits only for these tokens: `[B]` (token
+        `logits_index_B[b]` of row b, logits `[B, 1, V]`) or `[B, n]` (logits
+        `[B, n, V]`), as decoding, the last prompt token or a ragged batch needs.
     Returns:
-      logits `[B, S or 1, V]` in fp32, and the cache holding the new tokens' K/V.
+      logits `[B, S | 1 | n, V]` in fp32, and the cache holding the new tokens' K/V.
     """
     dtype = params["embed"]["embedding"].dtype
     B, S = tokens_BxS.shape
     h_BxSxH = jnp.take(params["embed"]["embedding"], tokens_BxS, axis=0)
     rope = rope_tables(cfg, jnp.maximum(pos_BxS, 0))
     layer = DecoderLayer(cfg, dtype)
-    slot_T = None if lora is None else lora.slot_ids.reshape(B * S)
 
     def body(carry, xs):
         h_BxSxH, cache = carry
@@ -111,21 +130,16 @@ def forward(
             c = cache.write(i, k_BxSxKxD, v_BxSxKxD, pos_BxS)
             return c.attend(i, q_BxSxNxD, pos_BxS), c
 
-        def add_lora(proj: str, y_TxO: jax.Array, x_TxI: jax.Array) -> jax.Array:
-            if proj not in lora_w:
-                return y_TxO
-            return lora_reference(y_TxO, x_TxI, lora_w[proj], slot_T)
-
-        h_BxSxH, cache = layer.apply(
-            {"params": layer_params}, h_BxSxH, rope, attend, no_lora if lora is None else add_lora
-        )
+        lora_fn = no_lora if lora is None else lora.layer_fn(i, lora_w, cache)
+        h_BxSxH, cache = layer.apply({"params": layer_params}, h_BxSxH, rope, attend, lora_fn)
         return (h_BxSxH, cache), None
 
-    xs = (jnp.arange(cfg.num_hidden_layers), params["layers"], None if lora is None else lora.weights)
+    xs = (jnp.arange(cfg.num_hidden_layers), params["layers"], None if lora is None else lora.per_layer())
     (h_BxSxH, cache), _ = jax.lax.scan(body, (h_BxSxH, cache), xs)
 
     if logits_index_B is not None:
-        h_BxSxH = h_BxSxH[jnp.arange(B), logits_index_B][:, None]
+        idx_Bxn = logits_index_B.reshape(B, -1)
+        h_BxSxH = jnp.take_along_axis(h_BxSxH, idx_Bxn[:, :, None], axis=1)
     h_BxSxH = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": params["final_norm"]}, h_BxSxH)
     if cfg.tie_word_embeddings:
         w_HxV = params["embed"]["embedding"].T
