@@ -211,3 +211,35 @@ def preset(name: str) -> LlamaConfig:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Serving-engine settings; `Engine.from_pretrained(..., **overrides)` sets any of them."""
+
+    num_pages: int = 512  # pages in the unified pool (KV and adapters share them)
+    page_size: int = 16  # tokens per KV page
+    lora_chunk: int = 64  # adapter row width in the pool (elements)
+    max_num_seqs: int = 32  # sequences per step (decoding and prefilling)
+    max_batch_tokens: int = 256  # tokens per step (decode tokens + prefill chunks)
+    max_model_len: int = 1024  # prompt + generated tokens of one request
+    scheduler: str = "fcfs"
+    host_adapter_budget_bytes: int = 8 << 30
+    max_resident_adapters: int = 1024
+    seed: int = 0  # for requests without a seed of their own
+
+    def __post_init__(self):
+        for name in ("num_pages", "page_size", "lora_chunk", "max_num_seqs", "max_batch_tokens", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_batch_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_num_seqs ({self.max_num_seqs})"
+            )
+
+    def replace(self, **overrides) -> "EngineConfig":
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise TypeError(f"unknown engine config field(s) {sorted(unknown)}; known: {sorted(known)}")
+        return dataclasses.replace(self, **overrides)

@@ -1,0 +1,331 @@
+"""The serving engine: continuous batching of many adapters' requests over the unified pool.
+
+Each `step()`:
+1. the scheduler orders candidates; the engine gives each a token count (a
+   decode token, or a prefill chunk) under the per-step token and sequence
+   budgets, loading adapters into pool pages and reserving KV pages, evicting
+   idle adapters and then preempting the latest running requests when pages
+   run short (a preempted request is recomputed later: nothing is lost);
+2. one jitted forward runs all those tokens as one ragged batch (the pool is
+   donated), and samples on the device one token for each sequence that
+   reached its last pending token;
+3. the host appends tokens, checks stop conditions and frees what finished.
+
+Shapes are padded to power-of-two buckets so a long run compiles a bounded
+number of times.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from slora_jax.adapters.adapter import LoraAdapter
+from slora_jax.adapters.store import AdapterStore
+from slora_jax.config import PROJECTIONS, EngineConfig, LlamaConfig, PRESETS
+from slora_jax.engine.request import Completion, Request, Status, TokenEvent
+from slora_jax.engine.sampling import SamplingBatch, SamplingParams, request_key_data, sample_batch
+from slora_jax.engine.scheduler import make_scheduler
+from slora_jax.errors import AdapterError
+from slora_jax.memory.allocator import OutOfPages, PageAllocator
+from slora_jax.memory.kv_cache import PagedKVCache
+from slora_jax.memory.paged_lora import PagedLora
+from slora_jax.memory.pool import AdapterTable, PoolLayout, create_pool
+from slora_jax.model import forward, init_random_params, load_checkpoint
+
+
+def _bucket(n: int, lo: int = 1) -> int:
+    """Smallest power of two >= max(n, lo)."""
+    return 1 << (max(n, lo) - 1).bit_length()
+
+
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "layout", "r_max", "projections"), donate_argnames=("pool",)
+)
+def _step(params, pool, tokens_T, pos_T, seq_T, page_table, logits_index_R, lora_table, slot_T, sampling,
+          cfg, layout, r_max, projections):
+    cache = PagedKVCache(pool, page_table, seq_T[None], layout)
+    lora = PagedLora(lora_table, slot_T[None], layout, cfg, r_max, projections) if projections else None
+    logits_1xRxV, cache = forward(params, cfg, tokens_T[None], pos_T[None], cache, lora, logits_index_R[None])
+    return sample_batch(logits_1xRxV[0], sampling), cache.pool
+
+
+class Engine:
+    def __init__(self, cfg: LlamaConfig, params, engine_config: EngineConfig | None = None, tokenizer=None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.cfg, self.params, self.tokenizer, self.clock = cfg, params, tokenizer, clock
+        ec = self.config = engine_config or EngineConfig()
+        self.dtype = params["embed"]["embedding"].dtype
+        self.layout = PoolLayout.for_model(cfg, ec.num_pages, ec.page_size, ec.lora_chunk)
+        self.pool = create_pool(self.layout, self.dtype)
+        self.allocator = PageAllocator(ec.num_pages)
+        self.store = AdapterStore(cfg, self.layout, self.allocator, ec.host_adapter_budget_bytes, self.dtype,
+                                  ec.max_resident_adapters)
+        self.scheduler = make_scheduler(ec.scheduler)
+        self.max_pages_per_seq = -(-ec.max_model_len // ec.page_size)
+        if self.max_pages_per_seq > ec.num_pages:
+            raise ValueError(f"max_model_len {ec.max_model_len} needs {self.max_pages_per_seq} pages; "
+                             f"the pool has {ec.num_pages}")
+        self._requests: dict[int, Request] = {}
+        self._next_id = 0
+        self._preempted_now: set[int] = set()
+        self.num_steps = 0
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike, adapters: dict[str, str | os.PathLike | LoraAdapter] | None = None,
+                        dtype: str = "bfloat16", seed: int = 0, **config_overrides) -> "Engine":
+        """An engine for a Hugging Face model folder or a named random-weight preset (`PRESETS`)."""
+        tokenizer = None
+        if os.path.isdir(model):
+            cfg, params = load_checkpoint(model, dtype=jnp.dtype(dtype))
+            if any(os.path.exists(os.path.join(model, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+                import transformers
+
+                tokenizer = transformers.AutoTokenizer.from_pretrained(model)
+        elif model in PRESETS:
+            cfg = PRESETS[model]
+            params = init_random_params(cfg, jax.random.key(seed), jnp.dtype(dtype))
+        else:
+            raise ValueError(f"{model!r} is neither a model folder nor a preset ({sorted(PRESETS)})")
+        engine = cls(cfg, params, EngineConfig().replace(**config_overrides), tokenizer)
+        for name, src in (adapters or {}).items():
+            engine.add_adapter(name, src)
+        return engine
+
+    def add_adapter(self, name: str, source: str | os.PathLike | LoraAdapter) -> None:
+        """Register an adapter (a PEFT folder, read lazily; or an in-memory `LoraAdapter`), at run time."""
+        if isinstance(source, LoraAdapter):
+            if source.name != name:
+                raise ValueError(f"adapter object is named {source.name!r}, not {name!r}")
+            self.store.add(source)
+        else:
+            if not os.path.isdir(source):
+                raise AdapterError(f"{os.fspath(source)}: adapter folder not found")
+            self.store.register(name, source)
+
+    # ------------------------------------------------------------------ online API
+    def submit(self, prompt: Sequence[int] | str, adapter: str | None = None, sampling: SamplingParams | None = None,
+               arrival_time: float | None = None) -> int:
+        """Queue a request; returns its id. Tokens arrive from `step()`."""
+        sampling = sampling or SamplingParams()
+        ids = self._encode(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        if len(ids) >= self.config.max_model_len:
+            raise ValueError(f"prompt of {len(ids)} tokens leaves no room under max_model_len "
+                             f"{self.config.max_model_len}")
+        if any(not 0 <= t < self.cfg.vocab_size for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
+        if adapter is not None and adapter not in self.store:
+            raise ValueError(f"unknown adapter {adapter!r}; add it with add_adapter() first")
+        rid = self._next_id
+        self._next_id += 1
+        self._requests[rid] = Request(
+            rid, ids, adapter, sampling, self.clock() if arrival_time is None else arrival_time,
+            request_key_data(sampling.seed, rid, self.config.seed),
+        )
+        return rid
+
+    def abort(self, request_id: int) -> None:
+        req = self._requests[request_id]
+        if req.status is not Status.FINISHED:
+            self._finish(req, "abort")
+
+    def has_unfinished(self) -> bool:
+        return any(r.status is not Status.FINISHED for r in self._requests.values())
+
+    def completion(self, request_id: int) -> Completion:
+        r = self._requests[request_id]
+        if r.status is not Status.FINISHED:
+            raise ValueError(f"request {request_id} has not finished")
+        text = self.tokenizer.decode(r.output, skip_special_tokens=True) if self.tokenizer is not None else None
+        return Completion(r.id, list(r.output), r.finish_reason, r.arrival_time, r.first_token_time, r.finish_time,
+                          text, r.adapter, r.num_preemptions, r.error)
+
+    def release(self, request_id: int) -> Completion:
+        """The completion of a finished request, forgetting the request."""
+        c = self.completion(request_id)
+        del self._requests[request_id]
+        return c
+
+    def generate(self, prompts: Sequence[Sequence[int] | str], adapters: Sequence[str | None] | None = None,
+                 sampling: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
+        """Run `prompts` to completion (offline batch); one `Completion` per prompt, in order."""
+        n = len(prompts)
+        adapters = [None] * n if adapters is None else list(adapters)
+        samplings = sampling if isinstance(sampling, Sequence) else [sampling] * n
+        if len(adapters) != n or len(samplings) != n:
+            raise ValueError(f"{n} prompts but {len(adapters)} adapters and {len(samplings)} sampling params")
+        ids = [self.submit(p, a, s) for p, a, s in zip(prompts, adapters, samplings)]
+        while any(self._requests[i].status is not Status.FINISHED for i in ids):
+            self.step()
+        return [self.release(i) for i in ids]
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[TokenEvent]:
+        """Run one engine step; returns the tokens produced and requests ended in it."""
+        now = self.clock()
+        events: list[TokenEvent] = []
+        waiting = [r for r in self._requests.values() if r.status is Status.WAITING]
+        for r in self.scheduler.drop(waiting, now):
+            self._finish(r, "abort")
+            events.append(TokenEvent(r.id, None, "abort"))
+        plan = self._schedule(now, events)
+        if not plan:
+            return events
+        sampled = self._run(plan)
+        t = self.clock()
+        for row, (req, n) in enumerate(plan):
+            req.num_computed += n
+            if req.num_pending:
+                continue  # a prefill chunk that did not reach the end of the prompt
+            tok = int(sampled[row])
+            req.output.append(tok)
+            if req.first_token_time is None:
+                req.first_token_time = t
+            reason = req.sampling.finish_reason(tok, len(req.output), self.cfg.eos_token_ids)
+            if reason is None and len(req.prompt) + len(req.output) >= self.config.max_model_len:
+                reason = "length"
+            events.append(TokenEvent(req.id, tok, reason))
+            if reason:
+                self._finish(req, reason)
+        self.num_steps += 1
+        return events
+
+    def _schedule(self, now: float, events: list[TokenEvent]) -> list[tuple[Request, int]]:
+        ec = self.config
+        running = [r for r in self._requests.values() if r.status is Status.RUNNING]
+        waiting = [r for r in self._requests.values() if r.status is Status.WAITING]
+        order = self.scheduler.order(running, waiting, now)
+        plan: list[tuple[Request, int]] = []
+        planned: set[int] = set()
+        budget = ec.max_batch_tokens
+        for req in order:
+            if len(plan) == ec.max_num_seqs or budget == 0:
+                break
+            if req.status is Status.FINISHED or req.id in self._preempted_now:
+                continue
+            was_waiting = req.status is Status.WAITING
+            if was_waiting and not self._start(req, events):
+                if req.status is Status.FINISHED:
+                    continue  # its adapter failed to load: the request ended with an error
+                break  # FCFS: no room for the head of the queue, so none for those behind it
+            n = min(req.num_pending, budget)
+            need = -(-(req.num_computed + n) // ec.page_size) - len(req.pages)
+            if not self._reserve(need, req, was_waiting, order, planned):
+                if was_waiting:
+                    self._release_resources(req)  # not preempted: it never ran
+                    req.status = Status.WAITING
+                    break
+                if not plan and not any(r.status is Status.RUNNING for r in order):
+                    req.error = (f"request needs {len(req.pages) + need} KV pages beside its adapter; "
+                                 f"the pool has {ec.num_pages}")
+                    self._finish(req, "error")
+                    events.append(TokenEvent(req.id, None, "error"))
+                continue
+            if need > 0:
+                req.pages.extend(self.allocator.alloc(need, ("kv", req.id), "kv").tolist())
+            plan.append((req, n))
+            planned.add(req.id)
+            budget -= n
+        self._preempted_now.clear()
+        return plan
+
+    def _reserve(self, need: int, req: Request, was_waiting: bool, order: list[Request], planned: set[int]) -> bool:
+        """Make `need` pages free for `req`: evict idle adapters, then (for a running request)
+        preempt running requests from the back of the order. False if `req` cannot have them."""
+        while need > self.allocator.num_free:
+            if self.store.evict_idle(need):
+                continue
+            if was_waiting:
+                return False  # new requests never push out running ones
+            victim = next(r for r in reversed(order) if r.status is Status.RUNNING and r.id not in planned)
+            self._preempt(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _start(self, req: Request, events: list[TokenEvent]) -> bool:
+        """Make `req` running: its adapter resident and pinned. False if it must wait (or failed)."""
+        if req.adapter is not None:
+            try:
+                self.pool = self.store.load(self.pool, req.adapter)
+            except OutOfPages:
+                return False
+            except AdapterError as e:
+                req.error = str(e)
+                self._finish(req, "error")
+                events.append(TokenEvent(req.id, None, "error"))
+                return False
+            self.store.pin(req.adapter)
+        req.status = Status.RUNNING
+        return True
+
+    def _release_resources(self, req: Request) -> None:
+        if req.status is Status.RUNNING:
+            self.allocator.free_owner(("kv", req.id))
+            if req.adapter is not None:
+                self.store.unpin(req.adapter)
+        req.pages = []
+        req.num_computed = 0
+
+    def _preempt(self, req: Request) -> None:
+        self._release_resources(req)
+        req.status = Status.WAITING
+        req.num_preemptions += 1
+        self._preempted_now.add(req.id)  # not rescheduled in the step that preempted it
+
+    def _finish(self, req: Request, reason: str) -> None:
+        self._release_resources(req)
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        req.finish_time = self.clock()
+
+    def _run(self, plan: list[tuple[Request, int]]) -> np.ndarray:
+        """Build the ragged batch, run the jitted step, return the sampled token of each row."""
+        T = _bucket(sum(n for _, n in plan), 16)
+        R = _bucket(len(plan), 4)
+        tokens, pos = np.zeros(T, np.int32), np.full(T, -1, np.int32)
+        seq, slot = np.zeros(T, np.int32), np.full(T, -1, np.int32)
+        page_table = np.zeros((R, self.max_pages_per_seq), np.int32)
+        logits_index = np.zeros(R, np.int32)
+        names = list(dict.fromkeys(r.adapter for r, _ in plan if r.adapter is not None))
+        t = 0
+        for row, (req, n) in enumerate(plan):
+            start = req.num_computed
+            tokens[t : t + n] = req.tokens[start : start + n]
+            pos[t : t + n] = np.arange(start, start + n)
+            seq[t : t + n] = row
+            if req.adapter is not None:
+                slot[t : t + n] = names.index(req.adapter)
+            page_table[row, : len(req.pages)] = req.pages
+            logits_index[row] = t + n - 1
+            t += n
+        resident = [self.store.resident(a) for a in names]
+        table = AdapterTable.build([(r.placement, r.pages) for r in resident], _bucket(len(names), 1),
+                                   _bucket(max((len(r.pages) for r in resident), default=1)))
+        r_max = _bucket(max((r.placement.projections[p].rank for r in resident for p in r.placement.projections),
+                            default=1), 8)
+        sampling = SamplingBatch.from_params([r.sampling for r, _ in plan], [r.key_data for r, _ in plan],
+                                             [len(r.output) for r, _ in plan], size=R)
+        sampled, self.pool = _step(
+            self.params, self.pool, jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seq), jnp.asarray(page_table),
+            jnp.asarray(logits_index), table, jnp.asarray(slot), sampling,
+            cfg=self.cfg, layout=self.layout, r_max=r_max, projections=PROJECTIONS if names else (),
+        )
+        return np.asarray(sampled)
+
+    # ------------------------------------------------------------------ helpers
+    def _encode(self, prompt: Sequence[int] | str) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("string prompts need a tokenizer; this model folder has none (pass token ids)")
+            return list(self.tokenizer.encode(prompt))
+        return [int(t) for t in prompt]

@@ -1,0 +1,122 @@
+"""The serving engine against `transformers` + `peft`, request by request, and its invariants."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from slora_jax.adapters import random_adapter
+from slora_jax.config import preset
+from slora_jax.engine import Engine, SamplingParams
+from slora_jax.engine.request import Status
+from test_model import random_prompts
+from test_model_lora import setup  # noqa: F401  (fixture: base model + 3 peft adapters)
+from test_model_lora import ADAPTERS
+
+
+def hf_greedy(model, prompt, n):
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_mixed_stream_with_preemption_matches_peft(setup, tiny_model_dirs, tmp_path_factory):  # noqa: F811
+    cfg, _, hf_base, peft_models, adapters = setup
+    names = list(ADAPTERS)
+    root = tmp_path_factory.getbasetemp()
+    dirs = {n: next(root.glob(f"adapters*/{n}")) for n in names}
+    # The adapters need 100 pages of the 80 (they swap), KV runs short: requests get preempted.
+    engine = Engine.from_pretrained(tiny_model_dirs["llama3_gqa"], adapters=dirs, dtype="float32",
+                                    num_pages=80, page_size=4, lora_chunk=16, max_num_seqs=4,
+                                    max_batch_tokens=24, max_model_len=48)
+    rng = np.random.default_rng(0)
+    lens = [5, 17, 9, 1, 12, 20, 3, 8]
+    new = [14, 20, 10, 16, 12, 20, 15, 10]
+    which = [0, None, 2, 1, None, 0, 2, 1]
+    prompts = random_prompts(cfg.vocab_size, lens, seed=21)
+    ids, streamed = [], {}
+    for i, (p, a, n) in enumerate(zip(prompts, which, new)):
+        ids.append(engine.submit(p, None if a is None else names[a], SamplingParams(max_new_tokens=n)))
+        if i % 3 == 2:  # later requests arrive while earlier ones run
+            for ev in engine.step():
+                streamed.setdefault(ev.request_id, []).extend([] if ev.token is None else [ev.token])
+    while engine.has_unfinished():
+        for ev in engine.step():
+            streamed.setdefault(ev.request_id, []).extend([] if ev.token is None else [ev.token])
+    outs = [engine.completion(i) for i in ids]
+    assert sum(o.num_preemptions for o in outs) > 0, "the pool was meant to force preemption"
+    for o, p, a, n in zip(outs, prompts, which, new):
+        want = hf_greedy(hf_base if a is None else peft_models[a], p, n)
+        assert o.token_ids == want, (o.request_id, a)
+        assert streamed[o.request_id] == o.token_ids
+        assert o.finish_reason == ("stop" if want[-1] in cfg.eos_token_ids and len(want) <= n else "length")
+        assert o.arrival_time <= o.first_token_time <= o.finish_time
+    st = engine.allocator.stats()
+    assert st.kv == 0 and st.free + st.adapter == st.total
+    assert all(r.pins == 0 for r in engine.store._resident.values())
+
+
+def tiny_engine(**kw):
+    cfg = preset("tiny")
+    engine = Engine.from_pretrained("tiny", dtype="float32", **{"num_pages": 96, "page_size": 4, "lora_chunk": 16,
+                                                                 "max_model_len": 64, **kw})
+    for i, r in enumerate([2, 8, 24]):
+        engine.add_adapter(f"a{i}", random_adapter(cfg, r, ("q", "k", "v", "o", "down")[: 2 + i], seed=i, name=f"a{i}"))
+    return engine
+
+
+def test_random_workload_with_aborts_frees_everything():
+    engine = tiny_engine(max_num_seqs=6, max_batch_tokens=32, num_pages=72)
+    rng = np.random.default_rng(1)
+    ids = []
+    for step in range(60):
+        if step < 30 and rng.random() < 0.6:
+            p = rng.integers(3, 250, rng.integers(1, 30)).tolist()
+            ad = [None, "a0", "a1", "a2"][rng.integers(4)]
+            ids.append(engine.submit(p, ad, SamplingParams(max_new_tokens=int(rng.integers(1, 20)),
+                                                           temperature=float(rng.choice([0.0, 0.8])), top_k=5)))
+        if ids and rng.random() < 0.1:
+            engine.abort(int(rng.choice(ids)))
+        engine.step()
+    while engine.has_unfinished():
+        engine.step()
+    outs = [engine.completion(i) for i in ids]
+    assert {o.finish_reason for o in outs} <= {"stop", "length", "abort"}
+    for o in outs:
+        if o.finish_reason == "length":
+            assert len(o.token_ids) == engine._requests[o.request_id].sampling.max_new_tokens
+    st = engine.allocator.stats()
+    assert st.kv == 0 and st.free + st.adapter == st.total
+
+
+def test_same_seed_same_tokens_whatever_the_batch():
+    sp = SamplingParams(max_new_tokens=8, temperature=1.0, seed=1234)
+    alone = tiny_engine().generate([[5, 6, 7]], ["a1"], sp)[0].token_ids
+    engine = tiny_engine()
+    crowd = engine.generate([[1, 2], [5, 6, 7], [9] * 11], [None, "a1", "a2"],
+                            [SamplingParams(max_new_tokens=5, temperature=0.7), sp, SamplingParams()])
+    assert crowd[1].token_ids == alone
+    other = tiny_engine().generate([[5, 6, 7]], ["a1"], SamplingParams(max_new_tokens=8, temperature=1.0, seed=99))
+    assert other[0].token_ids != alone
+
+
+def test_bad_requests_and_adapters(tmp_path):
+    engine = tiny_engine()
+    with pytest.raises(ValueError, match="unknown adapter"):
+        engine.submit([1, 2], "nope")
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit([])
+    with pytest.raises(ValueError, match="tokenizer"):
+        engine.submit("hello")
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.submit(list(range(64)))
+    with pytest.raises(TypeError, match="unknown engine config"):
+        Engine.from_pretrained("tiny", num_pagez=3)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    engine.add_adapter("bad", tmp_path / "bad")  # read lazily: the error comes with the request
+    outs = engine.generate([[1, 2, 3], [4, 5]], ["bad", "a0"], SamplingParams(max_new_tokens=3))
+    assert outs[0].finish_reason == "error" and "adapter_model.safetensors" in outs[0].error
+    assert outs[1].finish_reason == "length" and len(outs[1].token_ids) == 3
