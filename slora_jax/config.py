@@ -223,7 +223,9 @@ class EngineConfig:
     max_num_seqs: int = 32  # sequences per step (decoding and prefilling)
     max_batch_tokens: int = 256  # tokens per step (decode tokens + prefill chunks)
     max_model_len: int = 1024  # prompt + generated tokens of one request
-    scheduler: str = "fcfs"
+    scheduler: str = "fcfs"  # "fcfs" | "early_abort" | "cluster" (engine/scheduler.py)
+    slo_first_token_s: float = 6.0  # early_abort: drop requests still waiting after this
+    max_adapters_per_batch: int = 8  # cluster: distinct adapters per step
     host_adapter_budget_bytes: int = 8 << 30
     max_resident_adapters: int = 1024
     seed: int = 0  # for requests without a seed of their own

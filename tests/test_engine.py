@@ -120,3 +120,65 @@ def test_bad_requests_and_adapters(tmp_path):
     outs = engine.generate([[1, 2, 3], [4, 5]], ["bad", "a0"], SamplingParams(max_new_tokens=3))
     assert outs[0].finish_reason == "error" and "adapter_model.safetensors" in outs[0].error
     assert outs[1].finish_reason == "length" and len(outs[1].token_ids) == 3
+
+
+def test_no_recompilation_after_warm_up():
+    """Hundreds of random requests: after a warm-up workload, the step never compiles again."""
+    from slora_jax.engine.engine import _step
+
+    engine = tiny_engine(max_num_seqs=8, max_batch_tokens=64, num_pages=128)
+
+    def workload(seed, n):
+        rng = np.random.default_rng(seed)
+        for i in range(n):
+            p = rng.integers(3, 250, rng.integers(1, 40)).tolist()
+            engine.submit(p, [None, "a0", "a1", "a2"][rng.integers(4)],
+                          SamplingParams(max_new_tokens=int(rng.integers(1, 12)), temperature=float(rng.choice([0, 1]))))
+            if i % 4 == 3:
+                engine.step()
+        while engine.has_unfinished():
+            engine.step()
+
+    workload(0, 150)
+    compiled = _step._cache_size()
+    steps = engine.num_steps
+    workload(1, 200)
+    assert engine.num_steps - steps > 100
+    assert _step._cache_size() == compiled
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        self.t += 0.01
+        return self.t
+
+
+def test_early_abort_drops_requests_past_their_slo():
+    engine = tiny_engine(scheduler="early_abort", slo_first_token_s=6.0)
+    engine.clock = FakeClock()
+    late = engine.submit([1, 2, 3], "a0", SamplingParams(max_new_tokens=4), arrival_time=engine.clock() - 10)
+    fresh = engine.submit([4, 5], "a1", SamplingParams(max_new_tokens=4))
+    events = engine.step()
+    assert any(e.request_id == late and e.finish_reason == "abort" for e in events)
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.completion(late).token_ids == [] and engine.completion(late).finish_reason == "abort"
+    assert len(engine.completion(fresh).token_ids) == 4
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        tiny_engine(scheduler="lottery")
+
+
+def test_adapter_clustering_caps_adapters_per_step_and_keeps_outputs():
+    prompts = random_prompts(250, [4, 9, 2, 7, 5, 3], seed=5)
+    adapters = ["a0", "a1", "a2", "a0", None, "a1"]
+    want = [o.token_ids for o in tiny_engine().generate(prompts, adapters, SamplingParams(max_new_tokens=6))]
+    engine = tiny_engine(scheduler="cluster", max_adapters_per_batch=1)
+    plans = []
+    run = engine._run
+    engine._run = lambda plan: (plans.append({r.adapter for r, _ in plan} - {None}), run(plan))[1]
+    got = [o.token_ids for o in engine.generate(prompts, adapters, SamplingParams(max_new_tokens=6))]
+    assert got == want
+    assert plans and all(len(p) <= 1 for p in plans)

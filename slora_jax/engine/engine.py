@@ -67,7 +67,7 @@ class Engine:
         self.allocator = PageAllocator(ec.num_pages)
         self.store = AdapterStore(cfg, self.layout, self.allocator, ec.host_adapter_budget_bytes, self.dtype,
                                   ec.max_resident_adapters)
-        self.scheduler = make_scheduler(ec.scheduler)
+        self.scheduler = make_scheduler(ec)
         self.max_pages_per_seq = -(-ec.max_model_len // ec.page_size)
         if self.max_pages_per_seq > ec.num_pages:
             raise ValueError(f"max_model_len {ec.max_model_len} needs {self.max_pages_per_seq} pages; "
@@ -75,6 +75,7 @@ class Engine:
         self._requests: dict[int, Request] = {}
         self._next_id = 0
         self._preempted_now: set[int] = set()
+        self._table_pages, self._r_max = 1, 8  # shape bounds that only grow (see _run)
         self.num_steps = 0
 
     # ------------------------------------------------------------------ construction
@@ -203,14 +204,17 @@ class Engine:
         ec = self.config
         running = [r for r in self._requests.values() if r.status is Status.RUNNING]
         waiting = [r for r in self._requests.values() if r.status is Status.WAITING]
-        order = self.scheduler.order(running, waiting, now)
+        order = self.scheduler.order(running, waiting, now, self.store.is_resident)
         plan: list[tuple[Request, int]] = []
         planned: set[int] = set()
+        batch_adapters: set[str] = set()
         budget = ec.max_batch_tokens
         for req in order:
             if len(plan) == ec.max_num_seqs or budget == 0:
                 break
             if req.status is Status.FINISHED or req.id in self._preempted_now:
+                continue
+            if not self.scheduler.admits(req, batch_adapters):
                 continue
             was_waiting = req.status is Status.WAITING
             if was_waiting and not self._start(req, events):
@@ -234,6 +238,8 @@ class Engine:
                 req.pages.extend(self.allocator.alloc(need, ("kv", req.id), "kv").tolist())
             plan.append((req, n))
             planned.add(req.id)
+            if req.adapter is not None:
+                batch_adapters.add(req.adapter)
             budget -= n
         self._preempted_now.clear()
         return plan
@@ -290,8 +296,10 @@ class Engine:
 
     def _run(self, plan: list[tuple[Request, int]]) -> np.ndarray:
         """Build the ragged batch, run the jitted step, return the sampled token of each row."""
+        # Only the token count varies per step (a power-of-two bucket); rows, adapters per batch,
+        # adapter page-table width and rank bound are fixed or only grow, so compiles stay few.
         T = _bucket(sum(n for _, n in plan), 16)
-        R = _bucket(len(plan), 4)
+        R = _bucket(self.config.max_num_seqs)
         tokens, pos = np.zeros(T, np.int32), np.full(T, -1, np.int32)
         seq, slot = np.zeros(T, np.int32), np.full(T, -1, np.int32)
         page_table = np.zeros((R, self.max_pages_per_seq), np.int32)
@@ -309,16 +317,16 @@ class Engine:
             logits_index[row] = t + n - 1
             t += n
         resident = [self.store.resident(a) for a in names]
-        table = AdapterTable.build([(r.placement, r.pages) for r in resident], _bucket(len(names), 1),
-                                   _bucket(max((len(r.pages) for r in resident), default=1)))
-        r_max = _bucket(max((r.placement.projections[p].rank for r in resident for p in r.placement.projections),
-                            default=1), 8)
+        self._table_pages = max(self._table_pages, _bucket(max((len(r.pages) for r in resident), default=1)))
+        self._r_max = max(self._r_max, _bucket(max(
+            (p.rank for r in resident for p in r.placement.projections.values()), default=1), 8))
+        table = AdapterTable.build([(r.placement, r.pages) for r in resident], R, self._table_pages)
         sampling = SamplingBatch.from_params([r.sampling for r, _ in plan], [r.key_data for r, _ in plan],
                                              [len(r.output) for r, _ in plan], size=R)
         sampled, self.pool = _step(
             self.params, self.pool, jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seq), jnp.asarray(page_table),
             jnp.asarray(logits_index), table, jnp.asarray(slot), sampling,
-            cfg=self.cfg, layout=self.layout, r_max=r_max, projections=PROJECTIONS if names else (),
+            cfg=self.cfg, layout=self.layout, r_max=self._r_max, projections=PROJECTIONS if names else (),
         )
         return np.asarray(sampled)
 
