@@ -182,3 +182,23 @@ def test_adapter_clustering_caps_adapters_per_step_and_keeps_outputs():
     got = [o.token_ids for o in engine.generate(prompts, adapters, SamplingParams(max_new_tokens=6))]
     assert got == want
     assert plans and all(len(p) <= 1 for p in plans)
+
+
+def test_string_prompts_with_the_model_folders_tokenizer(tmp_path, tiny_model_dirs):
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    d = tmp_path / "with_tok"
+    shutil.copytree(tiny_model_dirs["llama2_mha"], d)
+    vocab = {f"w{i}": i for i in range(128)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(d)
+    engine = Engine.from_pretrained(str(d), dtype="float32", num_pages=64, page_size=4, lora_chunk=16,
+                                    max_model_len=32)
+    out = engine.generate(["w5 w9 w17"], sampling=SamplingParams(max_new_tokens=4, ignore_eos=True))[0]
+    ids = engine.generate([[5, 9, 17]], sampling=SamplingParams(max_new_tokens=4, ignore_eos=True))[0]
+    assert out.token_ids == ids.token_ids and len(out.token_ids) == 4
+    assert out.text == " ".join(f"w{t}" for t in out.token_ids)
