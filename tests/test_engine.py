@@ -202,3 +202,16 @@ def test_string_prompts_with_the_model_folders_tokenizer(tmp_path, tiny_model_di
     ids = engine.generate([[5, 9, 17]], sampling=SamplingParams(max_new_tokens=4, ignore_eos=True))[0]
     assert out.token_ids == ids.token_ids and len(out.token_ids) == 4
     assert out.text == " ".join(f"w{t}" for t in out.token_ids)
+
+
+def test_memory_report_counts_pages_by_kind():
+    engine = tiny_engine(max_model_len=64)
+    rid = engine.submit(list(range(1, 10)), "a2", SamplingParams(max_new_tokens=3))
+    engine.step()
+    rep = engine.memory_report()
+    assert rep["pages_kv"] == 3 and rep["resident_adapters"] == 1  # 9 prompt tokens, 4 per page
+    assert rep["pages_free"] + rep["pages_kv"] + rep["pages_adapter"] == rep["pages_total"]
+    assert rep["kv_fragmentation"] == pytest.approx(3 / 12)
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.memory_report()["pages_kv"] == 0 and engine.completion(rid).finish_reason == "length"

@@ -172,3 +172,18 @@ def test_model_with_adapters_in_pages_equals_dense_slots():
     cache = PagedKVCache.batched(pool, jnp.asarray(kv_pages), layout, T)
     got, _ = jax.jit(forward, static_argnums=1)(params, CFG, toks, pos, cache, paged_lora)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+
+
+def test_capacity_report():
+    from slora_jax.memory.pool import capacity
+
+    cfg7b = preset("llama-7b")
+    layout = PoolLayout.for_model(cfg7b, num_pages=1000, page_size=16, lora_chunk=64)
+    cap = capacity(layout, cfg7b, rank=16)
+    # A page is 16 tokens of K and V over 32 layers: 16 * 2 * 4096 * 32 * 2 bytes = 8 MiB.
+    assert cap["page_bytes"] == 8 << 20 and cap["tokens_fit"] == 16000
+    # Rank 16 on q, k, v, o: 4 * 2 * 16 rows of 4096 per layer = 4 * 2 * 16 * 4096 / (16 * 2 * 4096) = 4 pages.
+    assert cap["pages_per_adapter"] == 4 and cap["adapters_fit"] == 250
+    assert cap["adapter_fragmentation"] == 0.0
+    odd = capacity(layout, cfg7b, rank=24, projections=("q", "v", "down"))
+    assert 0 < odd["adapter_fragmentation"] < 1 / odd["pages_per_adapter"]

@@ -330,6 +330,23 @@ class Engine:
         )
         return np.asarray(sampled)
 
+    def memory_report(self) -> dict[str, float]:
+        """Pool pages by kind, and internal fragmentation of KV and adapter pages."""
+        st = self.allocator.stats()
+        lo = self.layout
+        kv_used = {("kv", r.id): r.num_computed * (lo.page_elems // lo.page_size)
+                   for r in self._requests.values() if r.status is Status.RUNNING}
+        resident = [self.store.resident(n) for n in self.store.names if self.store.is_resident(n)]
+        adapter_alloc = sum(len(r.pages) for r in resident) * lo.page_elems
+        adapter_unused = sum(r.placement.unused_elems for r in resident)
+        return {
+            "pages_total": st.total, "pages_free": st.free, "pages_kv": st.kv, "pages_adapter": st.adapter,
+            "page_bytes": lo.page_bytes(self.dtype),
+            "resident_adapters": len(resident),
+            "kv_fragmentation": self.allocator.fragmentation(kv_used, lo.page_elems),
+            "adapter_fragmentation": adapter_unused / adapter_alloc if adapter_alloc else 0.0,
+        }
+
     # ------------------------------------------------------------------ helpers
     def _encode(self, prompt: Sequence[int] | str) -> list[int]:
         if isinstance(prompt, str):

@@ -264,3 +264,21 @@ def lora_from_pages(pool_layer: jax.Array, layout: PoolLayout, table: AdapterTab
     a_AxIxR = read(table.a_row[:, p], h_in).transpose(0, 2, 1)
     b_AxRxO = read(table.b_row[:, p], h_out)
     return SlotWeights(a_AxIxR, b_AxRxO, r_A)
+
+
+def capacity(layout: PoolLayout, cfg: LlamaConfig, rank: int, projections=("q", "k", "v", "o"),
+             dtype=jnp.bfloat16) -> dict[str, float]:
+    """What fits in an empty pool of `layout`: adapters of one shape, or tokens of KV cache."""
+    from slora_jax.adapters.random import random_adapter  # only shapes matter here
+
+    tiny = dataclasses.replace(cfg, num_hidden_layers=1)  # placement is per layer: one layer suffices
+    placement = place_adapter(random_adapter(tiny, rank, projections), tiny, layout)
+    return {
+        "page_bytes": layout.page_bytes(dtype),
+        "pool_bytes": layout.num_pages * layout.page_bytes(dtype),
+        "tokens_per_page": layout.page_size,
+        "tokens_fit": layout.num_pages * layout.page_size,
+        "pages_per_adapter": placement.num_pages,
+        "adapters_fit": layout.num_pages // placement.num_pages,
+        "adapter_fragmentation": placement.unused_elems / (placement.num_pages * layout.page_elems),
+    }
