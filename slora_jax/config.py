@@ -226,6 +226,9 @@ class EngineConfig:
     scheduler: str = "fcfs"  # "fcfs" | "early_abort" | "cluster" (engine/scheduler.py)
     slo_first_token_s: float = 6.0  # early_abort: drop requests still waiting after this
     max_adapters_per_batch: int = 8  # cluster: distinct adapters per step
+    unified_memory: bool = True  # False: S-LoRA's ablation, fixed adapter slots beside a KV-only pool
+    max_loras: int = 8  # unified_memory=False: number of adapter slots
+    max_lora_rank: int = 64  # unified_memory=False: every slot's rank
     host_adapter_budget_bytes: int = 8 << 30
     max_resident_adapters: int = 1024
     seed: int = 0  # for requests without a seed of their own

@@ -215,3 +215,26 @@ def test_memory_report_counts_pages_by_kind():
     while engine.has_unfinished():
         engine.step()
     assert engine.memory_report()["pages_kv"] == 0 and engine.completion(rid).finish_reason == "length"
+
+
+def test_no_unified_memory_ablation_gives_the_same_tokens():
+    prompts = random_prompts(250, [4, 9, 2, 7, 5, 3, 6], seed=6)
+    adapters = ["a0", "a1", "a2", "a0", None, "a1", "big"]
+    sp = SamplingParams(max_new_tokens=6)
+
+    def run(**kw):
+        engine = tiny_engine(**kw)
+        engine.add_adapter("big", random_adapter(preset("tiny"), 48, ("q", "v"), seed=9, name="big"))
+        return engine, engine.generate(prompts, adapters, sp)
+
+    _, unified = run()
+    # Two slots of rank 32: adapters swap through the slots; "big" (rank 48) cannot fit in one.
+    engine, slots = run(unified_memory=False, max_loras=2, max_lora_rank=32)
+    for u, s, a in zip(unified, slots, adapters):
+        if a == "big":
+            assert s.finish_reason == "error" and "fixed adapter slots" in s.error
+        else:
+            assert s.token_ids == u.token_ids
+    rep = engine.memory_report()
+    assert rep["pages_adapter"] == 0 and rep["resident_adapters"] <= 2 and rep["adapter_slots_bytes"] > 0
+    assert engine.store.stats["evictions"] > 0

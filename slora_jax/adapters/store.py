@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import os
 
 import jax
@@ -25,11 +26,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from slora_jax.adapters.adapter import LoraAdapter
+from slora_jax.adapters.pack import pack_slots
 from slora_jax.adapters.peft import load_adapter
-from slora_jax.config import LlamaConfig
+from slora_jax.config import PROJECTIONS, LlamaConfig
 from slora_jax.errors import AdapterError
 from slora_jax.memory.allocator import OutOfPages, PageAllocator
-from slora_jax.memory.pool import AdapterPlacement, PoolLayout, adapter_rows, place_adapter, write_adapter
+from slora_jax.memory.paged_lora import PagedLora
+from slora_jax.model.llama import LoraInputs
+from slora_jax.memory.pool import (
+    AdapterPlacement,
+    AdapterTable,
+    PoolLayout,
+    adapter_rows,
+    place_adapter,
+    write_adapter,
+)
+from slora_jax.ops.lora import SlotWeights
+
+
+def _pow2(n: int, lo: int = 1) -> int:
+    return 1 << (max(n, lo) - 1).bit_length()
 
 
 @dataclasses.dataclass
@@ -52,6 +68,7 @@ class AdapterStore:
         self._staged: dict[str, tuple[AdapterPlacement, jax.Array]] = {}  # prefetched rows on device
         self._free_slots = list(range(max_resident - 1, -1, -1))
         self.stats = collections.Counter()  # disk_loads, host_hits, pool_loads, pool_hits, evictions
+        self._table_pages, self._r_max = 1, 8  # batch shape bounds that only grow (few compiles)
 
     # ------------------------------------------------------------------ tiers
     def register(self, name: str, path: str | os.PathLike) -> None:
@@ -165,6 +182,25 @@ class AdapterStore:
                 return len(self.allocator.free_owner(("adapter", name)))
         return None
 
+    def batch_lora(self, names: list[str], slot_T: np.ndarray, rows: int) -> PagedLora:
+        """The model's LoRA input for a batch using resident adapters `names`.
+
+        `slot_T` (int32 `[T]`) is each token's index into `names`, -1 for none;
+        `rows` (>= len(names)) is the padded number of adapters per batch.
+        """
+        resident = [self._resident[n] for n in names]
+        self._table_pages = max(self._table_pages, _pow2(max((len(r.pages) for r in resident), default=1)))
+        self._r_max = max(self._r_max, _pow2(max(
+            (p.rank for r in resident for p in r.placement.projections.values()), default=1), 8))
+        table = AdapterTable.build([(r.placement, r.pages) for r in resident], rows, self._table_pages)
+        return PagedLora(table, jnp.asarray(slot_T)[None], self.layout, self.cfg, self._r_max, PROJECTIONS)
+
+    def memory(self) -> dict[str, float]:
+        """Adapter memory: resident count and internal fragmentation of their pages."""
+        alloc = sum(len(r.pages) for r in self._resident.values()) * self.layout.page_elems
+        unused = sum(r.placement.unused_elems for r in self._resident.values())
+        return {"resident_adapters": len(self._resident), "adapter_fragmentation": unused / alloc if alloc else 0.0}
+
     def _placement(self, adapter: LoraAdapter) -> AdapterPlacement:
         placement = place_adapter(adapter, self.cfg, self.layout)
         if placement.num_pages > self.layout.num_pages:
@@ -174,3 +210,83 @@ class AdapterStore:
             )
         return placement
 
+
+
+@functools.partial(jax.jit, donate_argnames=("weights",))
+def _write_slot(weights: dict[str, SlotWeights], new: dict[str, SlotWeights], slot: jax.Array) -> dict[str, SlotWeights]:
+    return {p: SlotWeights(w.a.at[:, slot].set(new[p].a[:, 0]), w.b.at[:, slot].set(new[p].b[:, 0]),
+                           w.ranks.at[:, slot].set(new[p].ranks[:, 0])) for p, w in weights.items()}
+
+
+class SlotAdapterStore(AdapterStore):
+    """S-LoRA's "no unified memory" ablation: adapters in `max_loras` fixed slots of
+    `max_rank`, a region reserved beside a KV-only pool (dense `SlotWeights`, every
+    adapter padded to `max_rank`). Same tiers, pins and LRU as `AdapterStore`.
+    """
+
+    def __init__(self, cfg: LlamaConfig, max_loras: int, max_rank: int, projections=PROJECTIONS,
+                 host_budget_bytes: int = 8 << 30, dtype=jnp.bfloat16):
+        super().__init__(cfg, layout=None, allocator=None, host_budget_bytes=host_budget_bytes, dtype=dtype,
+                         max_resident=max_loras)
+        self.max_rank, self.projections = max_rank, tuple(projections)
+        self._used_elems: dict[str, int] = {}
+        L = cfg.num_hidden_layers
+        self.weights = {
+            p: SlotWeights(jnp.zeros((L, max_loras, cfg.projection_shape(p)[0], max_rank), self.dtype),
+                           jnp.zeros((L, max_loras, max_rank, cfg.projection_shape(p)[1]), self.dtype),
+                           jnp.zeros((L, max_loras), jnp.int32))
+            for p in self.projections
+        }
+
+    def load(self, pool: jax.Array, name: str) -> jax.Array:
+        if name in self._resident:
+            self._resident.move_to_end(name)
+            self.stats["pool_hits"] += 1
+            return pool
+        adapter = self.host(name)
+        if adapter.max_rank > self.max_rank or not set(adapter.projections) <= set(self.projections):
+            raise AdapterError(
+                f"adapter {name!r} (rank {adapter.max_rank}, {list(adapter.projections)}) does not fit the fixed "
+                f"adapter slots (max rank {self.max_rank}, {list(self.projections)})"
+            )
+        while not self._free_slots:
+            if self._evict_one_idle() is None:
+                raise OutOfPages(1, 0, len(self._resident))
+        slot = self._free_slots.pop()
+        new = pack_slots([adapter], self.cfg, self.dtype, max_rank=self.max_rank)
+        L = self.cfg.num_hidden_layers
+        for p in self.projections:  # projections this adapter lacks: zeros
+            if p not in new:
+                h_in, h_out = self.cfg.projection_shape(p)
+                new[p] = SlotWeights(jnp.zeros((L, 1, h_in, self.max_rank), self.dtype),
+                                     jnp.zeros((L, 1, self.max_rank, h_out), self.dtype), jnp.zeros((L, 1), jnp.int32))
+        self.weights = _write_slot(self.weights, new, jnp.int32(slot))
+        self._resident[name] = Resident(slot, None, np.zeros(0, np.int32))
+        self._used_elems[name] = sum(m.rank * (m.a.shape[0] + m.b.shape[1]) for m in adapter.modules.values())
+        self.stats["pool_loads"] += 1
+        return pool
+
+    def evict_idle(self, pages_needed: int) -> int:
+        return 0  # adapters hold no pool pages here: evicting one frees nothing for the KV cache
+
+    def _evict_one_idle(self) -> int | None:
+        for name, r in self._resident.items():
+            if r.pins == 0:
+                del self._resident[name]
+                self._free_slots.append(r.slot)
+                self.stats["evictions"] += 1
+                return 0
+        return None
+
+    def batch_lora(self, names, slot_T, rows):
+        # A trailing -1 maps "no adapter" (index -1) to slot -1.
+        to_slot = np.array([self._resident[n].slot for n in names] + [-1], np.int32)
+        return LoraInputs(self.weights, jnp.asarray(to_slot[slot_T])[None])
+
+    def memory(self) -> dict[str, float]:
+        """Resident count, the reserved slot region, and how much of the resident slots is padding."""
+        per_slot = sum(w.a[:, 0].size + w.b[:, 0].size for w in self.weights.values())
+        used = sum(self._used_elems[n] for n in self._resident)
+        return {"resident_adapters": len(self._resident),
+                "adapter_slots_bytes": sum(w.a.nbytes + w.b.nbytes for w in self.weights.values()),
+                "adapter_fragmentation": 1 - used / (per_slot * len(self._resident)) if self._resident else 0.0}

@@ -27,16 +27,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from slora_jax.adapters.adapter import LoraAdapter
-from slora_jax.adapters.store import AdapterStore
-from slora_jax.config import PROJECTIONS, EngineConfig, LlamaConfig, PRESETS
+from slora_jax.adapters.store import AdapterStore, SlotAdapterStore
+from slora_jax.config import PRESETS, EngineConfig, LlamaConfig
 from slora_jax.engine.request import Completion, Request, Status, TokenEvent
 from slora_jax.engine.sampling import SamplingBatch, SamplingParams, request_key_data, sample_batch
 from slora_jax.engine.scheduler import make_scheduler
 from slora_jax.errors import AdapterError
 from slora_jax.memory.allocator import OutOfPages, PageAllocator
 from slora_jax.memory.kv_cache import PagedKVCache
-from slora_jax.memory.paged_lora import PagedLora
-from slora_jax.memory.pool import AdapterTable, PoolLayout, create_pool
+from slora_jax.memory.pool import PoolLayout, create_pool
 from slora_jax.model import forward, init_random_params, load_checkpoint
 
 
@@ -45,13 +44,9 @@ def _bucket(n: int, lo: int = 1) -> int:
     return 1 << (max(n, lo) - 1).bit_length()
 
 
-@functools.partial(
-    jax.jit, static_argnames=("cfg", "layout", "r_max", "projections"), donate_argnames=("pool",)
-)
-def _step(params, pool, tokens_T, pos_T, seq_T, page_table, logits_index_R, lora_table, slot_T, sampling,
-          cfg, layout, r_max, projections):
+@functools.partial(jax.jit, static_argnames=("cfg", "layout"), donate_argnames=("pool",))
+def _step(params, pool, tokens_T, pos_T, seq_T, page_table, logits_index_R, lora, sampling, cfg, layout):
     cache = PagedKVCache(pool, page_table, seq_T[None], layout)
-    lora = PagedLora(lora_table, slot_T[None], layout, cfg, r_max, projections) if projections else None
     logits_1xRxV, cache = forward(params, cfg, tokens_T[None], pos_T[None], cache, lora, logits_index_R[None])
     return sample_batch(logits_1xRxV[0], sampling), cache.pool
 
@@ -65,8 +60,12 @@ class Engine:
         self.layout = PoolLayout.for_model(cfg, ec.num_pages, ec.page_size, ec.lora_chunk)
         self.pool = create_pool(self.layout, self.dtype)
         self.allocator = PageAllocator(ec.num_pages)
-        self.store = AdapterStore(cfg, self.layout, self.allocator, ec.host_adapter_budget_bytes, self.dtype,
-                                  ec.max_resident_adapters)
+        if ec.unified_memory:
+            self.store = AdapterStore(cfg, self.layout, self.allocator, ec.host_adapter_budget_bytes, self.dtype,
+                                      ec.max_resident_adapters)
+        else:
+            self.store = SlotAdapterStore(cfg, ec.max_loras, ec.max_lora_rank,
+                                          host_budget_bytes=ec.host_adapter_budget_bytes, dtype=self.dtype)
         self.scheduler = make_scheduler(ec)
         self.max_pages_per_seq = -(-ec.max_model_len // ec.page_size)
         if self.max_pages_per_seq > ec.num_pages:
@@ -75,7 +74,6 @@ class Engine:
         self._requests: dict[int, Request] = {}
         self._next_id = 0
         self._preempted_now: set[int] = set()
-        self._table_pages, self._r_max = 1, 8  # shape bounds that only grow (see _run)
         self.num_steps = 0
 
     # ------------------------------------------------------------------ construction
@@ -296,8 +294,8 @@ class Engine:
 
     def _run(self, plan: list[tuple[Request, int]]) -> np.ndarray:
         """Build the ragged batch, run the jitted step, return the sampled token of each row."""
-        # Only the token count varies per step (a power-of-two bucket); rows, adapters per batch,
-        # adapter page-table width and rank bound are fixed or only grow, so compiles stay few.
+        # Only the token count varies per step (a power-of-two bucket); rows and adapters per batch are
+        # fixed, and the store's adapter shape bounds only grow, so compiles stay few.
         T = _bucket(sum(n for _, n in plan), 16)
         R = _bucket(self.config.max_num_seqs)
         tokens, pos = np.zeros(T, np.int32), np.full(T, -1, np.int32)
@@ -316,17 +314,12 @@ class Engine:
             page_table[row, : len(req.pages)] = req.pages
             logits_index[row] = t + n - 1
             t += n
-        resident = [self.store.resident(a) for a in names]
-        self._table_pages = max(self._table_pages, _bucket(max((len(r.pages) for r in resident), default=1)))
-        self._r_max = max(self._r_max, _bucket(max(
-            (p.rank for r in resident for p in r.placement.projections.values()), default=1), 8))
-        table = AdapterTable.build([(r.placement, r.pages) for r in resident], R, self._table_pages)
+        lora = self.store.batch_lora(names, slot, R) if names else None
         sampling = SamplingBatch.from_params([r.sampling for r, _ in plan], [r.key_data for r, _ in plan],
                                              [len(r.output) for r, _ in plan], size=R)
         sampled, self.pool = _step(
             self.params, self.pool, jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seq), jnp.asarray(page_table),
-            jnp.asarray(logits_index), table, jnp.asarray(slot), sampling,
-            cfg=self.cfg, layout=self.layout, r_max=self._r_max, projections=PROJECTIONS if names else (),
+            jnp.asarray(logits_index), lora, sampling, cfg=self.cfg, layout=self.layout,
         )
         return np.asarray(sampled)
 
@@ -336,15 +329,11 @@ class Engine:
         lo = self.layout
         kv_used = {("kv", r.id): r.num_computed * (lo.page_elems // lo.page_size)
                    for r in self._requests.values() if r.status is Status.RUNNING}
-        resident = [self.store.resident(n) for n in self.store.names if self.store.is_resident(n)]
-        adapter_alloc = sum(len(r.pages) for r in resident) * lo.page_elems
-        adapter_unused = sum(r.placement.unused_elems for r in resident)
         return {
             "pages_total": st.total, "pages_free": st.free, "pages_kv": st.kv, "pages_adapter": st.adapter,
             "page_bytes": lo.page_bytes(self.dtype),
-            "resident_adapters": len(resident),
             "kv_fragmentation": self.allocator.fragmentation(kv_used, lo.page_elems),
-            "adapter_fragmentation": adapter_unused / adapter_alloc if adapter_alloc else 0.0,
+            **self.store.memory(),
         }
 
     # ------------------------------------------------------------------ helpers
