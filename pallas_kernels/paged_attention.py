@@ -12,6 +12,9 @@ Contract
 Pool (one layer, or the whole pool with a `layer` index):
   k_pages, v_pages  `[num_pages, P, K, D]` or `[L, num_pages, P, K, D]`, bf16 or fp32;
                     `P` (tokens per page) a power of two, `D` a power of two >= 16.
+                    Or `v_pages=None` and `k_pages` the unified pool's KV view
+                    `[num_pages, 2, P, K, D]` / `[L, num_pages, 2, P, K, D]` (K at index 0
+                    and V at 1 of axis `-4`), read in place.
   page_table `[B, max_pages]` int32: token `t` of sequence `b` lives at page
              `page_table[b, t // P]`, slot `t % P`. Entries past a sequence's last
              page are never read (they may hold anything).
@@ -81,7 +84,15 @@ def gather_pages(pages: jax.Array, page_table_BxM: jax.Array, layer=None) -> jax
 
 
 def _as_5d(k_pages, v_pages, layer):
-    """Both kernels index a 5-D pool; a one-layer pool gets a unit leading axis (free)."""
+    """Both kernels index a 5-D pool (6-D for a combined K/V pool, `v_pages=None`);
+    a one-layer pool gets a unit leading axis (free)."""
+    if v_pages is None:
+        if k_pages.ndim == 5 and layer is None:
+            return k_pages[None], k_pages[None], jnp.zeros((1,), jnp.int32)
+        if k_pages.ndim != 6 or layer is None or k_pages.shape[2] != 2:
+            raise ValueError(f"combined pool must be [num_pages, 2, P, K, D], or 6-D with a layer; "
+                             f"got {k_pages.shape}")
+        return k_pages, k_pages, jnp.asarray(layer, jnp.int32).reshape(1)
     if k_pages.shape != v_pages.shape:
         raise ValueError(f"k_pages {k_pages.shape} and v_pages {v_pages.shape} differ")
     if k_pages.ndim == 4:
@@ -111,12 +122,17 @@ def _kv_block(k_ref, v_ref, page_table_ref, b, layer, h, t0, tok_end, *, block_t
     page_T = plgpu.load(page_table_ref.at[b_T, pidx_T])
     page_T = jnp.where(ok_T, page_T, 0)  # never follow a table entry past the sequence
     shape = (block_t, D)
-    idx = (jnp.full(shape, layer, jnp.int32), jnp.broadcast_to(page_T[:, None], shape),
-           jnp.broadcast_to((t_T % page_size)[:, None], shape), jnp.full(shape, h, jnp.int32),
-           jnp.broadcast_to(_iota(D)[None, :], shape))
+    lead = (jnp.full(shape, layer, jnp.int32), jnp.broadcast_to(page_T[:, None], shape))
+    rest = (jnp.broadcast_to((t_T % page_size)[:, None], shape), jnp.full(shape, h, jnp.int32),
+            jnp.broadcast_to(_iota(D)[None, :], shape))
     mask = jnp.broadcast_to(ok_T[:, None], shape)
-    k_TxD = plgpu.load(k_ref.at[idx], mask=mask, other=0)
-    v_TxD = plgpu.load(v_ref.at[idx], mask=mask, other=0)
+    if len(k_ref.shape) == 6:  # combined pool: K and V are entries 0 and 1 of one axis
+        k_idx = (*lead, jnp.zeros(shape, jnp.int32), *rest)
+        v_idx = (*lead, jnp.ones(shape, jnp.int32), *rest)
+    else:
+        k_idx = v_idx = (*lead, *rest)
+    k_TxD = plgpu.load(k_ref.at[k_idx], mask=mask, other=0)
+    v_TxD = plgpu.load(v_ref.at[v_idx], mask=mask, other=0)
     return t_T, k_TxD, v_TxD
 
 
@@ -212,7 +228,7 @@ def paged_decode_attention(q_BxNxD, k_pages, v_pages, page_table_BxM, lengths_B,
     """
     k5, v5, layer_1 = _as_5d(k_pages, v_pages, layer)
     B, N, D = q_BxNxD.shape
-    _, _, P, K, Dk = k5.shape
+    P, K, Dk = k5.shape[-3:]
     M = page_table_BxM.shape[1]
     if Dk != D or N % K:
         raise ValueError(f"q heads/dim {N, D} do not match pool heads/dim {K, Dk}")
@@ -299,7 +315,7 @@ def paged_prefill_attention(q_BxSxNxD, k_pages, v_pages, page_table_BxM, q_pos_B
     """
     k5, v5, layer_1 = _as_5d(k_pages, v_pages, layer)
     B, S, N, D = q_BxSxNxD.shape
-    _, _, P, K, Dk = k5.shape
+    P, K, Dk = k5.shape[-3:]
     M = page_table_BxM.shape[1]
     if Dk != D or N % K:
         raise ValueError(f"q heads/dim {N, D} do not match pool heads/dim {K, Dk}")

@@ -187,3 +187,20 @@ def test_capacity_report():
     assert cap["adapter_fragmentation"] == 0.0
     odd = capacity(layout, cfg7b, rank=24, projections=("q", "v", "down"))
     assert 0 < odd["adapter_fragmentation"] < 1 / odd["pages_per_adapter"]
+
+
+def test_paged_kv_cache_with_the_pallas_kernel_equals_reference():
+    """The engine's attention path: the Pallas decode kernel reading the unified pool in place."""
+    params = init_random_params(CFG, jax.random.key(5), jnp.float32)
+    layout = PoolLayout.for_model(CFG, num_pages=16, page_size=4, lora_chunk=16)
+    rng = np.random.default_rng(6)
+    page_table = jnp.asarray(rng.permutation(16)[:12].reshape(3, 4).astype(np.int32))
+    toks = jnp.asarray(rng.integers(0, CFG.vocab_size, (3, 7)).astype(np.int32))
+    pos = jnp.asarray(np.where(np.arange(7)[None] < np.array([[7], [3], [5]]), np.arange(7)[None], -1).astype(np.int32))
+    outs = {}
+    for impl in ("reference", "pallas"):
+        cache = PagedKVCache.batched(create_pool(layout, jnp.float32), page_table, layout, 7, attention_impl=impl)
+        outs[impl], _ = forward(params, CFG, toks, pos, cache)
+    valid = np.asarray(pos) >= 0
+    np.testing.assert_allclose(np.asarray(outs["pallas"])[valid], np.asarray(outs["reference"])[valid],
+                               rtol=1e-4, atol=1e-4)

@@ -6,9 +6,10 @@ page table. `seq_ids [B, S]` gives the row of every token of the forward, so
 one forward can mix sequences freely: the engine runs prefill chunks and
 decode tokens of many sequences as one ragged `[1, T]` batch.
 
-Attention here is the jnp reference (each token's pages gathered to a
-contiguous `[T_ctx, K, D]`); the Pallas paged-attention kernels replace
-`attend` without changing the interface.
+Attention runs `ops.attention.paged_attention` on the pool in place, each
+token as a query of its own sequence (so any mix of prefill chunks and decodes
+works): `attention_impl="pallas"` is the Pallas decode kernel, `"reference"`
+the jnp path (pages gathered to a contiguous cache).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from slora_jax.memory.pool import PoolLayout
-from slora_jax.ops.attention import attention_reference
+from slora_jax.ops.attention import paged_attention
 
 
 @flax.struct.dataclass
@@ -27,12 +28,15 @@ class PagedKVCache:
     page_table: jax.Array  # [R, max_pages] int32, page ids of each sequence in order
     seq_ids: jax.Array  # [B, S] int32, page-table row of each token of the forward
     layout: PoolLayout = flax.struct.field(pytree_node=False)
+    attention_impl: str = flax.struct.field(pytree_node=False, default="reference")
 
     @classmethod
-    def batched(cls, pool: jax.Array, page_table: jax.Array, layout: PoolLayout, seq_len: int) -> "PagedKVCache":
+    def batched(cls, pool: jax.Array, page_table: jax.Array, layout: PoolLayout, seq_len: int,
+                attention_impl: str = "reference") -> "PagedKVCache":
         """Row b of a `[B, S]` forward is sequence b of the page table."""
         B = page_table.shape[0]
-        return cls(pool, page_table, jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, seq_len)), layout)
+        seq_ids = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, seq_len))
+        return cls(pool, page_table, seq_ids, layout, attention_impl)
 
     def _kv(self) -> jax.Array:
         lo = self.layout
@@ -48,13 +52,8 @@ class PagedKVCache:
         return self.replace(pool=kv.reshape(self.pool.shape))
 
     def attend(self, layer: jax.Array, q_BxSxNxD: jax.Array, pos_BxS: jax.Array) -> jax.Array:
-        lo = self.layout
         B, S, N, D = q_BxSxNxD.shape
-        M = self.page_table.shape[1]
         pages_TxM = self.page_table[self.seq_ids.reshape(B * S)]
-        kv_TxMx2xPxKxD = self._kv()[layer][pages_TxM]
-        k_TxCxKxD = kv_TxMx2xPxKxD[:, :, 0].reshape(B * S, M * lo.page_size, lo.num_kv_heads, D)
-        v_TxCxKxD = kv_TxMx2xPxKxD[:, :, 1].reshape(B * S, M * lo.page_size, lo.num_kv_heads, D)
-        o_Tx1xNxD = attention_reference(q_BxSxNxD.reshape(B * S, 1, N, D), k_TxCxKxD, v_TxCxKxD,
-                                        pos_BxS.reshape(B * S, 1))
+        o_Tx1xNxD = paged_attention(q_BxSxNxD.reshape(B * S, 1, N, D), self._kv(), None, pages_TxM,
+                                    pos_BxS.reshape(B * S, 1), layer=layer, impl=self.attention_impl)
         return o_Tx1xNxD.reshape(B, S, N, D)

@@ -66,7 +66,12 @@ def paged_attention_reference(
     *,
     layer=None,
 ) -> jax.Array:
-    """Plain jnp: gather each sequence's pages into a contiguous cache, then `attention_reference`."""
+    """Plain jnp: gather each sequence's pages into a contiguous cache, then `attention_reference`.
+
+    `v_pages=None`: `k_pages` is a combined pool `[(L,) num_pages, 2, P, K, D]` (K, V at 0, 1).
+    """
+    if v_pages is None:
+        k_pages, v_pages = jnp.take(k_pages, 0, axis=-4), jnp.take(k_pages, 1, axis=-4)
     k_BxTxKxD = gather_pages(k_pages, page_table_BxM, layer)
     v_BxTxKxD = gather_pages(v_pages, page_table_BxM, layer)
     return attention_reference(q_BxSxNxD, k_BxTxKxD, v_BxTxKxD, q_pos_BxS)
