@@ -1,0 +1,33 @@
+"""Public functional ops: gathered LoRA (and, later, paged attention)."""
+
+from slora_jax.ops.lora import (
+    IMPLS,
+    KernelConfig,
+    LoraMeta,
+    SlotWeights,
+    add_lora,
+    build_lora_meta,
+    build_lora_meta_jnp,
+    default_block_m,
+    expand,
+    lora_reference,
+    num_tiles,
+    random_slot_weights,
+    shrink,
+)
+
+__all__ = [
+    "IMPLS",
+    "KernelConfig",
+    "LoraMeta",
+    "SlotWeights",
+    "add_lora",
+    "build_lora_meta",
+    "build_lora_meta_jnp",
+    "default_block_m",
+    "expand",
+    "lora_reference",
+    "num_tiles",
+    "random_slot_weights",
+    "shrink",
+]

@@ -8,14 +8,31 @@ Adapters of rank `r < R` are zero-padded to `R`; `ranks[s]` is the true rank
 leading layer axis `[L, ...]` hold a whole model; the model slices one layer.
 
 A token whose slot is -1 uses no adapter and is left unchanged.
+
+The batch metadata (`LoraMeta`: tokens grouped by slot into segments, segments cut
+into tiles of `block_m` rows) is built once per step, on host with
+`build_lora_meta` (numpy) or inside jit with `build_lora_meta_jnp`, and shared by
+every projection. It holds no ranks: a rank belongs to (adapter, projection) and
+the kernels read it from `SlotWeights.ranks[slot]`, so one metadata serves q, k,
+v, o, gate, up and down even when an adapter targets only some of them.
+
+`add_lora(y, x, w, meta, impl=...)` runs one of several implementations of the
+same function (`IMPLS`): the Pallas SGMV kernels and the baselines of the paper
+comparisons; `shrink` and `expand` expose the two halves.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.sgmv_expand import expand_reference, sgmv_expand
+from pallas_kernels.sgmv_shrink import sgmv_shrink, shrink_reference
 
 
 class SlotWeights(NamedTuple):
@@ -45,3 +62,375 @@ def lora_reference(y_TxO: jax.Array, x_TxI: jax.Array, w: SlotWeights, slot_T: j
     d_TxO = jnp.einsum("tr,tro->to", v_TxR.astype(b_TxRxO.dtype), b_TxRxO, preferred_element_type=jnp.float32)
     d_TxO = jnp.where(has_T[:, None], d_TxO, 0.0)
     return (y_TxO.astype(jnp.float32) + d_TxO).astype(y_TxO.dtype)
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["slot", "perm", "seg_start", "seg_len", "seg_slot", "num_segments",
+                 "tile_start", "tile_end", "tile_slot"],
+    meta_fields=["block_m", "active_tiles"],
+)
+@dataclasses.dataclass(frozen=True)
+class LoraMeta:
+    """Per-step LoRA batch metadata; fixed shapes given `(T, max_segments, block_m)`.
+
+    Positions `p` index the sorted order: token `perm[p]`. Tokens with an adapter
+    come first, grouped by slot in increasing slot order; tokens without one last.
+    Padding segments have length 0 and slot -1; padding tiles have slot -1.
+    """
+
+    slot: jax.Array  # [T] int32, slot per token in the original order, -1 = no adapter
+    perm: jax.Array  # [T] int32, token at each sorted position
+    seg_start: jax.Array  # [G] int32, first sorted position of each segment
+    seg_len: jax.Array  # [G] int32, tokens in the segment (0 for padding)
+    seg_slot: jax.Array  # [G] int32, the segment's slot (-1 for padding)
+    num_segments: jax.Array  # [] int32, real segments (the first `num_segments` of G)
+    tile_start: jax.Array  # [NT] int32, first sorted position of the tile
+    tile_end: jax.Array  # [NT] int32, end of the tile's segment (the tile stops at min(start + block_m, end))
+    tile_slot: jax.Array  # [NT] int32, the tile's slot (-1 for padding)
+    block_m: int  # static: rows per tile, a power of two >= 16
+    active_tiles: int  # static: power-of-two bucket >= the real tile count (sizes the shrink's split-K)
+
+
+def num_tiles(n_tokens: int, max_segments: int, block_m: int) -> int:
+    """Static tile count: a bound on sum_g ceil(len_g / block_m) over any layout."""
+    return max(1, min(n_tokens, -(-n_tokens // block_m) + max_segments))
+
+
+def default_block_m(n_tokens: int) -> int:
+    """Rows per tile by token bucket: 16 (the dot minimum) for decode-sized batches, more for prefill."""
+    if n_tokens <= 128:
+        return 16
+    if n_tokens <= 1024:
+        return 32
+    return 64
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _check_block_m(block_m: int) -> None:
+    if block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
+
+
+def build_lora_meta(slot_T, *, max_segments: int | None = None, block_m: int | None = None) -> LoraMeta:
+    """Host (numpy) metadata builder; the engine calls this once per step.
+
+    Args:
+      slot_T: int `[T]`, adapter slot per token, -1 for none.
+      max_segments: static number of segment entries G (default T); raises if the
+        batch has more distinct slots.
+      block_m: rows per tile (default `default_block_m(T)`).
+
+    The static `active_tiles` (real tile count rounded up to a power of two) lets
+    the shrink kernel size its split-K to the work actually present; being static,
+    each of its log2(T) values compiles the step once.
+    """
+    slot_T = np.asarray(slot_T, np.int32)
+    (T,) = slot_T.shape
+    G = T if max_segments is None else int(max_segments)
+    key_T = np.where(slot_T >= 0, slot_T, np.iinfo(np.int32).max)
+    perm_T = np.argsort(key_T, kind="stable").astype(np.int32)
+    slots, counts = np.unique(slot_T[slot_T >= 0], return_counts=True)
+    n_seg = len(slots)
+    if n_seg > G:
+        raise ValueError(f"{n_seg} distinct slots but max_segments={G}")
+    bm = default_block_m(T) if block_m is None else int(block_m)
+    _check_block_m(bm)
+    NT = num_tiles(T, G, bm)
+    seg_start = np.zeros(G, np.int32)
+    seg_len = np.zeros(G, np.int32)
+    seg_slot = np.full(G, -1, np.int32)
+    seg_len[:n_seg] = counts
+    seg_slot[:n_seg] = slots
+    seg_start[:n_seg] = np.cumsum(counts) - counts
+    ntile_g = -(-counts // bm)
+    tile_start = np.zeros(NT, np.int32)
+    tile_end = np.zeros(NT, np.int32)
+    tile_slot = np.full(NT, -1, np.int32)
+    g_of_tile = np.repeat(np.arange(n_seg), ntile_g)
+    within = np.arange(len(g_of_tile)) - np.repeat(np.cumsum(ntile_g) - ntile_g, ntile_g)
+    n_t = len(g_of_tile)
+    tile_start[:n_t] = seg_start[g_of_tile] + within * bm
+    tile_end[:n_t] = seg_start[g_of_tile] + seg_len[g_of_tile]
+    tile_slot[:n_t] = seg_slot[g_of_tile]
+    active = min(_pow2_ceil(max(n_t, 1)), _pow2_ceil(NT))
+    return LoraMeta(slot=slot_T, perm=perm_T, seg_start=seg_start, seg_len=seg_len, seg_slot=seg_slot,
+                    num_segments=np.int32(n_seg), tile_start=tile_start, tile_end=tile_end,
+                    tile_slot=tile_slot, block_m=bm, active_tiles=active)
+
+
+def build_lora_meta_jnp(slot_T: jax.Array, *, max_segments: int | None = None,
+                        block_m: int | None = None) -> LoraMeta:
+    """Jittable metadata builder, same output as `build_lora_meta`.
+
+    Slots beyond `max_segments` distinct ones cannot raise under jit: they are
+    dropped (their tokens get no LoRA); size `max_segments` so that cannot happen.
+    The layout is unknown at trace time, so `active_tiles` is the static tile bound.
+    """
+    slot_T = jnp.asarray(slot_T, jnp.int32)
+    (T,) = slot_T.shape
+    G = T if max_segments is None else int(max_segments)
+    bm = default_block_m(T) if block_m is None else int(block_m)
+    _check_block_m(bm)
+    NT = num_tiles(T, G, bm)
+    big = jnp.iinfo(jnp.int32).max
+    key_T = jnp.where(slot_T >= 0, slot_T, big)
+    perm_T = jnp.argsort(key_T, stable=True).astype(jnp.int32)
+    sk_T = key_T[perm_T]
+    valid_T = sk_T != big
+    new_T = valid_T & jnp.concatenate([jnp.ones((1,), bool), sk_T[1:] != sk_T[:-1]])
+    seg_T = jnp.cumsum(new_T.astype(jnp.int32)) - 1
+    n_seg = jnp.minimum(jnp.sum(new_T.astype(jnp.int32)), G)
+    pos_T = jnp.arange(T, dtype=jnp.int32)
+    drop_T = jnp.where(new_T, seg_T, G)
+    seg_start = jnp.zeros(G, jnp.int32).at[drop_T].set(pos_T, mode="drop")
+    seg_slot = jnp.full(G, -1, jnp.int32).at[drop_T].set(sk_T, mode="drop")
+    seg_len = jnp.zeros(G, jnp.int32).at[jnp.where(valid_T, seg_T, G)].add(1, mode="drop")
+    ntile_g = (seg_len + bm - 1) // bm
+    cum_g = jnp.cumsum(ntile_g)
+    j_N = jnp.arange(NT, dtype=jnp.int32)
+    g_N = jnp.minimum(jnp.searchsorted(cum_g, j_N, side="right"), G - 1).astype(jnp.int32)
+    tile_ok_N = j_N < cum_g[-1]
+    within_N = j_N - (cum_g[g_N] - ntile_g[g_N])
+    tile_start = jnp.where(tile_ok_N, seg_start[g_N] + within_N * bm, 0)
+    tile_end = jnp.where(tile_ok_N, seg_start[g_N] + seg_len[g_N], 0)
+    tile_slot = jnp.where(tile_ok_N, seg_slot[g_N], -1)
+    return LoraMeta(slot=slot_T, perm=perm_T, seg_start=seg_start, seg_len=seg_len, seg_slot=seg_slot,
+                    num_segments=n_seg.astype(jnp.int32), tile_start=tile_start.astype(jnp.int32),
+                    tile_end=tile_end.astype(jnp.int32), tile_slot=tile_slot.astype(jnp.int32), block_m=bm,
+                    active_tiles=_pow2_ceil(NT))
+
+
+# ----------------------------------------------------------------------------- kernels config
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Launch parameters of the Pallas SGMV kernels (all powers of two; None = heuristic)."""
+
+    shrink_block_k: int = 256
+    shrink_block_r: int = 16
+    k_splits: int | None = None
+    shrink_warps: int = 4
+    shrink_stages: int = 3
+    expand_block_n: int = 128
+    expand_block_r: int = 16
+    expand_warps: int = 4
+    expand_stages: int = 2
+    interpret: bool | None = None  # None: interpret unless on a GPU backend
+    mixed_index: bool | None = None  # None: row-array + slice indexing unless interpreting
+
+
+def _pad_rank(w: SlotWeights, multiple: int) -> SlotWeights:
+    """Pad R to a multiple of the rank block (copies the weights: allocate R % 16 == 0 to avoid it)."""
+    R = w.a.shape[-1]
+    pad = -R % multiple
+    if not pad:
+        return w
+    return SlotWeights(jnp.pad(w.a, ((0, 0), (0, 0), (0, pad))), jnp.pad(w.b, ((0, 0), (0, pad), (0, 0))), w.ranks)
+
+
+def _pallas_vpart(x_TxI, w: SlotWeights, meta: LoraMeta, cfg: KernelConfig):
+    return sgmv_shrink(x_TxI, w.a, w.ranks, meta.perm, meta.tile_start, meta.tile_end, meta.tile_slot,
+                       block_m=meta.block_m, block_k=cfg.shrink_block_k, block_r=cfg.shrink_block_r,
+                       k_splits=cfg.k_splits, active_tiles=meta.active_tiles, num_warps=cfg.shrink_warps,
+                       num_stages=cfg.shrink_stages, interpret=cfg.interpret, mixed_index=cfg.mixed_index)
+
+
+def _pallas_expand(y_TxO, vpart_KxTxR, w: SlotWeights, meta: LoraMeta, cfg: KernelConfig):
+    return sgmv_expand(y_TxO, vpart_KxTxR, w.b, w.ranks, meta.perm, meta.tile_start, meta.tile_end,
+                       meta.tile_slot, block_m=meta.block_m, block_n=cfg.expand_block_n,
+                       block_r=cfg.expand_block_r, num_warps=cfg.expand_warps,
+                       num_stages=cfg.expand_stages, interpret=cfg.interpret, mixed_index=cfg.mixed_index)
+
+
+def _rank_mask(w: SlotWeights, slot_T):
+    """`[T, R]` bool: token has an adapter and the column is below its rank."""
+    has_T = slot_T >= 0
+    r_T = jnp.where(has_T, w.ranks[jnp.maximum(slot_T, 0)], 0)
+    return jnp.arange(w.a.shape[-1])[None, :] < r_T[:, None]
+
+
+# ----------------------------------------------------------------------------- baselines
+# Each takes (y, x, w, meta) and returns y + delta; all compute in fp32 and cast v to B's dtype.
+
+
+def _finish(y_TxO, d_TxO):
+    return (y_TxO.astype(jnp.float32) + d_TxO).astype(y_TxO.dtype)
+
+
+def _add_gather_bmm(y_TxO, x_TxI, w, meta):
+    """Punica's Gather-BMM: gather every token's A and B (`[T, H_in, R]`, `[T, R, H_out]`), then bmm."""
+    slot_T = jnp.asarray(meta.slot)
+    v_TxR = jnp.where(_rank_mask(w, slot_T), shrink_reference(x_TxI, w.a, w.ranks, slot_T), 0.0)
+    return expand_reference(y_TxO, v_TxR, w.b, w.ranks, slot_T)
+
+
+def _add_onehot(y_TxO, x_TxI, w, meta):
+    """One-hot token->slot matrix against all S slots (reads every resident adapter), as JAX TPU serving does."""
+    S, H_in, R = w.a.shape
+    slot_T = jnp.asarray(meta.slot)
+    oh_TxS = (slot_T[:, None] == jnp.arange(S)[None, :])
+    keep_SxR = jnp.arange(R)[None, :] < w.ranks[:, None]
+    xa_TxSxR = jnp.einsum("ti,sir->tsr", x_TxI, w.a, preferred_element_type=jnp.float32)
+    v_TxSxR = jnp.where(oh_TxS[:, :, None] & keep_SxR[None], xa_TxSxR, 0.0).astype(w.b.dtype)
+    d_TxO = jnp.einsum("tsr,sro->to", v_TxSxR, w.b, preferred_element_type=jnp.float32)
+    return _finish(y_TxO, d_TxO)
+
+
+def _add_ragged_dot(y_TxO, x_TxI, w, meta):
+    """`jax.lax.ragged_dot` over tokens sorted by slot, one group per slot (all S groups)."""
+    S = w.a.shape[0]
+    perm_T = jnp.asarray(meta.perm)
+    gs_S = jnp.zeros(S, jnp.int32).at[jnp.asarray(meta.seg_slot)].add(jnp.asarray(meta.seg_len), mode="drop")
+    slot_sorted_T = jnp.asarray(meta.slot)[perm_T]
+    v_TxR = jax.lax.ragged_dot(x_TxI[perm_T], w.a, gs_S, preferred_element_type=jnp.float32)
+    v_TxR = jnp.where(_rank_mask(w, slot_sorted_T), v_TxR, 0.0)
+    d_TxO = jax.lax.ragged_dot(v_TxR.astype(w.b.dtype), w.b, gs_S, preferred_element_type=jnp.float32)
+    d_TxO = jnp.zeros_like(d_TxO).at[perm_T].set(d_TxO)  # rows past sum(gs) are 0 (no adapter)
+    return _finish(y_TxO, d_TxO)
+
+
+def _add_padded_bmm(y_TxO, x_TxI, w, meta):
+    """S-LoRA's bmm baseline: every tile padded to `block_m` rows and to the max rank R, one bmm each."""
+    T = x_TxI.shape[0]
+    bm = meta.block_m
+    perm_T = jnp.asarray(meta.perm)
+    ts_N, te_N, sl_N = (jnp.asarray(a) for a in (meta.tile_start, meta.tile_end, meta.tile_slot))
+    pos_NxM = ts_N[:, None] + jnp.arange(bm)[None, :]
+    ok_NxM = (pos_NxM < jnp.minimum(te_N, ts_N + bm)[:, None]) & (sl_N[:, None] >= 0)
+    tok_NxM = perm_T[jnp.minimum(pos_NxM, T - 1)]
+    s_N = jnp.maximum(sl_N, 0)
+    x_NxMxI = jnp.where(ok_NxM[..., None], x_TxI[tok_NxM], 0)
+    v_NxMxR = jnp.einsum("nmi,nir->nmr", x_NxMxI, w.a[s_N], preferred_element_type=jnp.float32)
+    d_NxMxO = jnp.einsum("nmr,nro->nmo", v_NxMxR.astype(w.b.dtype), w.b[s_N],
+                         preferred_element_type=jnp.float32)
+    tok_NxM = jnp.where(ok_NxM, tok_NxM, T)
+    d_TxO = jnp.zeros((T, y_TxO.shape[1]), jnp.float32).at[tok_NxM.reshape(-1)].add(
+        d_NxMxO.reshape(-1, y_TxO.shape[1]), mode="drop")
+    return _finish(y_TxO, d_TxO)
+
+
+def _add_loop(y_TxO, x_TxI, w, meta):
+    """One matmul pair per segment, unrolled at trace time: needs concrete (numpy) metadata."""
+    try:
+        n_seg = int(meta.num_segments)
+        seg_start, seg_len, seg_slot, perm = (np.asarray(a) for a in
+                                              (meta.seg_start, meta.seg_len, meta.seg_slot, meta.perm))
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError,
+            jax.errors.TracerArrayConversionError) as e:
+        raise ValueError("impl='loop' needs concrete metadata (numpy from build_lora_meta), "
+                         "closed over rather than traced") from e
+    d_TxO = jnp.zeros(y_TxO.shape, jnp.float32)
+    for g in range(n_seg):
+        tok = perm[seg_start[g]:seg_start[g] + seg_len[g]]
+        s = int(seg_slot[g])
+        v = jnp.dot(x_TxI[tok], w.a[s], preferred_element_type=jnp.float32)
+        v = jnp.where(jnp.arange(w.a.shape[-1]) < w.ranks[s], v, 0.0)
+        d_TxO = d_TxO.at[tok].set(jnp.dot(v.astype(w.b.dtype), w.b[s], preferred_element_type=jnp.float32))
+    return _finish(y_TxO, d_TxO)
+
+
+def _add_reference(y_TxO, x_TxI, w, meta):
+    return lora_reference(y_TxO, x_TxI, w, jnp.asarray(meta.slot))
+
+
+def _add_pallas(y_TxO, x_TxI, w, meta, cfg: KernelConfig):
+    w = _pad_rank(w, max(cfg.shrink_block_r, cfg.expand_block_r))
+    vpart = _pallas_vpart(x_TxI, w, meta, cfg)
+    return _pallas_expand(y_TxO, vpart, w, meta, cfg)
+
+
+_BASELINES = {
+    "reference": _add_reference,
+    "loop": _add_loop,
+    "gather_bmm": _add_gather_bmm,
+    "onehot": _add_onehot,
+    "ragged_dot": _add_ragged_dot,
+    "padded_bmm": _add_padded_bmm,
+}
+IMPLS = ("pallas", *_BASELINES)
+
+
+# ----------------------------------------------------------------------------- public ops
+
+
+def add_lora(y_TxO: jax.Array, x_TxI: jax.Array, w: SlotWeights, meta: LoraMeta, *, impl: str = "pallas",
+             config: KernelConfig | None = None) -> jax.Array:
+    """`y + (x @ A[slot]) @ B[slot]` per token (rows with slot -1 unchanged), in y's dtype.
+
+    Args:
+      y_TxO: base output `[T, H_out]`; with `impl="pallas"` its buffer is updated in
+        place when the caller donates it (or it is dead after this call under jit).
+      x_TxI: input `[T, H_in]`, same dtype as the weights.
+      w: one layer's `SlotWeights`; padding past each slot's rank is ignored by
+        "pallas", "loop", "gather_bmm", "onehot", "ragged_dot" and must be zero for
+        "reference" and "padded_bmm" (which multiply it).
+      meta: `LoraMeta` of this step (from `build_lora_meta` or `build_lora_meta_jnp`).
+      impl: one of `IMPLS`.
+      config: `KernelConfig` for "pallas".
+    """
+    if impl == "pallas":
+        return _add_pallas(y_TxO, x_TxI, w, meta, config or KernelConfig())
+    if impl not in _BASELINES:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return _BASELINES[impl](y_TxO, x_TxI, w, meta)
+
+
+def shrink(x_TxI: jax.Array, w: SlotWeights, meta: LoraMeta, *, impl: str = "pallas",
+           config: KernelConfig | None = None) -> jax.Array:
+    """`v[t, :r] = x[t] @ A[slot[t]][:, :r]`: `[T, H_in] -> [T, R]` fp32, zero past the rank and for slot -1.
+
+    `impl` is "pallas" or "reference".
+    """
+    slot_T = jnp.asarray(meta.slot)
+    if impl == "reference":
+        return shrink_reference(x_TxI, w.a, w.ranks, slot_T)
+    if impl != "pallas":
+        raise ValueError(f"shrink impl must be 'pallas' or 'reference', got {impl!r}")
+    cfg = config or KernelConfig()
+    R = w.a.shape[-1]
+    wp = _pad_rank(w, cfg.shrink_block_r)
+    v_TxR = _pallas_vpart(x_TxI, wp, meta, cfg).sum(0)[:, :R]
+    return jnp.where(_rank_mask(w, slot_T), v_TxR, 0.0)  # unwritten rows/blocks are undefined
+
+
+def expand(y_TxO: jax.Array, v_TxR: jax.Array, w: SlotWeights, meta: LoraMeta, *, impl: str = "pallas",
+           config: KernelConfig | None = None) -> jax.Array:
+    """`y[t] += v[t, :r] @ B[slot[t]][:r]` (v cast to B's dtype, fp32 accumulate); slot -1 rows unchanged.
+
+    `impl` is "pallas" or "reference".
+    """
+    if impl == "reference":
+        return expand_reference(y_TxO, v_TxR, w.b, w.ranks, jnp.asarray(meta.slot))
+    if impl != "pallas":
+        raise ValueError(f"expand impl must be 'pallas' or 'reference', got {impl!r}")
+    cfg = config or KernelConfig()
+    wp = _pad_rank(w, cfg.expand_block_r)
+    v_TxR = jnp.pad(v_TxR.astype(jnp.float32), ((0, 0), (0, wp.b.shape[1] - v_TxR.shape[1])))
+    return _pallas_expand(y_TxO, v_TxR[None], wp, meta, cfg)
+
+
+def random_slot_weights(key: jax.Array, ranks, h_in: int, h_out: int, *, dtype=jnp.bfloat16,
+                        max_rank: int | None = None, scale: float = 1.0) -> SlotWeights:
+    """Random `SlotWeights` with slot `s` of rank `ranks[s]`, zero-padded to R (a multiple of 16 by default).
+
+    A ~ N(0, 1/H_in), B ~ N(0, scale^2/r): the delta has about the size of x's entries times scale.
+    """
+    ranks = np.asarray(ranks, np.int32)
+    R = int(max_rank or max(16, -(-int(ranks.max(initial=1)) // 16) * 16))
+    ka, kb = jax.random.split(key)
+    keep_R = jnp.arange(R)
+    r_S = jnp.asarray(ranks)
+    a = jax.random.normal(ka, (len(ranks), h_in, R), jnp.float32) / np.sqrt(h_in)
+    b = jax.random.normal(kb, (len(ranks), R, h_out), jnp.float32) * scale / jnp.sqrt(
+        jnp.maximum(r_S, 1))[:, None, None]
+    a = jnp.where(keep_R[None, None, :] < r_S[:, None, None], a, 0.0).astype(dtype)
+    b = jnp.where(keep_R[None, :, None] < r_S[:, None, None], b, 0.0).astype(dtype)
+    return SlotWeights(a, b, r_S)
