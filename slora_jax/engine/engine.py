@@ -44,9 +44,10 @@ def _bucket(n: int, lo: int = 1) -> int:
     return 1 << (max(n, lo) - 1).bit_length()
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "layout"), donate_argnames=("pool",))
-def _step(params, pool, tokens_T, pos_T, seq_T, page_table, logits_index_R, lora, sampling, cfg, layout):
-    cache = PagedKVCache(pool, page_table, seq_T[None], layout)
+@functools.partial(jax.jit, static_argnames=("cfg", "layout", "attention_impl"), donate_argnames=("pool",))
+def _step(params, pool, tokens_T, pos_T, seq_T, page_table, logits_index_R, lora, sampling, cfg, layout,
+          attention_impl):
+    cache = PagedKVCache(pool, page_table, seq_T[None], layout, attention_impl)
     logits_1xRxV, cache = forward(params, cfg, tokens_T[None], pos_T[None], cache, lora, logits_index_R[None])
     return sample_batch(logits_1xRxV[0], sampling), cache.pool
 
@@ -320,6 +321,7 @@ class Engine:
         sampled, self.pool = _step(
             self.params, self.pool, jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seq), jnp.asarray(page_table),
             jnp.asarray(logits_index), lora, sampling, cfg=self.cfg, layout=self.layout,
+            attention_impl=self.config.attention_impl,
         )
         return np.asarray(sampled)
 
