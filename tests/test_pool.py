@@ -41,6 +41,21 @@ def adapters():
     return ads
 
 
+def resident_adapters():
+    """`adapters()` written into a fresh pool: (layout, allocator, pool, adapters, [(placement, pages)])."""
+    layout = PoolLayout.for_model(CFG, num_pages=256, page_size=4, lora_chunk=16)
+    alloc = PageAllocator(layout.num_pages)
+    pool = create_pool(layout, jnp.float32)
+    ads, entries = adapters(), []
+    for ad in ads:
+        placement = place_adapter(ad, CFG, layout)
+        pages = alloc.alloc(placement.num_pages, ad.name, "adapter")
+        pool = write_adapter(pool, jnp.asarray(adapter_rows(ad, placement, CFG, layout, jnp.float32)),
+                             jnp.asarray(pages), layout)
+        entries.append((placement, pages))
+    return layout, alloc, pool, ads, entries
+
+
 def test_layout_rejects_pages_not_divisible_into_rows():
     with pytest.raises(ValueError, match="lora_chunk"):
         PoolLayout(num_layers=1, num_pages=4, page_size=1, num_kv_heads=1, head_dim=16, lora_chunk=64)
@@ -120,16 +135,7 @@ def test_model_on_paged_kv_equals_dense_cache():
 
 
 def test_jitted_lora_from_pages_matches_dense_slots():
-    layout = PoolLayout.for_model(CFG, num_pages=256, page_size=4, lora_chunk=16)
-    alloc = PageAllocator(layout.num_pages)
-    pool = create_pool(layout, jnp.float32)
-    ads, entries = adapters(), []
-    for ad in ads:
-        placement = place_adapter(ad, CFG, layout)
-        pages = alloc.alloc(placement.num_pages, ad.name, "adapter")
-        pool = write_adapter(pool, jnp.asarray(adapter_rows(ad, placement, CFG, layout, jnp.float32)),
-                             jnp.asarray(pages), layout)
-        entries.append((placement, pages))
+    layout, alloc, pool, ads, entries = resident_adapters()
     # Batch order differs from residency order, plus one padding row.
     order = [2, 0, 1]
     table = AdapterTable.build([entries[i] for i in order], num_rows=4, max_pages=80)
@@ -150,16 +156,7 @@ def test_model_with_adapters_in_pages_equals_dense_slots():
     from slora_jax.model import LoraInputs
 
     params = init_random_params(CFG, jax.random.key(3), jnp.float32)
-    layout = PoolLayout.for_model(CFG, num_pages=256, page_size=4, lora_chunk=16)
-    alloc = PageAllocator(layout.num_pages)
-    pool = create_pool(layout, jnp.float32)
-    ads, entries = adapters(), []
-    for ad in ads:
-        placement = place_adapter(ad, CFG, layout)
-        pages = alloc.alloc(placement.num_pages, ad.name, "adapter")
-        pool = write_adapter(pool, jnp.asarray(adapter_rows(ad, placement, CFG, layout, jnp.float32)),
-                             jnp.asarray(pages), layout)
-        entries.append((placement, pages))
+    layout, alloc, pool, ads, entries = resident_adapters()
     B, T = 4, 8
     kv_pages = alloc.alloc(B * 2, "kv", "kv").reshape(B, 2)
     slots = np.array([1, -1, 0, 2], np.int32)[:, None].repeat(T, 1)

@@ -179,8 +179,11 @@ class AdapterStore:
                 del self._resident[name]
                 self._free_slots.append(r.slot)
                 self.stats["evictions"] += 1
-                return len(self.allocator.free_owner(("adapter", name)))
+                return self._release_pages(name)
         return None
+
+    def _release_pages(self, name: str) -> int:
+        return len(self.allocator.free_owner(("adapter", name)))
 
     def batch_lora(self, names: list[str], slot_T: np.ndarray, rows: int) -> PagedLora:
         """The model's LoRA input for a batch using resident adapters `names`.
@@ -269,14 +272,8 @@ class SlotAdapterStore(AdapterStore):
     def evict_idle(self, pages_needed: int) -> int:
         return 0  # adapters hold no pool pages here: evicting one frees nothing for the KV cache
 
-    def _evict_one_idle(self) -> int | None:
-        for name, r in self._resident.items():
-            if r.pins == 0:
-                del self._resident[name]
-                self._free_slots.append(r.slot)
-                self.stats["evictions"] += 1
-                return 0
-        return None
+    def _release_pages(self, name: str) -> int:
+        return 0
 
     def batch_lora(self, names, slot_T, rows):
         # A trailing -1 maps "no adapter" (index -1) to slot -1.
