@@ -17,3 +17,10 @@ class AdapterError(SloraError, ValueError):
 
     The message names the file and the problem.
     """
+
+
+class RequestError(SloraError, ValueError):
+    """A request is invalid (bad prompt, unknown or incompatible adapter, bad sampling values).
+
+    Raised at submission, for that request only; the engine and other requests are unaffected.
+    """

@@ -24,10 +24,11 @@ TINY_MODELS = {
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-5, rope_theta=10000.0,
     ),
-    # Llama-3 style: GQA and llama3 RoPE scaling (small original context so scaling bites).
+    # Llama-3 style: GQA 4:1 and llama3 RoPE scaling (small original context so scaling bites);
+    # head_dim 16 (q is 64 -> 128) so the Pallas attention kernel (head_dim >= 16) runs on it.
     "llama3_gqa": dict(
         vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
-        num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=500000.0,
         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                           original_max_position_embeddings=16),
         max_position_embeddings=512,

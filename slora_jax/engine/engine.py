@@ -32,7 +32,7 @@ from slora_jax.config import PRESETS, EngineConfig, LlamaConfig
 from slora_jax.engine.request import Completion, Request, Status, TokenEvent
 from slora_jax.engine.sampling import SamplingBatch, SamplingParams, request_key_data, sample_batch
 from slora_jax.engine.scheduler import make_scheduler
-from slora_jax.errors import AdapterError
+from slora_jax.errors import AdapterError, RequestError
 from slora_jax.memory.allocator import OutOfPages, PageAllocator
 from slora_jax.memory.kv_cache import PagedKVCache
 from slora_jax.memory.pool import PoolLayout, create_pool
@@ -115,16 +115,24 @@ class Engine:
                arrival_time: float | None = None) -> int:
         """Queue a request; returns its id. Tokens arrive from `step()`."""
         sampling = sampling or SamplingParams()
+        if not isinstance(sampling, SamplingParams):
+            raise RequestError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         ids = self._encode(prompt)
         if not ids:
-            raise ValueError("prompt is empty")
-        if len(ids) >= self.config.max_model_len:
-            raise ValueError(f"prompt of {len(ids)} tokens leaves no room under max_model_len "
-                             f"{self.config.max_model_len}")
-        if any(not 0 <= t < self.cfg.vocab_size for t in ids):
-            raise ValueError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
-        if adapter is not None and adapter not in self.store:
-            raise ValueError(f"unknown adapter {adapter!r}; add it with add_adapter() first")
+            raise RequestError("prompt is empty")
+        if len(ids) + sampling.max_new_tokens > self.config.max_model_len:
+            raise RequestError(f"prompt of {len(ids)} tokens + max_new_tokens {sampling.max_new_tokens} exceeds "
+                               f"max_model_len {self.config.max_model_len}")
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise RequestError(f"prompt token ids must be in [0, {self.cfg.vocab_size}); got {bad[:5]}")
+        if adapter is not None:
+            if adapter not in self.store:
+                raise RequestError(f"unknown adapter {adapter!r}; add it with add_adapter() first")
+            try:
+                self.store.host(adapter)  # read and validated against the base model once, then cached
+            except AdapterError as e:
+                raise RequestError(f"adapter {adapter!r} cannot serve this model: {e}") from e
         rid = self._next_id
         self._next_id += 1
         self._requests[rid] = Request(
@@ -342,6 +350,6 @@ class Engine:
     def _encode(self, prompt: Sequence[int] | str) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("string prompts need a tokenizer; this model folder has none (pass token ids)")
+                raise RequestError("string prompts need a tokenizer; this model folder has none (pass token ids)")
             return list(self.tokenizer.encode(prompt))
         return [int(t) for t in prompt]

@@ -25,6 +25,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from slora_jax.errors import RequestError
 from jax import lax
 
 # Temperatures below this are greedy: logits / T would overflow fp32 long
@@ -64,22 +66,22 @@ class SamplingParams:
 
     def __post_init__(self):
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+            raise RequestError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+            raise RequestError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+            raise RequestError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+            raise RequestError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
         if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < _U64_END):
-            raise ValueError(f"seed must be None or an integer in [0, 2**64), got {self.seed!r}")
+            raise RequestError(f"seed must be None or an integer in [0, 2**64), got {self.seed!r}")
         if isinstance(self.stop_token_ids, (str, bytes)) or not isinstance(self.stop_token_ids, Sequence):
-            raise ValueError(f"stop_token_ids must be a sequence of token ids, got {self.stop_token_ids!r}")
+            raise RequestError(f"stop_token_ids must be a sequence of token ids, got {self.stop_token_ids!r}")
         bad = [t for t in self.stop_token_ids if not _is_int(t) or t < 0]
         if bad:
-            raise ValueError(f"stop_token_ids must be non-negative integers, got {bad!r}")
+            raise RequestError(f"stop_token_ids must be non-negative integers, got {bad!r}")
         if not isinstance(self.ignore_eos, (bool, np.bool_)):
-            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+            raise RequestError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         object.__setattr__(self, "max_new_tokens", int(self.max_new_tokens))
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_k", int(self.top_k))
