@@ -75,8 +75,8 @@ def test_random_workload_with_aborts_frees_everything():
     engine = tiny_engine(max_num_seqs=6, max_batch_tokens=32, num_pages=72)
     rng = np.random.default_rng(1)
     ids = []
-    for step in range(60):
-        if step < 30 and rng.random() < 0.6:
+    for step in range(40):
+        if step < 24 and rng.random() < 0.7:
             p = rng.integers(3, 250, rng.integers(1, 30)).tolist()
             ad = [None, "a0", "a1", "a2"][rng.integers(4)]
             ids.append(engine.submit(p, ad, SamplingParams(max_new_tokens=int(rng.integers(1, 20)),
@@ -88,6 +88,7 @@ def test_random_workload_with_aborts_frees_everything():
         engine.step()
     outs = [engine.completion(i) for i in ids]
     assert {o.finish_reason for o in outs} <= {"stop", "length", "abort"}
+    assert "abort" in {o.finish_reason for o in outs} and sum(o.num_preemptions for o in outs) > 0
     for o in outs:
         if o.finish_reason == "length":
             assert len(o.token_ids) == engine._requests[o.request_id].sampling.max_new_tokens
