@@ -7,12 +7,18 @@ speedup against every other impl of the same case. JSON as in
 `shared/BENCHMARKS.md` goes to `--out` (default `$OUT`, else `benchmarks/results`).
 
 Method: every impl is checked against `lora_reference` (fresh random inputs) before
-it is timed. Timing runs `reps` x `n_rot` calls back to back inside one jitted
-`fori_loop` (y carried and donated), each of the `n_rot` calls on its own x
-buffer and its own slot draw from the 1000 resident adapters, so consecutive
-calls do not find their inputs in L2; `n_rot` grows until the rotated working set
-is >= 120 MB (at most 16). Per call = (t(2 reps) - t(reps)) / (reps n_rot), which
-cancels dispatch and sync; the median of 5 such differences is reported.
+it is timed. One jitted function chains `n_rot` calls, unrolled (y carried and
+donated; no device-side loop, whose per-iteration host sync would land in small
+rows), each call on its own x buffer and its own slot draw from the 1000 resident
+adapters, so consecutive calls do not find their inputs in L2; `n_rot` grows until
+the rotated working set is >= 120 MB (at least 8, at most 32). Timing dispatches
+it `reps` times back to back (asynchronous; a chain takes longer on the device
+than a dispatch on the host) and blocks once: per call = (t(2 reps) - t(reps)) /
+(reps n_rot), which cancels the fixed sync cost; the median of 5 such differences
+is reported. Weights: 1000 adapters in dense slots, and for `pallas_paged` the same
+adapters packed into pool pages (`PagedWeights.from_slots`, rows `chunk` wide
+(KernelConfig.chunk, default 64), pages of 256 KiB as a Llama-7B pool page, page
+ids shuffled).
 Floor = max(bytes / copy bandwidth, flops / bf16 matmul rate), both ceilings
 measured in this run; bytes = x read + the used adapters' A and B (at their own
 rank) read once + y read and written. `--budget-s` stops starting new cases
@@ -42,6 +48,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from slora_jax.ops import (  # noqa: E402
     IMPLS,
     KernelConfig,
+    PagedWeights,
     add_lora,
     build_lora_meta,
     lora_reference,
@@ -108,17 +115,35 @@ def lora_bytes_flops(slot_T, ranks_S, T, h_in, h_out, itemsize=2):
 
 
 def parse_impl(spec: str):
-    """'pallas' or 'pallas[k_splits=4,expand_block_n=256]' -> ('pallas', KernelConfig); baselines as is."""
+    """'pallas', 'pallas_paged' or 'pallas[fused=0,k_splits=4]' -> (impl, KernelConfig, paged); baselines as is."""
     name, _, rest = spec.partition("[")
+    paged = name == "pallas_paged"
+    name = "pallas" if paged else name
     if name not in IMPLS:
-        raise ValueError(f"unknown impl {spec!r}; choose from {IMPLS}")
+        raise ValueError(f"unknown impl {spec!r}; choose from {IMPLS} and pallas_paged")
     if name != "pallas":
-        return name, None
+        return name, None, False
     kw = {}
     for item in filter(None, rest.rstrip("]").split(",")):
         k, v = item.split("=")
         kw[k] = None if v == "None" else int(v)
-    return name, KernelConfig(**kw)
+    return name, KernelConfig(**kw), paged
+
+
+PAGED_CACHE = {}
+
+
+def paged_weights(key, w, chunk: int):
+    """The resident adapters of `key` packed into pool pages of Llama-7B's size (256 KiB a layer), rows
+    `chunk` wide (cached: one packing per weight set)."""
+    if (key, chunk) not in PAGED_CACHE:
+        PAGED_CACHE.clear()
+        h_in, h_out = w.a.shape[1], w.b.shape[2]
+        rpp = 131072 // chunk
+        need = int(np.maximum(1, -(-(h_in + h_out) // chunk * np.asarray(w.ranks) // rpp)).sum())
+        PAGED_CACHE[key, chunk] = PagedWeights.from_slots(  # page ids shuffled, 1/8 of the pages unused
+            w, chunk=chunk, rows_per_page=rpp, page_ids=np.random.default_rng(1).permutation(need + need // 8))
+    return PAGED_CACHE[key, chunk]
 
 
 def skip_reason(name, T, h_in, h_out, R, n_segments, n_tiles):
@@ -189,34 +214,32 @@ def chunked_reference(y_TxO, x_TxI, w, slot_T):
     return out.reshape(y_TxO.shape)
 
 
-def make_loop_fn(name, cfg, n_rot, static_metas=None):
-    """jit: y -> y after `reps` x `n_rot` chained add_lora calls (y donated)."""
+def make_chain_fn(name, cfg, n_rot, static_metas=None):
+    """jit: y -> y after `n_rot` chained add_lora calls (y donated), unrolled: no device loop."""
 
-    def run(y, xs, w, metas, reps):
+    def run(y, xs, w, metas):
         ms = static_metas if static_metas is not None else metas
-
-        def body(_, y):
-            for j in range(n_rot):
-                y = add_lora(y, xs[j], w, ms[j], impl=name, config=cfg)
-            return y
-
-        return jax.lax.fori_loop(0, reps, body, y)
+        for j in range(n_rot):
+            y = add_lora(y, xs[j], w, ms[j], impl=name, config=cfg)
+        return y
 
     return jax.jit(run, donate_argnums=0)
 
 
 def time_fn(fn, y0, xs, w, metas, n_rot, target_s=4e-3):
-    """Median seconds per add_lora call (slope over loop lengths; see module doc)."""
-    state = {"y": fn(jnp.copy(y0), xs, w, metas, jnp.int32(1))}
+    """Median seconds per add_lora call (slope over the number of dispatches; see module doc)."""
+    state = {"y": fn(jnp.copy(y0), xs, w, metas)}
 
     def run(reps):
-        state["y"] = fn(state["y"], xs, w, metas, jnp.int32(reps))
-        state["y"].block_until_ready()
+        y = state["y"]
+        for _ in range(reps):
+            y = fn(y, xs, w, metas)
+        state["y"] = y.block_until_ready()
 
     t0 = time.perf_counter()
     run(1)
     guess = (time.perf_counter() - t0) / n_rot  # an upper bound: includes the fixed costs
-    reps = int(np.clip(target_s / max(guess * n_rot, 1e-7), 2, 2000))
+    reps = int(np.clip(target_s / max(guess * n_rot, 1e-7), 2, 500))
     return slope_time(run, reps) / n_rot, reps
 
 
@@ -246,8 +269,8 @@ def main(argv=None):
     projs = tuple(tuple(int(v) for v in s.split("x")) for s in args.projs) if args.projs else projs
     rank_cases = tuple(args.ranks or rank_cases)
     pops = tuple(args.pops or pops)
-    impls = [parse_impl(s) for s in (args.impls or ("pallas", *BASELINES))]
-    impl_labels = args.impls or ["pallas", *BASELINES]
+    impl_labels = args.impls or ["pallas", "pallas_paged", *BASELINES]
+    impls = [parse_impl(s) for s in impl_labels]
 
     t_start = time.perf_counter()
     commit = args.git_commit
@@ -294,7 +317,7 @@ def main(argv=None):
         G = min(T, N_SLOTS)
         ident = slot_draw("identical", T, rng)
         ws_min = lora_bytes_flops(ident, ranks_S, T, h_in, h_out)[0]
-        n_rot = int(np.clip(math.ceil(120e6 / ws_min), 2, 16))
+        n_rot = int(np.clip(math.ceil(120e6 / ws_min), 8, 32))
         xs = [jax.random.normal(jax.random.key(100 + j), (T, h_in), jnp.bfloat16) for j in range(n_rot)]
         y0 = jax.random.normal(jax.random.key(99), (T, h_out), jnp.bfloat16)
         compiled = {}
@@ -303,6 +326,7 @@ def main(argv=None):
                 break
             slots = [slot_draw(pop, T, rng) for _ in range(n_rot)]
             metas = [build_lora_meta(s, max_segments=G) for s in slots]  # block_m from the layout
+            metas_dev = jax.device_put(metas)  # on the device once, not with every dispatch
             bf = [lora_bytes_flops(s, ranks_S, T, h_in, h_out) for s in slots]
             bytes_, flops = np.mean([b for b, _ in bf]), np.mean([f for _, f in bf])
             floor_s = max(bytes_ / bw, flops / rate)
@@ -314,7 +338,7 @@ def main(argv=None):
                 y_ref = chunked_reference(y_ref, xs[j], w, jnp.asarray(slots[j]))
             d_ref = y_ref.astype(jnp.float32) - y0.astype(jnp.float32)
             case_rows = []
-            for label, (name, cfg) in zip(impl_labels, impls):
+            for label, (name, cfg, paged) in zip(impl_labels, impls):
                 case = {"tokens": T, "h_in": h_in, "h_out": h_out, "rank": rc, "popularity": pop,
                         "impl": label}
                 row = {"case": case, "floor_us": floor_s * 1e6, "bytes": int(bytes_), "flops": int(flops),
@@ -326,11 +350,12 @@ def main(argv=None):
                     continue
                 try:
                     if name == "loop":
-                        fn = make_loop_fn(name, cfg, n_rot, static_metas=metas)
+                        fn = make_chain_fn(name, cfg, n_rot, static_metas=metas)
                     else:
-                        fn = compiled.get(label) or make_loop_fn(name, cfg, n_rot)
+                        fn = compiled.get(label) or make_chain_fn(name, cfg, n_rot)
                         compiled[label] = fn
-                    y1 = fn(jnp.copy(y0), xs, w, metas, jnp.int32(1))
+                    w_used = paged_weights(key, w, cfg.chunk) if paged else w
+                    y1 = fn(jnp.copy(y0), xs, w_used, metas_dev)
                     err = float(jnp.linalg.norm(y1.astype(jnp.float32) - y_ref.astype(jnp.float32))
                                 / jnp.linalg.norm(d_ref))
                     row["rel_err"] = err
@@ -338,7 +363,7 @@ def main(argv=None):
                         row["skipped"] = f"WRONG: rel_err {err:.3g}"
                         case_rows.append(row)
                         continue
-                    med, reps = time_fn(fn, y0, xs, w, metas, n_rot)
+                    med, reps = time_fn(fn, y0, xs, w_used, metas_dev, n_rot)
                     row.update(median_us=med * 1e6, floor_ratio=floor_s / med, reps=reps)
                 except Exception as e:  # noqa: BLE001 - a failing impl is a result, not a crash
                     row["skipped"] = f"error: {type(e).__name__}: {str(e)[:300]}"
@@ -375,15 +400,17 @@ def print_summary(result):
         c = r["case"]
         by_case.setdefault((c["tokens"], c["h_in"], c["h_out"], c["rank"], c["popularity"]), {})[c["impl"]] = r
     print(f"\n{'T':>5} {'proj':>10} {'rank':>5} {'pop':>9} {'floor':>7} {'pallas':>8} {'ratio':>6} "
-          f"{'best base':>18} {'speedup':>7}")
+          f"{'paged':>8} {'ratio':>6} {'best base':>18} {'speedup':>7}")
     for (T, hi, ho, rc, pop), d in by_case.items():
         p = d.get("pallas")
+        q = d.get("pallas_paged")
         base = {k: v for k, v in d.items() if not k.startswith("pallas")}
         best = min(base.items(), key=lambda kv: kv[1]["median_us"]) if base else None
         ptxt = f"{p['median_us']:8.1f} {p['floor_ratio']:6.2f}" if p else f"{'-':>8} {'-':>6}"
         btxt = f"{best[0]:>10}={best[1]['median_us']:7.1f}" if best else f"{'-':>18}"
         sp = f"{best[1]['median_us'] / p['median_us']:7.2f}" if (p and best) else f"{'-':>7}"
-        print(f"{T:5d} {hi:>5}x{ho:<5} {rc:>5} {pop:>9} {p['floor_us'] if p else 0:7.1f} {ptxt} {btxt} {sp}")
+        qtxt = f"{q['median_us']:8.1f} {q['floor_ratio']:6.2f}" if q else f"{'-':>8} {'-':>6}"
+        print(f"{T:5d} {hi:>5}x{ho:<5} {rc:>5} {pop:>9} {p['floor_us'] if p else 0:7.1f} {ptxt} {qtxt} {btxt} {sp}")
 
 
 if __name__ == "__main__":

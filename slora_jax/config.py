@@ -223,7 +223,10 @@ class EngineConfig:
     max_num_seqs: int = 32  # sequences per step (decoding and prefilling)
     max_batch_tokens: int = 256  # tokens per step (decode tokens + prefill chunks)
     max_model_len: int = 1024  # prompt + generated tokens of one request
-    attention_impl: str = "reference"  # "pallas" (the paged-attention kernel; use on GPU) | "reference"
+    attention_impl: str = "auto"  # "pallas" (the paged-attention kernel) | "reference"; auto: pallas on a GPU
+    lora_impl: str = "auto"  # "pallas" (one-launch SGMV on pool pages) | "reference" | a baseline of
+    # `slora_jax.ops.IMPLS` (on weights gathered to slots each step); auto: pallas on a GPU
+    layer_loop: str = "unrolled"  # "unrolled" (per-layer weight buffers, a Python loop) | "scan"
     scheduler: str = "fcfs"  # "fcfs" | "early_abort" | "cluster" (engine/scheduler.py)
     slo_first_token_s: float = 6.0  # early_abort: drop requests still waiting after this
     max_adapters_per_batch: int = 8  # cluster: distinct adapters per step
@@ -238,8 +241,14 @@ class EngineConfig:
         for name in ("num_pages", "page_size", "lora_chunk", "max_num_seqs", "max_batch_tokens", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.attention_impl not in ("pallas", "reference"):
-            raise ValueError(f"EngineConfig.attention_impl must be 'pallas' or 'reference', got {self.attention_impl!r}")
+        if self.attention_impl not in ("auto", "pallas", "reference"):
+            raise ValueError(
+                f"EngineConfig.attention_impl must be 'auto', 'pallas' or 'reference', got {self.attention_impl!r}")
+        if self.layer_loop not in ("unrolled", "scan"):
+            raise ValueError(f"EngineConfig.layer_loop must be 'unrolled' or 'scan', got {self.layer_loop!r}")
+        lora_impls = ("auto", "pallas", "reference", "gather_bmm", "onehot", "ragged_dot", "padded_bmm")
+        if self.lora_impl not in lora_impls:  # "loop" needs concrete metadata, not a jitted step
+            raise ValueError(f"EngineConfig.lora_impl must be one of {lora_impls}, got {self.lora_impl!r}")
         if self.max_batch_tokens < self.max_num_seqs:
             raise ValueError(
                 f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_num_seqs ({self.max_num_seqs})"

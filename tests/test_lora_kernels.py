@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,12 +13,22 @@ from hypothesis import strategies as st
 
 from pallas_kernels.sgmv_expand import expand_reference, sgmv_expand
 from pallas_kernels.sgmv_shrink import sgmv_shrink, shrink_reference
-from slora_jax.ops import KernelConfig, add_lora, build_lora_meta, expand, lora_reference, random_slot_weights, shrink
+from slora_jax.ops import (
+    KernelConfig,
+    PagedWeights,
+    add_lora,
+    build_lora_meta,
+    expand,
+    lora_reference,
+    random_slot_weights,
+    shrink,
+)
 from test_lora_ops import RANKS, make_slots
 
 H_IN, H_OUT, S = 64, 32, 7
 # Small blocks so the tiny shapes still take several K steps, splits and N blocks.
-CFG = KernelConfig(shrink_block_k=16, expand_block_n=16, interpret=True)
+CFG = KernelConfig(shrink_block_k=16, expand_block_n=16, chunk=16, unroll_k=2, fused=True, interpret=True)
+SPLIT = dataclasses.replace(CFG, fused=False)  # the two-launch shrink + expand pair (dense default)
 _add = jax.jit(add_lora, static_argnames=("impl", "config"))
 
 
@@ -26,7 +38,20 @@ def rel_err(out, ref, base):
     return float(num / (jnp.linalg.norm(d_ref) + 1e-6))
 
 
-def run_case(T, layout, ranks, dtype, seed, block_m=16, cfg=CFG):
+def paged_from_slots(w, chunk: int, rows_per_page: int, rng: np.random.Generator) -> PagedWeights:
+    """Dense slots packed into pool pages: shuffled page ids with gaps, garbage in every row no adapter owns."""
+    pw = PagedWeights.from_slots(w, chunk=chunk, rows_per_page=rows_per_page,
+                                 page_ids=rng.permutation(33 * len(w.ranks)))  # >= 32 pages each at rank 128
+    owned = np.zeros(pw.rows.shape[0], bool)
+    for s, n in enumerate(np.asarray(pw.pages)):
+        r = int(w.ranks[s])
+        v = np.arange((w.a.shape[1] + w.b.shape[2]) // chunk * r)
+        owned[n[v // rows_per_page] * rows_per_page + v % rows_per_page] = True
+    garbage = jnp.asarray(rng.standard_normal(pw.rows.shape), pw.rows.dtype)
+    return dataclasses.replace(pw, rows=jnp.where(jnp.asarray(owned)[:, None], pw.rows, garbage))
+
+
+def run_case(T, layout, ranks, dtype, seed, block_m=16, cfg=CFG, paged=False, rows_per_page=128):
     rng = np.random.default_rng(seed)
     w = random_slot_weights(jax.random.key(seed), ranks, H_IN, H_OUT, dtype=dtype, max_rank=128)
     slot_T = make_slots(layout, T, len(ranks), rng)
@@ -34,7 +59,7 @@ def run_case(T, layout, ranks, dtype, seed, block_m=16, cfg=CFG):
     x = jnp.asarray(rng.standard_normal((T, H_IN)), dtype)
     y = jnp.asarray(rng.standard_normal((T, H_OUT)), dtype)
     ref = lora_reference(y, x, w, jnp.asarray(slot_T))
-    out = _add(y, x, w, meta, impl="pallas", config=cfg)
+    out = _add(y, x, paged_from_slots(w, 16, rows_per_page, rng) if paged else w, meta, impl="pallas", config=cfg)
     no_T = slot_T < 0
     np.testing.assert_array_equal(np.asarray(out)[no_T], np.asarray(y)[no_T])  # skipped rows untouched
     return rel_err(out, ref, y)
@@ -52,9 +77,35 @@ def run_case(T, layout, ranks, dtype, seed, block_m=16, cfg=CFG):
         (37, "all_none", jnp.float32, 16),
     ],
 )
-def test_pallas_matches_reference(T, layout, dtype, block_m):
-    err = run_case(T, layout, np.array(RANKS), dtype, seed=T + block_m, block_m=block_m)
+@pytest.mark.parametrize("weights", ["dense", "paged", "dense_split"])
+def test_pallas_matches_reference(T, layout, dtype, block_m, weights):
+    cfg = SPLIT if weights == "dense_split" else CFG
+    err = run_case(T, layout, np.array(RANKS), dtype, seed=T + block_m, block_m=block_m, cfg=cfg,
+                   paged=weights == "paged")
     assert err < (1e-5 if dtype == jnp.float32 else 1e-2), err
+
+
+def test_paged_small_pages():
+    """Pages of 24 rows (< rank): a rank block spans several pages, read row by row."""
+    assert run_case(40, "skewed", np.array(RANKS), jnp.float32, seed=4, paged=True, rows_per_page=24) < 1e-5
+
+
+@pytest.mark.parametrize("target_programs,n_split_max", [(1, 1), (4, 2), (10_000, 16)])
+def test_fused_split_choices(target_programs, n_split_max):
+    """However the H_out chunks are shared out (1 program a tile .. as many as chunks), the sum is the same."""
+    cfg = dataclasses.replace(CFG, target_programs=target_programs, n_split_max=n_split_max, unroll_n=3)
+    for paged in (False, True):
+        assert run_case(40, "skewed", np.array(RANKS), jnp.float32, seed=3, cfg=cfg, paged=paged) < 1e-5
+
+
+def test_paged_weights_to_slots_roundtrip():
+    """`PagedWeights.to_slots` (the jnp read of pages) gives back the packed slots, zero past each rank."""
+    rng = np.random.default_rng(1)
+    w = random_slot_weights(jax.random.key(1), np.array(RANKS), H_IN, H_OUT, dtype=jnp.float32, max_rank=128)
+    back = paged_from_slots(w, 16, 24, rng).to_slots()
+    np.testing.assert_array_equal(back.a, w.a)
+    np.testing.assert_array_equal(back.b, w.b)
+    np.testing.assert_array_equal(back.ranks, w.ranks)
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -65,8 +116,9 @@ def test_pallas_matches_reference(T, layout, dtype, block_m):
 )
 def test_pallas_random_layouts_and_ranks(ranks, layout, seed):
     """Same shapes every example (one interpret compile), random slots and per-slot ranks."""
-    err = run_case(48, layout, np.array(ranks), jnp.float32, seed=seed)
-    assert err < 1e-5, err
+    for paged in (False, True):
+        err = run_case(48, layout, np.array(ranks), jnp.float32, seed=seed, paged=paged)
+        assert err < 1e-5, err
 
 
 def test_shrink_expand_kernels_alone():
@@ -104,8 +156,9 @@ def test_odd_number_of_k_blocks():
     meta = build_lora_meta(slot_T)
     x = jnp.asarray(rng.standard_normal((T, H)), jnp.float32)
     y = jnp.asarray(rng.standard_normal((T, H_OUT)), jnp.float32)
-    out = _add(y, x, w, meta, config=CFG)
-    np.testing.assert_allclose(out, lora_reference(y, x, w, jnp.asarray(slot_T)), rtol=1e-5, atol=1e-5)
+    for cfg in (CFG, SPLIT):
+        out = _add(y, x, w, meta, config=cfg)
+        np.testing.assert_allclose(out, lora_reference(y, x, w, jnp.asarray(slot_T)), rtol=1e-5, atol=1e-5)
 
 
 def test_rank_not_multiple_of_block_is_padded():
@@ -118,18 +171,23 @@ def test_rank_not_multiple_of_block_is_padded():
     meta = build_lora_meta(slot_T)
     x = jnp.asarray(rng.standard_normal((T, H_IN)), jnp.float32)
     y = jnp.asarray(rng.standard_normal((T, H_OUT)), jnp.float32)
-    out = _add(y, x, w, meta, config=CFG)
-    np.testing.assert_allclose(out, lora_reference(y, x, w, jnp.asarray(slot_T)), rtol=1e-5, atol=1e-5)
+    for cfg in (CFG, SPLIT):
+        out = _add(y, x, w, meta, config=cfg)
+        np.testing.assert_allclose(out, lora_reference(y, x, w, jnp.asarray(slot_T)), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mixed_index", [True, False])
-def test_lowers_to_triton_for_gpu(mixed_index):
-    """The Triton lowering (which interpret mode skips) accepts both kernels and both index forms."""
+@pytest.mark.parametrize("weights,launches", [("dense", 1), ("paged", 1), ("dense_split", 2)])
+def test_lowers_to_triton_for_gpu(mixed_index, weights, launches):
+    """The Triton lowering (which interpret mode skips) accepts every kernel and both index forms."""
     T, H = 64, 256
     w = random_slot_weights(jax.random.key(0), [8, 16, 64, 24], H, 128)
+    if weights == "paged":
+        w = paged_from_slots(w, 64, 96, np.random.default_rng(0))
     meta = build_lora_meta(np.arange(T) % 5 - 1)
     x = jnp.zeros((T, H), jnp.bfloat16)
     y = jnp.zeros((T, 128), jnp.bfloat16)
-    f = jax.jit(lambda y, x, w, m: add_lora(y, x, w, m, config=KernelConfig(interpret=False, mixed_index=mixed_index)))
+    cfg = KernelConfig(interpret=False, mixed_index=mixed_index, fused=weights != "dense_split")
+    f = jax.jit(lambda y, x, w, m: add_lora(y, x, w, m, config=cfg))
     text = f.trace(y, x, w, meta).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("xla.gpu.triton") == 2
+    assert text.count("xla.gpu.triton") == launches

@@ -31,8 +31,7 @@ from slora_jax.adapters.peft import load_adapter
 from slora_jax.config import PROJECTIONS, LlamaConfig
 from slora_jax.errors import AdapterError
 from slora_jax.memory.allocator import OutOfPages, PageAllocator
-from slora_jax.memory.paged_lora import PagedLora
-from slora_jax.model.llama import LoraInputs
+from slora_jax.memory.paged_lora import PagedLora, SlotLora
 from slora_jax.memory.pool import (
     AdapterPlacement,
     AdapterTable,
@@ -41,7 +40,7 @@ from slora_jax.memory.pool import (
     place_adapter,
     write_adapter,
 )
-from slora_jax.ops.lora import SlotWeights
+from slora_jax.ops.lora import KernelConfig, LoraMeta, SlotWeights, build_lora_meta
 
 
 def _pow2(n: int, lo: int = 1) -> int:
@@ -69,6 +68,7 @@ class AdapterStore:
         self._free_slots = list(range(max_resident - 1, -1, -1))
         self.stats = collections.Counter()  # disk_loads, host_hits, pool_loads, pool_hits, evictions
         self._table_pages, self._r_max = 1, 8  # batch shape bounds that only grow (few compiles)
+        self._targeted: set[str] = set()
 
     # ------------------------------------------------------------------ tiers
     def register(self, name: str, path: str | os.PathLike) -> None:
@@ -185,18 +185,24 @@ class AdapterStore:
     def _release_pages(self, name: str) -> int:
         return len(self.allocator.free_owner(("adapter", name)))
 
-    def batch_lora(self, names: list[str], slot_T: np.ndarray, rows: int) -> PagedLora:
+    def batch_lora(self, names: list[str], slot_T: np.ndarray, rows: int, impl: str = "reference",
+                   kernel: KernelConfig | None = None) -> PagedLora:
         """The model's LoRA input for a batch using resident adapters `names`.
 
         `slot_T` (int32 `[T]`) is each token's index into `names`, -1 for none;
-        `rows` (>= len(names)) is the padded number of adapters per batch.
+        `rows` (>= len(names)) is the padded number of adapters per batch; `impl`
+        as `ops.add_lora` ("reference": the jnp read of the pages).
         """
         resident = [self._resident[n] for n in names]
         self._table_pages = max(self._table_pages, _pow2(max((len(r.pages) for r in resident), default=1)))
         self._r_max = max(self._r_max, _pow2(max(
             (p.rank for r in resident for p in r.placement.projections.values()), default=1), 8))
+        # Projections any adapter seen so far targets (only grows: few compiles); the others launch nothing.
+        self._targeted |= {p for r in resident for p in r.placement.projections}
         table = AdapterTable.build([(r.placement, r.pages) for r in resident], rows, self._table_pages)
-        return PagedLora(table, jnp.asarray(slot_T)[None], self.layout, self.cfg, self._r_max, PROJECTIONS)
+        return PagedLora(table, jnp.asarray(slot_T)[None], self.layout, self.cfg, self._r_max,
+                         tuple(p for p in PROJECTIONS if p in self._targeted),
+                         _step_meta(slot_T, rows, impl), impl, kernel)
 
     def memory(self) -> dict[str, float]:
         """Adapter memory: resident count and internal fragmentation of their pages."""
@@ -213,6 +219,11 @@ class AdapterStore:
             )
         return placement
 
+
+
+def _step_meta(slot_T: np.ndarray, rows: int, impl: str) -> LoraMeta | None:
+    """The step's LoRA metadata (none for the reference path); tile bounds fixed, so no per-layout compile."""
+    return None if impl == "reference" else build_lora_meta(slot_T, max_segments=rows, static_tiles=True)
 
 
 @functools.partial(jax.jit, donate_argnames=("weights",))
@@ -275,10 +286,10 @@ class SlotAdapterStore(AdapterStore):
     def _release_pages(self, name: str) -> int:
         return 0
 
-    def batch_lora(self, names, slot_T, rows):
+    def batch_lora(self, names, slot_T, rows, impl="reference", kernel=None):
         # A trailing -1 maps "no adapter" (index -1) to slot -1.
-        to_slot = np.array([self._resident[n].slot for n in names] + [-1], np.int32)
-        return LoraInputs(self.weights, jnp.asarray(to_slot[slot_T])[None])
+        to_slot = np.array([self._resident[n].slot for n in names] + [-1], np.int32)[slot_T]
+        return SlotLora(self.weights, jnp.asarray(to_slot)[None], _step_meta(to_slot, rows, impl), impl, kernel)
 
     def memory(self) -> dict[str, float]:
         """Resident count, the reserved slot region, and how much of the resident slots is padding."""

@@ -28,7 +28,7 @@ import numpy as np
 
 from slora_jax.adapters.adapter import LoraAdapter
 from slora_jax.adapters.store import AdapterStore, SlotAdapterStore
-from slora_jax.config import PRESETS, EngineConfig, LlamaConfig
+from slora_jax.config import PRESETS, PROJECTIONS, EngineConfig, LlamaConfig
 from slora_jax.engine.request import Completion, Request, Status, TokenEvent
 from slora_jax.engine.sampling import SamplingBatch, SamplingParams, request_key_data, sample_batch
 from slora_jax.engine.scheduler import make_scheduler
@@ -36,7 +36,7 @@ from slora_jax.errors import AdapterError, RequestError
 from slora_jax.memory.allocator import OutOfPages, PageAllocator
 from slora_jax.memory.kv_cache import PagedKVCache
 from slora_jax.memory.pool import PoolLayout, create_pool
-from slora_jax.model import forward, init_random_params, load_checkpoint
+from slora_jax.model import forward, init_random_params, load_checkpoint, unstack_layers
 
 
 def _bucket(n: int, lo: int = 1) -> int:
@@ -52,11 +52,26 @@ def _step(params, pool, tokens_T, pos_T, seq_T, page_table, logits_index_R, lora
     return sample_batch(logits_1xRxV[0], sampling), cache.pool
 
 
+def _resolve_impls(ec: EngineConfig, cfg: LlamaConfig) -> EngineConfig:
+    """Replace "auto" implementations (Pallas kernels on a GPU, jnp references elsewhere); check shapes."""
+    auto = "pallas" if jax.default_backend() == "gpu" else "reference"
+    ec = ec.replace(**{f: auto for f in ("attention_impl", "lora_impl") if getattr(ec, f) == "auto"})
+    if ec.lora_impl == "pallas" and ec.unified_memory:
+        bad = {p: s for p in PROJECTIONS for s in [cfg.projection_shape(p)] if s[0] % ec.lora_chunk or
+               s[1] % ec.lora_chunk}
+        if bad:
+            raise ValueError(f"lora_impl='pallas' reads adapter pages in chunks of lora_chunk={ec.lora_chunk} "
+                             f"columns, which must divide every projection's sizes; these do not: {bad}")
+    return ec
+
+
 class Engine:
     def __init__(self, cfg: LlamaConfig, params, engine_config: EngineConfig | None = None, tokenizer=None,
                  clock: Callable[[], float] = time.monotonic):
+        ec = self.config = _resolve_impls(engine_config or EngineConfig(), cfg)
+        if ec.layer_loop == "unrolled" and not isinstance(params["layers"], (list, tuple)):
+            params = unstack_layers(params)
         self.cfg, self.params, self.tokenizer, self.clock = cfg, params, tokenizer, clock
-        ec = self.config = engine_config or EngineConfig()
         self.dtype = params["embed"]["embedding"].dtype
         self.layout = PoolLayout.for_model(cfg, ec.num_pages, ec.page_size, ec.lora_chunk)
         self.pool = create_pool(self.layout, self.dtype)
@@ -323,7 +338,7 @@ class Engine:
             page_table[row, : len(req.pages)] = req.pages
             logits_index[row] = t + n - 1
             t += n
-        lora = self.store.batch_lora(names, slot, R) if names else None
+        lora = self.store.batch_lora(names, slot, R, self.config.lora_impl) if names else None
         sampling = SamplingBatch.from_params([r.sampling for r, _ in plan], [r.key_data for r, _ in plan],
                                              [len(r.output) for r, _ in plan], size=R)
         sampled, self.pool = _step(

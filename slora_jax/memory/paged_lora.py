@@ -1,10 +1,12 @@
-"""`PagedLora`: the model's LoRA input read straight from the unified pool's adapter pages.
+"""The model's LoRA input as the engine builds it: from pool pages (`PagedLora`) or dense slots (`SlotLora`).
 
-It offers the `per_layer`/`layer_fn` pair of `model.LoraInputs`, so `forward`
-runs with adapters that live in pages (at their own ranks) instead of dense
-slots. This is the jnp path (each layer's adapters gathered to dense slots with
-`lora_from_pages`, then `lora_reference`); page-reading kernels replace it
-behind the same methods.
+Both offer the `per_layer`/`layer_fn` pair of `model.LoraInputs`, so `forward`
+runs with them unchanged. With `impl="pallas"` each projection is one
+`ops.add_lora` launch that reads the adapters where they live (`PagedWeights`
+over the layer's pool rows, or the layer's `SlotWeights`), driven by the step's
+`LoraMeta` (built once on the host, shared by every projection and layer).
+`impl="reference"` is the jnp path (`PagedWeights.to_slots` then
+`lora_reference`); the baselines of `ops.IMPLS` run on the gathered slots.
 """
 
 from __future__ import annotations
@@ -13,8 +15,14 @@ import flax.struct
 import jax
 
 from slora_jax.config import LlamaConfig
-from slora_jax.memory.pool import AdapterTable, PoolLayout, lora_from_pages
-from slora_jax.ops.lora import lora_reference
+from slora_jax.memory.pool import AdapterTable, PoolLayout, paged_weights
+from slora_jax.ops.lora import KernelConfig, LoraMeta, SlotWeights, add_lora, lora_reference
+
+
+def _add(impl: str, kernel: KernelConfig | None, meta: LoraMeta | None, y_TxO, x_TxI, w, slot_T):
+    if impl == "reference":
+        return lora_reference(y_TxO, x_TxI, w if isinstance(w, SlotWeights) else w.to_slots(), slot_T)
+    return add_lora(y_TxO, x_TxI, w, meta, impl=impl, config=kernel)
 
 
 @flax.struct.dataclass
@@ -25,20 +33,52 @@ class PagedLora:
     cfg: LlamaConfig = flax.struct.field(pytree_node=False)
     r_max: int = flax.struct.field(pytree_node=False)  # bound on the batch's ranks (a bucket)
     projections: tuple[str, ...] = flax.struct.field(pytree_node=False)  # targeted by any adapter of the batch
+    meta: LoraMeta | None = None  # needed unless impl == "reference"
+    impl: str = flax.struct.field(pytree_node=False, default="reference")
+    kernel: KernelConfig | None = flax.struct.field(pytree_node=False, default=None)
 
     def per_layer(self):
         return None
 
-    def layer_fn(self, layer: jax.Array, layer_weights, cache):
+    def layer_fn(self, layer: jax.Array, layer_weights, cache_now):
         del layer_weights
-        pool_layer = cache.pool[layer]
         slot_T = self.slot_ids.reshape(-1)
 
-        def add_lora(proj: str, y_TxO: jax.Array, x_TxI: jax.Array) -> jax.Array:
+        def lora(proj: str, y_TxO: jax.Array, x_TxI: jax.Array) -> jax.Array:
             if proj not in self.projections:
                 return y_TxO
-            h_in, h_out = self.cfg.projection_shape(proj)
-            w = lora_from_pages(pool_layer, self.layout, self.table, proj, h_in, h_out, self.r_max)
-            return lora_reference(y_TxO, x_TxI, w, slot_T)
+            # The whole pool as rows (a free reshape) with this layer's page ids: slicing out
+            # one layer would copy it.
+            w = paged_weights(cache_now().pool, self.layout, self.table, proj, *self.cfg.projection_shape(proj),
+                              self.r_max, layer=layer)
+            return _add(self.impl, self.kernel, self.meta, y_TxO, x_TxI, w, slot_T)
 
-        return add_lora
+        return lora
+
+
+@flax.struct.dataclass
+class SlotLora:
+    """Dense adapter slots (`unified_memory=False`) with the step's metadata for the kernels."""
+
+    weights: dict[str, SlotWeights]  # proj -> [L, S, ...]
+    slot_ids: jax.Array  # [B, S] int32 slot of each token, -1 for none
+    meta: LoraMeta | None = None
+    impl: str = flax.struct.field(pytree_node=False, default="reference")
+    kernel: KernelConfig | None = flax.struct.field(pytree_node=False, default=None)
+
+    def per_layer(self):
+        return self.weights
+
+    def layer_fn(self, layer: jax.Array, layer_weights, cache_now):
+        del layer, cache_now
+        slot_T = self.slot_ids.reshape(-1)
+
+        def lora(proj: str, y_TxO: jax.Array, x_TxI: jax.Array) -> jax.Array:
+            if proj not in layer_weights:
+                return y_TxO
+            return _add(self.impl, self.kernel, self.meta, y_TxO, x_TxI, layer_weights[proj], slot_T)
+
+        return lora
+
+
+__all__ = ["PagedLora", "SlotLora"]

@@ -32,7 +32,7 @@ import numpy as np
 
 from slora_jax.adapters.adapter import LoraAdapter
 from slora_jax.config import PROJECTIONS, LlamaConfig
-from slora_jax.ops.lora import SlotWeights
+from slora_jax.ops.lora import PagedWeights, SlotWeights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,32 +238,28 @@ class AdapterTable(NamedTuple):
         return cls(jnp.asarray(pages), *map(jnp.asarray, meta))
 
 
+def paged_weights(pool: jax.Array, layout: PoolLayout, table: AdapterTable, proj: str,
+                  h_in: int, h_out: int, r_max: int, layer=None) -> PagedWeights:
+    """`proj`'s LoRA of the adapters of `table`, in place in the pool (no copy).
+
+    What the gathered-LoRA kernels read; `r_max` (static) bounds the ranks. `pool`
+    is one layer's `[num_pages, page_elems]`, or, with `layer` (a traced index), the
+    whole `[L, num_pages, page_elems]` pool seen as `L * num_pages` pages.
+    """
+    p = PROJECTIONS.index(proj)
+    pages = table.pages if layer is None else table.pages + layer * layout.num_pages
+    return PagedWeights(pool.reshape(-1, layout.lora_chunk), pages, table.rank[:, p], table.a_row[:, p],
+                        table.b_row[:, p], layout.rows_per_page, h_in, h_out, r_max)
+
+
 def lora_from_pages(pool_layer: jax.Array, layout: PoolLayout, table: AdapterTable, proj: str,
                     h_in: int, h_out: int, r_max: int) -> SlotWeights:
     """Jittable jnp read of one layer's `proj` LoRA for every adapter of `table`, as dense slots.
 
-    The reference for kernels that read adapter pages directly; `r_max` (static)
-    bounds the ranks, entries past an adapter's own rank are zero.
+    The reference for kernels that read adapter pages directly; entries past an
+    adapter's own rank are zero.
     """
-    c, rpp = layout.lora_chunk, layout.rows_per_page
-    rows = row_view(pool_layer, layout)
-    p = PROJECTIONS.index(proj)
-    r_A = table.rank[:, p]
-    i_R = jnp.arange(r_max)
-
-    def read(first_A: jax.Array, width: int) -> jax.Array:  # -> [A, r_max, width]
-        n = _chunks(width, c)
-        v_AxNxR = first_A[:, None, None] + jnp.arange(n)[None, :, None] * r_A[:, None, None] + i_R[None, None, :]
-        page_AxNxR = jnp.take_along_axis(
-            table.pages, (v_AxNxR // rpp).reshape(v_AxNxR.shape[0], -1), axis=1, mode="clip"
-        ).reshape(v_AxNxR.shape)
-        m_AxNxRxC = rows[page_AxNxR * rpp + v_AxNxR % rpp]
-        m_AxNxRxC = jnp.where((i_R[None, :] < r_A[:, None])[:, None, :, None], m_AxNxRxC, 0)
-        return m_AxNxRxC.transpose(0, 2, 1, 3).reshape(-1, r_max, n * c)[:, :, :width]
-
-    a_AxIxR = read(table.a_row[:, p], h_in).transpose(0, 2, 1)
-    b_AxRxO = read(table.b_row[:, p], h_out)
-    return SlotWeights(a_AxIxR, b_AxRxO, r_A)
+    return paged_weights(pool_layer, layout, table, proj, h_in, h_out, r_max).to_slots()
 
 
 def capacity(layout: PoolLayout, cfg: LlamaConfig, rank: int, projections=("q", "k", "v", "o"),

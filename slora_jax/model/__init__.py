@@ -10,6 +10,7 @@ from slora_jax.model.llama import (
     init_random_params,
     param_shapes,
     prefill,
+    unstack_layers,
 )
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "param_shapes",
     "prefill",
     "read_config",
+    "unstack_layers",
 ]

@@ -49,9 +49,14 @@ class LoraInputs(NamedTuple):
         """Pytree with a leading layer axis, sliced by the layer scan (or None)."""
         return self.weights
 
-    def layer_fn(self, layer: jax.Array, layer_weights, cache) -> LoraFn:
-        """`lora(proj, y, x) -> y` for one layer, given this layer's slice of `per_layer()`."""
-        del layer, cache
+    def layer_fn(self, layer: jax.Array, layer_weights, cache_now) -> LoraFn:
+        """`lora(proj, y, x) -> y` for one layer, given this layer's slice of `per_layer()`.
+
+        `cache_now()` returns the cache as it is at the time of the call (LoRA read
+        from the cache, e.g. pool pages, must read the current value: a read of an
+        older one keeps that buffer alive past the in-place K/V write, i.e. a copy).
+        """
+        del layer, cache_now
         slot_T = self.slot_ids.reshape(-1)
 
         def add_lora(proj: str, y_TxO: jax.Array, x_TxI: jax.Array) -> jax.Array:
@@ -87,6 +92,18 @@ def _init_params(cfg: LlamaConfig, key: jax.Array, dtype) -> Params:
     if not cfg.tie_word_embeddings:
         params["lm_head"] = {"kernel": nn.initializers.normal(0.02)(k_head, (H, cfg.vocab_size), dtype)}
     return params
+
+
+def unstack_layers(params: Params) -> Params:
+    """The same parameters with `layers` as a list of per-layer trees (each leaf its own buffer).
+
+    `forward` then runs the layers as a Python loop instead of a `scan` (more to
+    compile, no per-layer weight copies on a GPU). The stacked leaves are freed
+    once the caller drops them.
+    """
+    stacked = params["layers"]
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    return {**params, "layers": [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)]}
 
 
 def param_shapes(cfg: LlamaConfig, dtype=jnp.bfloat16) -> Params:
@@ -126,16 +143,29 @@ def forward(
         h_BxSxH, cache = carry
         i, layer_params, lora_w = xs
 
-        def attend(q_BxSxNxD, k_BxSxKxD, v_BxSxKxD):
-            c = cache.write(i, k_BxSxKxD, v_BxSxKxD, pos_BxS)
-            return c.attend(i, q_BxSxNxD, pos_BxS), c
+        live = [cache]  # the cache as of now: before this layer's K/V write, then after it
 
-        lora_fn = no_lora if lora is None else lora.layer_fn(i, lora_w, cache)
+        def attend(q_BxSxNxD, k_BxSxKxD, v_BxSxKxD):
+            live[0] = live[0].write(i, k_BxSxKxD, v_BxSxKxD, pos_BxS)
+            return live[0].attend(i, q_BxSxNxD, pos_BxS), live[0]
+
+        lora_fn = no_lora if lora is None else lora.layer_fn(i, lora_w, lambda: live[0])
         h_BxSxH, cache = layer.apply({"params": layer_params}, h_BxSxH, rope, attend, lora_fn)
         return (h_BxSxH, cache), None
 
-    xs = (jnp.arange(cfg.num_hidden_layers), params["layers"], None if lora is None else lora.per_layer())
-    (h_BxSxH, cache), _ = jax.lax.scan(body, (h_BxSxH, cache), xs)
+    lora_w = None if lora is None else lora.per_layer()
+    if isinstance(params["layers"], (list, tuple)):
+        # Per-layer trees (`unstack_layers`): a Python loop, each layer's weights their own
+        # buffers. Under `scan`, XLA on a GPU copies every layer's weight slice out of the
+        # stacked arrays before its matmuls (a whole extra pass over the weights a step).
+        carry = (h_BxSxH, cache)
+        for i, layer_params in enumerate(params["layers"]):
+            w_i = None if lora_w is None else jax.tree.map(lambda a, i=i: a[i], lora_w)
+            carry, _ = body(carry, (jnp.int32(i), layer_params, w_i))
+        h_BxSxH, cache = carry
+    else:
+        xs = (jnp.arange(cfg.num_hidden_layers), params["layers"], lora_w)
+        (h_BxSxH, cache), _ = jax.lax.scan(body, (h_BxSxH, cache), xs)
 
     if logits_index_B is not None:
         idx_Bxn = logits_index_B.reshape(B, -1)

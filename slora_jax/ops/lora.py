@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.sgmv_expand import expand_reference, sgmv_expand
+from pallas_kernels.sgmv_fused import sgmv_fused, sgmv_fused_paged
 from pallas_kernels.sgmv_shrink import sgmv_shrink, shrink_reference
 
 
@@ -41,6 +42,93 @@ class SlotWeights(NamedTuple):
     a: jax.Array  # [(L,) S, H_in, R]
     b: jax.Array  # [(L,) S, R, H_out], scale folded in
     ranks: jax.Array  # [(L,) S] int32
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["rows", "pages", "rank", "a_row", "b_row"],
+    meta_fields=["rows_per_page", "h_in", "h_out", "r_max"],
+)
+@dataclasses.dataclass(frozen=True)
+class PagedWeights:
+    """LoRA weights of one projection for `S` adapters, read in place from pool pages.
+
+    The unified pool's layout (`slora_jax.memory.pool`): `rows` is one layer's row
+    view `[num_rows, C]`; adapter `s` owns pages `pages[s]`, whose rows in order are
+    its virtual rows (`v -> pages[s, v // rows_per_page] * rows_per_page + v % rows_per_page`).
+    This projection's `A^T [rank, h_in]` starts at virtual row `a_row[s]` and
+    `B [rank, h_out]` (scale folded in) at `b_row[s]`, both chunk-major: column chunk
+    `j` (width C) is `rank` consecutive rows. `rank[s] = 0`: no LoRA here.
+    """
+
+    rows: jax.Array  # [num_rows, C]
+    pages: jax.Array  # [S, max_pages] int32
+    rank: jax.Array  # [S] int32
+    a_row: jax.Array  # [S] int32
+    b_row: jax.Array  # [S] int32
+    rows_per_page: int
+    h_in: int
+    h_out: int
+    r_max: int  # static bound on `rank` (a bucket)
+
+    @classmethod
+    def from_slots(cls, w: SlotWeights, *, chunk: int, rows_per_page: int, num_pages: int | None = None,
+                   page_ids=None) -> "PagedWeights":
+        """Pack dense slots (concrete ranks) into pool-layout pages (a research and benchmark helper).
+
+        Adapter `s` gets `ceil((H_in + H_out) / C * rank_s / rows_per_page)` pages (at least one),
+        taken in order from `page_ids` (default `0, 1, ...`; pass a permutation to scatter
+        them); the row store has `num_pages` pages (default: just enough), other rows zero.
+        """
+        ranks = np.asarray(w.ranks)
+        S, h_in, _ = w.a.shape
+        h_out = w.b.shape[-1]
+        if h_in % chunk or h_out % chunk:
+            raise ValueError(f"H_in={h_in} and H_out={h_out} must be multiples of the chunk width {chunk}")
+        n_in, n_out = h_in // chunk, h_out // chunk
+        n_pages_S = np.maximum(1, -(-(n_in + n_out) * ranks // rows_per_page))
+        total = int(n_pages_S.sum())
+        ids = np.arange(total) if page_ids is None else np.asarray(page_ids)[:total]
+        if len(ids) < total:
+            raise ValueError(f"the adapters need {total} pages, page_ids gives {len(ids)}")
+        num_pages = int(num_pages or ids.max() + 1)
+        pages_SxP = np.zeros((S, int(n_pages_S.max())), np.int32)
+        for s, first in enumerate(np.cumsum(n_pages_S) - n_pages_S):
+            pages_SxP[s, : n_pages_S[s]] = ids[first : first + n_pages_S[s]]
+        rows = jnp.zeros((num_pages * rows_per_page, chunk), w.a.dtype)
+        for r in np.unique(ranks[ranks > 0]):
+            idx = np.flatnonzero(ranks == r)
+            g = len(idx)
+            at_GxNxC = w.a[idx][:, :, :r].transpose(0, 2, 1).reshape(g, r, n_in, chunk).transpose(0, 2, 1, 3)
+            b_GxNxC = w.b[idx][:, :r].reshape(g, r, n_out, chunk).transpose(0, 2, 1, 3)
+            m_GxVxC = jnp.concatenate([at_GxNxC.reshape(g, -1, chunk), b_GxNxC.reshape(g, -1, chunk)], axis=1)
+            v_V = np.arange(m_GxVxC.shape[1])
+            phys_GxV = pages_SxP[idx][:, v_V // rows_per_page] * rows_per_page + v_V % rows_per_page
+            rows = rows.at[phys_GxV.reshape(-1)].set(m_GxVxC.reshape(-1, chunk))
+        return cls(rows, jnp.asarray(pages_SxP), jnp.asarray(ranks, jnp.int32), jnp.zeros(S, jnp.int32),
+                   jnp.asarray(n_in * ranks, jnp.int32), rows_per_page, h_in, h_out,
+                   int(max(1, ranks.max(initial=1))))
+
+    def to_slots(self) -> SlotWeights:
+        """Gather into dense `SlotWeights` (`R = r_max`, zero past each rank): the jnp read, a copy."""
+        c, rpp = self.rows.shape[1], self.rows_per_page
+        i_R = jnp.arange(self.r_max)
+
+        def read(first_S: jax.Array, width: int) -> jax.Array:  # -> [S, r_max, width]
+            n = -(-width // c)
+            v_SxNxR = first_S[:, None, None] + jnp.arange(n)[None, :, None] * self.rank[:, None, None] + i_R[None, None, :]
+            page_SxNxR = jnp.take_along_axis(
+                self.pages, (v_SxNxR // rpp).reshape(v_SxNxR.shape[0], -1), axis=1, mode="clip"
+            ).reshape(v_SxNxR.shape)
+            m_SxNxRxC = self.rows[page_SxNxR * rpp + v_SxNxR % rpp]
+            m_SxNxRxC = jnp.where((i_R[None, :] < self.rank[:, None])[:, None, :, None], m_SxNxRxC, 0)
+            return m_SxNxRxC.transpose(0, 2, 1, 3).reshape(-1, self.r_max, n * c)[:, :, :width]
+
+        a_SxIxR = read(self.a_row, self.h_in).transpose(0, 2, 1)
+        return SlotWeights(a_SxIxR, read(self.b_row, self.h_out), self.rank)
+
+
+Weights = SlotWeights | PagedWeights
 
 
 def lora_reference(y_TxO: jax.Array, x_TxI: jax.Array, w: SlotWeights, slot_T: jax.Array) -> jax.Array:
@@ -70,7 +158,7 @@ def lora_reference(y_TxO: jax.Array, x_TxI: jax.Array, w: SlotWeights, slot_T: j
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["slot", "perm", "seg_start", "seg_len", "seg_slot", "num_segments",
-                 "tile_start", "tile_end", "tile_slot"],
+                 "tile_start", "tile_end", "tile_slot", "used_tiles"],
     meta_fields=["block_m", "active_tiles"],
 )
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +179,7 @@ class LoraMeta:
     tile_start: jax.Array  # [NT] int32, first sorted position of the tile
     tile_end: jax.Array  # [NT] int32, end of the tile's segment (the tile stops at min(start + block_m, end))
     tile_slot: jax.Array  # [NT] int32, the tile's slot (-1 for padding)
+    used_tiles: jax.Array  # [] int32, tiles holding rows (the first `used_tiles` of NT)
     block_m: int  # static: rows per tile, a power of two >= 16
     active_tiles: int  # static: power-of-two bucket >= the real tile count (sizes the shrink's split-K)
 
@@ -118,7 +207,8 @@ def _check_block_m(block_m: int) -> None:
         raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
 
 
-def build_lora_meta(slot_T, *, max_segments: int | None = None, block_m: int | None = None) -> LoraMeta:
+def build_lora_meta(slot_T, *, max_segments: int | None = None, block_m: int | None = None,
+                    static_tiles: bool = False) -> LoraMeta:
     """Host (numpy) metadata builder; the engine calls this once per step.
 
     Args:
@@ -128,8 +218,10 @@ def build_lora_meta(slot_T, *, max_segments: int | None = None, block_m: int | N
       block_m: rows per tile (default `default_block_m(T)`).
 
     The static `active_tiles` (real tile count rounded up to a power of two) lets
-    the shrink kernel size its split-K to the work actually present; being static,
-    each of its log2(T) values compiles the step once.
+    the split shrink kernel size its split-K to the work actually present; being
+    static, each of its log2(T) values compiles the step once. `static_tiles=True`
+    sets it to the tile bound instead (one compile per shape; what a serving loop
+    wants: the one-launch kernel sizes its work from `used_tiles` at run time).
     """
     slot_T = np.asarray(slot_T, np.int32)
     (T,) = slot_T.shape
@@ -159,10 +251,10 @@ def build_lora_meta(slot_T, *, max_segments: int | None = None, block_m: int | N
     tile_start[:n_t] = seg_start[g_of_tile] + within * bm
     tile_end[:n_t] = seg_start[g_of_tile] + seg_len[g_of_tile]
     tile_slot[:n_t] = seg_slot[g_of_tile]
-    active = min(_pow2_ceil(max(n_t, 1)), _pow2_ceil(NT))
+    active = _pow2_ceil(NT) if static_tiles else min(_pow2_ceil(max(n_t, 1)), _pow2_ceil(NT))
     return LoraMeta(slot=slot_T, perm=perm_T, seg_start=seg_start, seg_len=seg_len, seg_slot=seg_slot,
                     num_segments=np.int32(n_seg), tile_start=tile_start, tile_end=tile_end,
-                    tile_slot=tile_slot, block_m=bm, active_tiles=active)
+                    tile_slot=tile_slot, used_tiles=np.int32(n_t), block_m=bm, active_tiles=active)
 
 
 def build_lora_meta_jnp(slot_T: jax.Array, *, max_segments: int | None = None,
@@ -203,7 +295,8 @@ def build_lora_meta_jnp(slot_T: jax.Array, *, max_segments: int | None = None,
     tile_slot = jnp.where(tile_ok_N, seg_slot[g_N], -1)
     return LoraMeta(slot=slot_T, perm=perm_T, seg_start=seg_start, seg_len=seg_len, seg_slot=seg_slot,
                     num_segments=n_seg.astype(jnp.int32), tile_start=tile_start.astype(jnp.int32),
-                    tile_end=tile_end.astype(jnp.int32), tile_slot=tile_slot.astype(jnp.int32), block_m=bm,
+                    tile_end=tile_end.astype(jnp.int32), tile_slot=tile_slot.astype(jnp.int32),
+                    used_tiles=jnp.minimum(cum_g[-1], NT).astype(jnp.int32), block_m=bm,
                     active_tiles=_pow2_ceil(NT))
 
 
@@ -212,8 +305,24 @@ def build_lora_meta_jnp(slot_T: jax.Array, *, max_segments: int | None = None,
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """Launch parameters of the Pallas SGMV kernels (all powers of two; None = heuristic)."""
+    """Launch parameters of the Pallas SGMV kernels (block sizes powers of two; None = heuristic).
 
+    `add_lora` on dense slots runs the split pair `sgmv_shrink` + `sgmv_expand` (fp32
+    partials in HBM between two launches; so do `shrink`/`expand`), or with
+    `fused=True` the one-launch `sgmv_fused`; `PagedWeights` always take the
+    one-launch `sgmv_fused_paged`. The split pair is the dense default because it
+    measured faster (H200, 4096->4096 rank 16: 17.6 vs 53.9 us at 64 distinct
+    tokens; benchmarks/NOTES_lora_kernels.md).
+    """
+
+    fused: bool = False
+    chunk: int = 64  # fused, dense slots: K/N block (pages: the pool's row width C)
+    n_split_max: int = 16  # fused: most programs sharing one tile's H_out
+    target_programs: int = 256  # fused: tiles x splits aimed at (splits = this // used tiles)
+    unroll_k: int = 4  # fused: K chunks per loop step
+    unroll_n: int = 2  # fused: N chunks per loop step
+    fused_warps: int = 4
+    fused_stages: int = 3
     shrink_block_k: int = 256
     shrink_block_r: int = 16
     k_splits: int | None = None
@@ -341,7 +450,21 @@ def _add_reference(y_TxO, x_TxI, w, meta):
     return lora_reference(y_TxO, x_TxI, w, jnp.asarray(meta.slot))
 
 
+def _add_fused(y_TxO, x_TxI, w: Weights, meta: LoraMeta, cfg: KernelConfig):
+    tiles = (meta.perm, meta.tile_start, meta.tile_end, meta.tile_slot, meta.used_tiles)
+    launch = dict(block_m=meta.block_m, n_split_max=cfg.n_split_max, target_programs=cfg.target_programs,
+                  unroll_k=cfg.unroll_k, unroll_n=cfg.unroll_n, num_warps=cfg.fused_warps,
+                  num_stages=cfg.fused_stages, interpret=cfg.interpret, mixed_index=cfg.mixed_index)
+    if isinstance(w, PagedWeights):
+        return sgmv_fused_paged(y_TxO, x_TxI, w.rows, w.pages, w.rank, w.a_row, w.b_row, *tiles,
+                                rows_per_page=w.rows_per_page, r_block=_pow2_ceil(max(16, w.r_max)), **launch)
+    w = _pad_rank(w, _pow2_ceil(max(16, w.a.shape[-1])))
+    return sgmv_fused(y_TxO, x_TxI, w.a, w.b, w.ranks, *tiles, chunk=cfg.chunk, **launch)
+
+
 def _add_pallas(y_TxO, x_TxI, w, meta, cfg: KernelConfig):
+    if cfg.fused or isinstance(w, PagedWeights):
+        return _add_fused(y_TxO, x_TxI, w, meta, cfg)
     w = _pad_rank(w, max(cfg.shrink_block_r, cfg.expand_block_r))
     vpart = _pallas_vpart(x_TxI, w, meta, cfg)
     return _pallas_expand(y_TxO, vpart, w, meta, cfg)
@@ -361,7 +484,7 @@ IMPLS = ("pallas", *_BASELINES)
 # ----------------------------------------------------------------------------- public ops
 
 
-def add_lora(y_TxO: jax.Array, x_TxI: jax.Array, w: SlotWeights, meta: LoraMeta, *, impl: str = "pallas",
+def add_lora(y_TxO: jax.Array, x_TxI: jax.Array, w: Weights, meta: LoraMeta, *, impl: str = "pallas",
              config: KernelConfig | None = None) -> jax.Array:
     """`y + (x @ A[slot]) @ B[slot]` per token (rows with slot -1 unchanged), in y's dtype.
 
@@ -369,9 +492,10 @@ def add_lora(y_TxO: jax.Array, x_TxI: jax.Array, w: SlotWeights, meta: LoraMeta,
       y_TxO: base output `[T, H_out]`; with `impl="pallas"` its buffer is updated in
         place when the caller donates it (or it is dead after this call under jit).
       x_TxI: input `[T, H_in]`, same dtype as the weights.
-      w: one layer's `SlotWeights`; padding past each slot's rank is ignored by
-        "pallas", "loop", "gather_bmm", "onehot", "ragged_dot" and must be zero for
-        "reference" and "padded_bmm" (which multiply it).
+      w: one layer's `SlotWeights` (dense slots) or `PagedWeights` (pool pages; "pallas"
+        reads them in place, the other impls gather them to slots first); slot
+        padding past each rank is ignored by "pallas", "loop", "gather_bmm", "onehot",
+        "ragged_dot" and must be zero for "reference" and "padded_bmm" (which multiply it).
       meta: `LoraMeta` of this step (from `build_lora_meta` or `build_lora_meta_jnp`).
       impl: one of `IMPLS`.
       config: `KernelConfig` for "pallas".
@@ -380,15 +504,21 @@ def add_lora(y_TxO: jax.Array, x_TxI: jax.Array, w: SlotWeights, meta: LoraMeta,
         return _add_pallas(y_TxO, x_TxI, w, meta, config or KernelConfig())
     if impl not in _BASELINES:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    return _BASELINES[impl](y_TxO, x_TxI, w, meta)
+    return _BASELINES[impl](y_TxO, x_TxI, _as_slots(w), meta)
 
 
-def shrink(x_TxI: jax.Array, w: SlotWeights, meta: LoraMeta, *, impl: str = "pallas",
+def _as_slots(w: Weights) -> SlotWeights:
+    return w.to_slots() if isinstance(w, PagedWeights) else w
+
+
+def shrink(x_TxI: jax.Array, w: Weights, meta: LoraMeta, *, impl: str = "pallas",
            config: KernelConfig | None = None) -> jax.Array:
     """`v[t, :r] = x[t] @ A[slot[t]][:, :r]`: `[T, H_in] -> [T, R]` fp32, zero past the rank and for slot -1.
 
-    `impl` is "pallas" or "reference".
+    `impl` is "pallas" or "reference". `PagedWeights` are gathered to slots first
+    (the one-launch `add_lora` is the op that reads pages in place).
     """
+    w = _as_slots(w)
     slot_T = jnp.asarray(meta.slot)
     if impl == "reference":
         return shrink_reference(x_TxI, w.a, w.ranks, slot_T)
@@ -401,12 +531,13 @@ def shrink(x_TxI: jax.Array, w: SlotWeights, meta: LoraMeta, *, impl: str = "pal
     return jnp.where(_rank_mask(w, slot_T), v_TxR, 0.0)  # unwritten rows/blocks are undefined
 
 
-def expand(y_TxO: jax.Array, v_TxR: jax.Array, w: SlotWeights, meta: LoraMeta, *, impl: str = "pallas",
+def expand(y_TxO: jax.Array, v_TxR: jax.Array, w: Weights, meta: LoraMeta, *, impl: str = "pallas",
            config: KernelConfig | None = None) -> jax.Array:
     """`y[t] += v[t, :r] @ B[slot[t]][:r]` (v cast to B's dtype, fp32 accumulate); slot -1 rows unchanged.
 
-    `impl` is "pallas" or "reference".
+    `impl` is "pallas" or "reference"; `PagedWeights` are gathered to slots first.
     """
+    w = _as_slots(w)
     if impl == "reference":
         return expand_reference(y_TxO, v_TxR, w.b, w.ranks, jnp.asarray(meta.slot))
     if impl != "pallas":

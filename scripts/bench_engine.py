@@ -1,0 +1,233 @@
+"""Engine on a GPU: kernel-path correctness, then Llama-7B decode steps against the HBM floor.
+
+    python scripts/bench_engine.py --out DIR [--batch 64] [--adapters 100] [--skip-tiny]
+
+1. Tiny fp32 model, mixed adapters (ranks 4/16/64 on all seven projections):
+   greedy tokens of the engine with the Pallas kernels (paged attention and the
+   one-launch LoRA reading pool pages) against the jnp references.
+2. Llama-7B shape (random bf16 weights), `--batch` concurrent requests (prompt
+   128, 64 new tokens), each on an adapter drawn uniformly from `--adapters`
+   rank-16 q/k/v/o adapters; and the same batch on the base model alone.
+   For each: the median wall time of a decode `engine.step()` (scheduling, batch
+   building, the jitted step, reading the sampled tokens), the device time of the
+   same jitted step (the last decode batch re-run back to back, dispatch
+   overlapped, so the device never waits), their difference = host overhead per
+   step (time the device sits idle between steps), and the step's HBM floor
+   (base weights + KV read at the mean context + the batch's distinct adapters
+   read once, at the copy bandwidth measured in this run as in bench_kernels.py).
+   The base model runs twice: layers as a `scan` over stacked weights and as a
+   Python loop over per-layer weights (`layer_loop`). A profile of a few
+   decode steps (when the JAX profiler writes a Perfetto trace) gives the device
+   time by kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import json
+import os
+import subprocess
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+import slora_jax.engine.engine as engine_mod
+from bench_kernels import measure_ceilings  # same ceilings as the kernel benchmark
+from slora_jax.adapters import random_adapter
+from slora_jax.config import EngineConfig, preset
+from slora_jax.engine import Engine, SamplingParams
+from slora_jax.model import init_random_params
+
+
+def tiny_check() -> dict:
+    cfg = preset("tiny")
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 250, rng.integers(5, 100)).tolist() for _ in range(12)]
+    names = [None, "a0", "a1", "a2"]
+    outs = {}
+    for impl in ("reference", "pallas"):
+        e = Engine.from_pretrained("tiny", dtype="float32", num_pages=256, page_size=16, lora_chunk=16,
+                                   max_model_len=256, max_num_seqs=8, max_batch_tokens=128, attention_impl=impl,
+                                   lora_impl=impl)
+        for i, r in enumerate([4, 16, 64]):
+            e.add_adapter(f"a{i}", random_adapter(cfg, r, ("q", "k", "v", "o", "gate", "up", "down"), seed=i,
+                                                  name=f"a{i}"))
+        sp = SamplingParams(max_new_tokens=24, ignore_eos=True)
+        outs[impl] = [o.token_ids for o in e.generate(prompts, [names[i % 4] for i in range(12)], sp)]
+    same = [a == b for a, b in zip(outs["reference"], outs["pallas"])]
+    return {"requests": len(same), "identical_outputs": int(sum(same))}
+
+
+class StepRecorder:
+    """Wraps the engine's jitted step to keep the arguments of the last call (to re-run it alone)."""
+
+    def __init__(self):
+        self.inner = engine_mod._step
+        self.last = None
+
+    def __call__(self, *args, **kw):
+        self.last = (args, kw)
+        return self.inner(*args, **kw)
+
+
+def rerun(rec: StepRecorder, engine: Engine, reps: int) -> float:
+    """Seconds per step of the recorded batch run `reps` times back to back (the pool donated along)."""
+    args, kw = rec.last
+    params, _, *rest = args
+    pool = engine.pool
+    t = time.perf_counter()
+    for _ in range(reps):
+        _, pool = rec.inner(params, pool, *rest, **kw)
+    engine.pool = pool.block_until_ready()
+    return (time.perf_counter() - t) / reps
+
+
+def profile_kernels(run, top: int = 12) -> dict | None:
+    """Device time by kernel name over `run()` from a Perfetto trace (None if none is written)."""
+    d = tempfile.mkdtemp()
+    try:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            run()
+        files = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)
+        if not files:
+            return None
+        with gzip.open(files[0]) as f:
+            ev = json.load(f)
+        ev = ev["traceEvents"] if isinstance(ev, dict) else ev
+        pids = {e["pid"]: e["args"].get("name", "") for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
+        gpu = {p for p, n in pids.items() if "/device:GPU" in n or "GPU" in n and "host" not in n.lower()}
+        by = {}
+        for e in ev:
+            if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e:
+                by[e["name"]] = by.get(e["name"], 0.0) + e["dur"]
+        total = sum(by.values())
+        ranked = sorted(by.items(), key=lambda kv: -kv[1])[:top]
+        return {"device_us_total": total, "top": [{"name": n[:120], "us": u} for n, u in ranked]}
+    except Exception as e:  # noqa: BLE001 - the profile is extra information
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
+
+
+def pool_copies(rec: StepRecorder, engine: Engine, path: str) -> list[str]:
+    """Copies of pool-sized buffers in the compiled step (there should be none); the HLO goes to `path`."""
+    args, kw = rec.last
+    params, _, *rest = args
+    try:
+        text = rec.inner.lower(params, engine.pool, *rest, **kw).compile().as_text()
+    except Exception as e:  # noqa: BLE001 - diagnostics only
+        return [f"error: {type(e).__name__}: {e}"[:300]]
+    with open(path, "w") as f:
+        f.write(text)
+    lead = f"[{engine.pool.shape[0]},{engine.pool.shape[1]}"
+    return [ln.strip()[:240] for ln in text.splitlines() if "copy" in ln and lead in ln]
+
+
+def run_batch(engine: Engine, batch: int, prompt_len: int, new: int, adapters: list, seed: int) -> list[float]:
+    rng = np.random.default_rng(seed)
+    for i in range(batch):
+        engine.submit(rng.integers(3, min(30000, engine.cfg.vocab_size), prompt_len).tolist(), adapters[i],
+                      SamplingParams(max_new_tokens=new, ignore_eos=True))
+    times = []
+    while engine.has_unfinished():
+        decoding = all(r.num_pending == 1 for r in engine._requests.values() if r.status.value != "finished")
+        t = time.perf_counter()
+        engine.step()  # returns after the sampled tokens reach the host
+        if decoding:
+            times.append(time.perf_counter() - t)
+    for rid in list(engine._requests):
+        engine.release(rid)
+    return times
+
+
+def bench_7b(bw_GBps: float, batch: int, n_adapters: int, prompt_len: int, new: int, rank: int,
+             model: str = "llama-7b", lora_chunk: int = 128, out_dir: str = ".") -> dict:
+    cfg = preset(model)
+    params = jax.block_until_ready(init_random_params(cfg, jax.random.key(0)))
+    ec = EngineConfig(num_pages=2048, page_size=16, lora_chunk=lora_chunk, max_model_len=prompt_len + new + 16,
+                      max_num_seqs=batch, max_batch_tokens=max(batch, 2048), attention_impl="pallas",
+                      lora_impl="pallas")
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    ctx = prompt_len + new // 2
+    kv_bytes = batch * ctx * 2 * cfg.num_key_value_heads * cfg.head_dim * 2 * cfg.num_hidden_layers
+    rng = np.random.default_rng(7)
+    draw = rng.integers(0, n_adapters, batch)
+    out = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new, "adapters": n_adapters, "rank": rank,
+           "distinct_adapters_in_batch": int(len(set(draw.tolist())))}
+    rec = StepRecorder()
+    engine_mod._step = rec
+    try:
+        for label, with_lora, loop in (("base_scan", False, "scan"), ("base", False, "unrolled"),
+                                       ("lora", True, "unrolled")):
+            engine = Engine(cfg, params, ec.replace(layer_loop=loop))
+            names = [None] * batch
+            if with_lora:
+                for i in range(n_adapters):
+                    engine.add_adapter(f"a{i}", random_adapter(cfg, rank, ("q", "k", "v", "o"), seed=i, name=f"a{i}"))
+                names = [f"a{i}" for i in draw]
+            run_batch(engine, batch, prompt_len, 4, names, seed=0)  # warm-up: compiles the buckets
+            times = run_batch(engine, batch, prompt_len, new, names, seed=1)
+            rerun(rec, engine, 2)
+            dev_s = rerun(rec, engine, 20)
+            adapter_bytes = (out["distinct_adapters_in_batch"] if with_lora else 0) * cfg.num_hidden_layers * 4 \
+                * rank * (cfg.hidden_size * 2) * 2
+            floor_s = (weight_bytes + kv_bytes + adapter_bytes) / (bw_GBps * 1e9)
+            med = float(np.median(times))
+            row = {"decode_steps": len(times), "median_step_ms": med * 1e3, "device_step_ms": dev_s * 1e3,
+                   "host_overhead_ms": (med - dev_s) * 1e3, "floor_ms": floor_s * 1e3,
+                   "floor_ratio_device": floor_s / dev_s, "floor_ratio_wall": floor_s / med,
+                   "tokens_per_s": batch / med, "pool_pages_used": engine.memory_report()["pages_adapter"]}
+            row["profile"] = profile_kernels(lambda: rerun(rec, engine, 1))
+            row["pool_sized_copies"] = pool_copies(rec, engine, os.path.join(out_dir, f"step_hlo_{label}.txt"))
+            out[label] = row
+            print(label, json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
+            del engine
+    finally:
+        engine_mod._step = rec.inner
+    out["lora_step_over_base_device"] = out["lora"]["device_step_ms"] / out["base"]["device_step_ms"]
+    out["lora_step_over_base_wall"] = out["lora"]["median_step_ms"] / out["base"]["median_step_ms"]
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--skip-tiny", action="store_true")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--adapters", type=int, default=100)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--model", default="llama-7b", help="a preset (tiny: a CPU smoke run)")
+    ap.add_argument("--lora-chunk", type=int, default=128)
+    args = ap.parse_args()
+    res = {"benchmark": "engine", "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
+           "command": "python scripts/bench_engine.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                                                                   if k in ("batch", "adapters", "rank", "new", "model", "lora_chunk")),
+           "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()}
+    res["measured_ceilings"] = measure_ceilings(small=jax.default_backend() == "cpu")
+    bw = res["measured_ceilings"]["copy_GBps"]
+    print("ceilings", res["measured_ceilings"], flush=True)
+    if not args.skip_tiny:
+        res["tiny_pallas_vs_reference"] = tiny_check()
+        print("tiny", res["tiny_pallas_vs_reference"], flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    res["llama_7b"] = bench_7b(bw, args.batch, args.adapters, 128, args.new, args.rank, args.model,
+                               args.lora_chunk, args.out)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "engine.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    r = res["llama_7b"]
+    print(f"\n{'':6} {'wall ms':>8} {'device ms':>9} {'host ms':>8} {'floor ms':>8} {'floor/dev':>9} {'tok/s':>8}")
+    for k in ("base_scan", "base", "lora"):
+        x = r[k]
+        print(f"{k:6} {x['median_step_ms']:8.2f} {x['device_step_ms']:9.2f} {x['host_overhead_ms']:8.2f} "
+              f"{x['floor_ms']:8.2f} {x['floor_ratio_device']:9.2f} {x['tokens_per_s']:8.0f}")
+        for t in (x.get("profile") or {}).get("top", [])[:8]:
+            print(f"    {t['us']:9.1f} us  {t['name']}")
+        print("   pool-sized copies:", len(x["pool_sized_copies"]), *x["pool_sized_copies"][:4], sep="\n    ")
+
+
+if __name__ == "__main__":
+    main()
