@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-POPULARITY_PATTERNS = ("distinct", "uniform", "skewed", "identical")
+from slora_jax.config import POPULARITY_PATTERNS
 
 
 @dataclasses.dataclass(frozen=True)
