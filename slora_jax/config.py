@@ -283,7 +283,7 @@ class AdapterSetConfig:
     """The experiment's `n` adapters: random ones written as PEFT folders, or given folders."""
 
     n: int = 8
-    ranks: tuple[int, ...] = (8,)  # random adapter i has rank ranks[i % len(ranks)]
+    ranks: tuple[int, ...] = (8,)  # random weight folder j has rank ranks[j % len(ranks)]
     projections: tuple[str, ...] = ("q", "k", "v", "o")
     folders: tuple[str, ...] = ()  # PEFT folders to serve instead of random adapters (adapter i: folders[i % len])
     # Random adapters: how many distinct weight folders to write (0: one per adapter). Adapter i reads
@@ -314,7 +314,7 @@ class WorkloadConfig:
     output_len: tuple[int, int] = (8, 512)  # generated tokens, uniform in [lo, hi]
     popularity: str = "distinct"  # punica: one of POPULARITY_PATTERNS
     batch_size: int = 32  # punica: requests per popularity batch
-    trace: str = ""  # file: path of a JSONL trace (slora_jax.workload.load_trace)
+    trace: str = ""  # file: path of a JSONL trace (slora_jax.workload.load_trace), replayed whole
     seed: int = 0
 
     def __post_init__(self):
