@@ -362,6 +362,7 @@ class ExperimentConfig:
     baseline: BaselineConfig = dataclasses.field(default_factory=BaselineConfig)
     ignore_eos: bool = True  # generate exactly each request's output_len tokens, as the papers' benchmarks do
     warmup_requests: int = 4  # run (and discard) this many of the trace's requests first, to compile
+    time_limit_s: float = 0.0  # stop the replay after this many seconds (0: none); running requests -> "timeout"
     save_tokens: bool = False  # keep each request's generated token ids in requests.jsonl
     progress: bool = True  # a tqdm progress bar
     output_dir: str = "results"
@@ -373,6 +374,7 @@ class ExperimentConfig:
         _check(not self.impl or self.system in ("slora", "slora_no_unified"), "impl", self.impl,
                "empty unless system is slora or slora_no_unified")
         _check(self.warmup_requests >= 0, "warmup_requests", self.warmup_requests, ">= 0")
+        _check(self.time_limit_s >= 0, "time_limit_s", self.time_limit_s, ">= 0 (0: no limit)")
         _check(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
         _check(all(isinstance(v, list) and v for v in self.sweep.values()), "sweep", self.sweep,
                "a mapping of dotted keys to non-empty lists of values")

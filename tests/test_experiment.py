@@ -78,7 +78,8 @@ def test_bad_config_files(tmp_path):
 
 
 QUICK = ["workload.num_requests=6", "workload.input_len=[4, 12]", "workload.output_len=[2, 6]", "workload.rate=50",
-         "engine.max_batch_tokens=16", "warmup_requests=0", "progress=false", "save_tokens=true"]
+         "engine.max_batch_tokens=16", "engine.max_num_seqs=4", "adapters.n=3", "warmup_requests=3", "progress=false",
+         "save_tokens=true"]
 
 
 def test_quickstart_config_end_to_end_with_every_system(tmp_path, capsys):
@@ -107,7 +108,7 @@ def test_quickstart_config_end_to_end_with_every_system(tmp_path, capsys):
     assert summaries[0]["memory"]["peak_pages_kv"] > 0 and summaries[0]["memory"]["peak_pages_adapter"] > 0
     assert os.path.exists(os.path.join(root, "sweep_throughput_req_s.png"))
     # the same random adapters are reused, not rewritten, by later runs
-    assert len(glob.glob(os.path.join(out, "_adapters", "*", "r*"))) == 8
+    assert len(glob.glob(os.path.join(out, "_adapters", "*", "r*"))) == 3
 
     assert cli(["plot", root, "--out", str(tmp_path / "cmp")]) == 0
     assert sorted(os.listdir(tmp_path / "cmp")) == ["first_token_cdf.png", "latency_cdf.png",
@@ -127,12 +128,25 @@ def test_merged_copies_out_of_memory_is_a_result(tmp_path):
     assert saved["status"] == "oom" and saved["metrics"] is None
 
 
+def test_time_limit_cuts_the_run_off(tmp_path):
+    from slora_jax.experiment import run_point
+
+    ticks = iter(range(10**6))  # a clock that advances 1 s per reading
+    exp = load_experiment(os.path.join(ROOT, "experiments/configs/quickstart.yaml"),
+                          [f"output_dir={tmp_path}", "system=peft_merge", "mode=offline", "time_limit_s=6", *QUICK])
+    res = run_point(exp, str(tmp_path / "run"), clock=lambda: float(next(ticks)))
+    reasons = [r.finish_reason for r in res.records]
+    assert len(reasons) == 6 and 0 < reasons.count("timeout") < 6
+    assert res.summary["metrics"]["num_timeouts"] == reasons.count("timeout")
+    assert res.summary["metrics"]["num_finished"] == 6 - reasons.count("timeout")
+
+
 def test_bench_hf_peft_matches_peft_merge(tmp_path, tiny_model_dirs):
     spec = importlib.util.spec_from_file_location("bench_hf_peft", os.path.join(ROOT, "scripts/bench_hf_peft.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    args = [f"output_dir={tmp_path}", f"model.name={tiny_model_dirs['llama2_mha']}", "adapters.n=3", "mode=offline",
-            "adapters.ranks=[4, 8]", "engine.max_num_seqs=4", *QUICK]
+    args = [f"output_dir={tmp_path}", f"model.name={tiny_model_dirs['llama2_mha']}", "mode=offline",
+            "adapters.ranks=[4, 8]", *QUICK]
     config = os.path.join(ROOT, "experiments/configs/quickstart.yaml")
     assert bench.main([config, *args, "name=hf"]) == 0
     assert cli(["run", config, *args, "name=ours", "system=peft_merge"]) == 0

@@ -51,7 +51,7 @@ def test_metrics_edge_cases():
 
 records = st.lists(
     st.tuples(st.floats(0, 100), st.one_of(st.none(), st.floats(0, 20)), st.floats(0, 20), st.integers(0, 50),
-              st.sampled_from(["stop", "length", "abort", "error"])).map(
+              st.sampled_from(["stop", "length", "abort", "error", "timeout"])).map(
         lambda t: (t[0], None if t[1] is None else t[0] + t[1], t[0] + (t[1] or 0) + t[2], t[3], t[4])),
     min_size=1, max_size=30,
 ).map(lambda rs: [rec(i, *r) for i, r in enumerate(rs)])
@@ -62,7 +62,7 @@ records = st.lists(
 def test_metric_invariants(rs, slo):
     m = serving_metrics(rs, slo)
     assert 0 <= m["user_satisfaction"] <= m["slo_attainment"] <= 1
-    assert m["num_finished"] + m["num_aborted"] + m["num_errors"] == len(rs)
+    assert m["num_finished"] + m["num_aborted"] + m["num_errors"] + m["num_timeouts"] == len(rs)
     if m["first_token_p50_s"] is not None:
         assert m["first_token_p50_s"] <= m["first_token_p90_s"] <= m["first_token_p99_s"]
     # order of records does not matter

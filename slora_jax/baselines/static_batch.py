@@ -8,8 +8,8 @@ and returns their tokens. Nothing else runs meanwhile, as in a server that
 generates one padded batch at a time. Subclasses say where a batch's merged
 weights come from (`_params_for`).
 
-The API mirrors the engine's (`add_adapter`, `submit`, `step`, `has_unfinished`,
-`completion`, `release`, `memory_report`), so the experiment runner drives both
+The API mirrors the engine's (`add_adapter`, `submit`, `step`, `abort`,
+`has_unfinished`, `completion`, `release`, `memory_report`), so the experiment runner drives both
 the same way. Only greedy sampling is supported.
 """
 
@@ -110,6 +110,11 @@ class StaticBatchServer:
         self._next_id += 1
         self._requests[rid] = _Request(rid, ids, adapter, sampling, self.clock() if arrival_time is None else arrival_time)
         return rid
+
+    def abort(self, request_id: int) -> None:
+        r = self._requests[request_id]
+        if r.finish_reason is None:
+            r.finish_reason, r.finish_time = "abort", self.clock()
 
     def has_unfinished(self) -> bool:
         return any(r.finish_reason is None for r in self._requests.values())

@@ -148,7 +148,10 @@ def make_system(exp: ExperimentConfig, clock: Clock, model: tuple[LlamaConfig, d
 # ------------------------------------------------------------------------------------------- replay
 def replay(system, trace: list[TraceRequest], prompts: dict[int, list[int]], names: list[str], exp: ExperimentConfig,
            clock: Clock, desc: str = "requests") -> tuple[list[RequestRecord], list[dict]]:
-    """Serve `trace` on `system`; returns one record per request and the per-step memory reports."""
+    """Serve `trace` on `system`; returns one record per submitted request and the per-step memory reports.
+
+    Past `exp.time_limit_s` nothing more is submitted and running requests are aborted ("timeout").
+    """
     online = exp.mode == "online"
     pending = collections.deque(sorted(trace, key=lambda r: (r.arrival_s, r.id)))
     by_rid: dict[int, TraceRequest] = {}
@@ -156,6 +159,14 @@ def replay(system, trace: list[TraceRequest], prompts: dict[int, list[int]], nam
     memory: list[dict] = []
     bar = tqdm(total=len(trace), desc=desc, unit="req", disable=not exp.progress, leave=False)
     t0 = clock()
+    deadline = t0 + exp.time_limit_s if exp.time_limit_s else float("inf")
+
+    def record(c, r: TraceRequest, reason: str) -> None:
+        records.append(RequestRecord(
+            r.id, c.adapter, r.input_len, r.output_len, c.arrival_time - t0,
+            None if c.first_token_time is None else c.first_token_time - t0, c.finish_time - t0,
+            len(c.token_ids), reason, c.num_preemptions, c.error, tuple(c.token_ids) if exp.save_tokens else None))
+        bar.update(1)
 
     def submit(r: TraceRequest) -> None:
         arrival = t0 + (r.arrival_s if online else 0.0)
@@ -170,23 +181,21 @@ def replay(system, trace: list[TraceRequest], prompts: dict[int, list[int]], nam
             return
         by_rid[rid] = r
 
-    while pending or system.has_unfinished():
+    while (pending or system.has_unfinished()) and clock() < deadline:
         now = clock() - t0
         while pending and (not online or pending[0].arrival_s <= now):
             submit(pending.popleft())
         if system.has_unfinished():
             for ev in system.step():
                 if ev.finish_reason is not None:
-                    c, r = system.release(ev.request_id), by_rid.pop(ev.request_id)
-                    records.append(RequestRecord(
-                        r.id, c.adapter, r.input_len, r.output_len, c.arrival_time - t0,
-                        None if c.first_token_time is None else c.first_token_time - t0, c.finish_time - t0,
-                        len(c.token_ids), c.finish_reason, c.num_preemptions, c.error,
-                        tuple(c.token_ids) if exp.save_tokens else None))
-                    bar.update(1)
+                    c = system.release(ev.request_id)
+                    record(c, by_rid.pop(ev.request_id), c.finish_reason)
             memory.append(system.memory_report())
         elif pending:
             time.sleep(min(max(pending[0].arrival_s - (clock() - t0), 0.0), 0.05))
+    for rid, r in list(by_rid.items()):  # the time limit cut these off
+        system.abort(rid)
+        record(system.release(rid), r, "timeout")
     bar.close()
     return sorted(records, key=lambda rec: rec.id), memory
 
@@ -258,6 +267,7 @@ def run_point(exp: ExperimentConfig, out_dir: str, point: dict[str, Any] | None 
         t_run = clock()
         records, memory = replay(system, trace, prompts, names, exp, clock, desc=exp.name)
         summary["run"].update(setup_s=t_warm - t_setup, warmup_s=t_run - t_warm, replay_s=clock() - t_run,
+                              num_not_submitted=len(trace) - len(records),
                               num_steps=getattr(system, "num_steps", None))
         summary["metrics"] = serving_metrics(records, exp.engine.slo_first_token_s)
         summary["memory"] = memory_summary(memory)

@@ -9,7 +9,8 @@ Times in a `RequestRecord` are seconds from the start of the run. Definitions:
 - first-token latency: first token - arrival over requests that got one
   (mean, p50, p90, p99);
 - SLO attainment: the fraction of *all* requests whose first token came within
-  `slo_s` (aborted, failed and never-started requests miss it);
+  `slo_s` (aborted, failed and never-started requests miss it; requests cut
+  off by a time limit count by their first token, if they had one);
 - user satisfaction: the mean over all requests of max(0, 1 - (t / slo_s)^2)
   for first-token latency t (0 without a first token).
 """
@@ -36,7 +37,7 @@ class RequestRecord:
     first_token_s: float | None
     finish_s: float
     num_generated: int
-    finish_reason: str  # "stop" | "length" | "abort" | "error"
+    finish_reason: str  # "stop" | "length" | "abort" | "error" | "timeout" (cut off by the run's time limit)
     num_preemptions: int = 0
     error: str | None = None
     token_ids: tuple[int, ...] | None = None  # the generated tokens, when the run keeps them
@@ -75,6 +76,7 @@ def serving_metrics(records: Sequence[RequestRecord], slo_s: float = 6.0) -> dic
         "num_finished": len(finished),
         "num_aborted": sum(r.finish_reason == "abort" for r in records),
         "num_errors": sum(r.finish_reason == "error" for r in records),
+        "num_timeouts": sum(r.finish_reason == "timeout" for r in records),
         "num_preemptions": sum(r.num_preemptions for r in records),
         "generated_tokens": tokens,
         "elapsed_s": elapsed,
