@@ -40,6 +40,13 @@ def test_overrides_sweeps_and_round_trip(tmp_path):
     assert exp.sweep == {"system": ["slora", "peft_merge"], "workload.cv": [1, 4]}
     assert exp.adapters.n == 7 and exp.engine.num_pages == 64 and exp.workload.input_len == (8, 16)
     assert point_label({"system": "slora", "adapters.ranks": [64, 32]}) == "system=slora,adapters.ranks=64-32"
+    # comma-joined keys move together (a zip inside the grid)
+    zipped = load_experiment(path, ['sweep={"system,engine.num_pages": [[slora, 60], [slora_no_unified, 40]]}'])
+    assert [(c.system, c.engine.num_pages) for _, c in sweep_points(zipped)] == [("slora", 60), ("slora_no_unified", 40)]
+    with pytest.raises(ConfigError, match="swept together"):
+        load_experiment(path, ['sweep={"system,engine.num_pages": [[slora, 60]]}', "system=slora"])
+    with pytest.raises(ConfigError, match="one per key"):
+        sweep_points(load_experiment(path, ['sweep={"system,engine.num_pages": [slora]}']))
     saved = tmp_path / "resolved.yaml"
     saved.write_text(dump(exp))
     assert load_experiment(saved) == exp

@@ -5,6 +5,10 @@
     adapters: {n: 100, ranks: [8]}
     sweep: {adapters.n: [5, 100, 1000]}
 
+A sweep is a grid: one run per combination of its entries' values. An entry
+whose key joins several keys with commas moves them together (a zip), e.g.
+`"system,engine.num_pages": [[slora, 6000], [slora_no_unified, 4976]]`.
+
 Overrides are `adapters.n=5`, `workload.input_len=[8,64]`, `sweep.system=[slora,peft_merge]`;
 values are read as YAML. An override of a key the file sweeps over replaces
 that sweep. Unknown keys and bad values raise `ConfigError` naming the field.
@@ -84,9 +88,26 @@ def load_experiment(path: str | os.PathLike | None, overrides: Sequence[str] | d
         if key.startswith("sweep."):
             raw.setdefault("sweep", {})[key.removeprefix("sweep.")] = value
             continue
-        (raw.get("sweep") or {}).pop(key, None)  # a fixed value replaces a sweep over the key
+        sweep = raw.get("sweep") or {}
+        for entry in [e for e in sweep if key in e.split(",")]:  # a fixed value replaces a sweep over the key
+            raise_if_zipped(entry, key, source)
+            del sweep[entry]
         _set(raw, key, value, source)
     return decode(raw, source)
+
+
+def raise_if_zipped(entry: str, key: str, source: str) -> None:
+    if entry != key:
+        raise ConfigError(f"{source}: {key!r} is swept together with others ({entry!r}); override that sweep entry")
+
+
+def _entry_points(entry: str, values: list[Any]) -> list[dict[str, Any]]:
+    keys = entry.split(",")
+    if len(keys) == 1:
+        return [{entry: v} for v in values]
+    if not all(isinstance(v, (list, tuple)) and len(v) == len(keys) for v in values):
+        raise ConfigError(f"sweep entry {entry!r}: each value must be a list of {len(keys)} values, one per key")
+    return [dict(zip(keys, v)) for v in values]
 
 
 def sweep_points(cfg: ExperimentConfig) -> list[tuple[dict[str, Any], ExperimentConfig]]:
@@ -97,8 +118,8 @@ def sweep_points(cfg: ExperimentConfig) -> list[tuple[dict[str, Any], Experiment
     raw = draccus.encode(cfg)
     sweep = raw.pop("sweep")
     out = []
-    for values in itertools.product(*sweep.values()):
-        point = dict(zip(sweep, values))
+    for parts in itertools.product(*(_entry_points(k, v) for k, v in sweep.items())):
+        point = {k: v for part in parts for k, v in part.items()}
         r = copy.deepcopy(raw)
         for key, value in point.items():
             _set(r, key, value, "sweep")
