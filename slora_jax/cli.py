@@ -14,7 +14,8 @@ from slora_jax.errors import ConfigError
 
 def main(argv: list[str] | None = None) -> int:
     """The `slora-jax` command; returns the exit status (2 for a bad config or results folder)."""
-    ap = argparse.ArgumentParser(prog="slora-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="slora-jax", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run an experiment config (and its sweep)")
     p_run.add_argument("config", help="YAML experiment config (experiments/configs/*.yaml)")

@@ -42,7 +42,8 @@ def test_overrides_sweeps_and_round_trip(tmp_path):
     assert point_label({"system": "slora", "adapters.ranks": [64, 32]}) == "system=slora,adapters.ranks=64-32"
     # comma-joined keys move together (a zip inside the grid)
     zipped = load_experiment(path, ['sweep={"system,engine.num_pages": [[slora, 60], [slora_no_unified, 40]]}'])
-    assert [(c.system, c.engine.num_pages) for _, c in sweep_points(zipped)] == [("slora", 60), ("slora_no_unified", 40)]
+    assert [(c.system, c.engine.num_pages) for _, c in sweep_points(zipped)] == [
+        ("slora", 60), ("slora_no_unified", 40)]
     with pytest.raises(ConfigError, match="swept together"):
         load_experiment(path, ['sweep={"system,engine.num_pages": [[slora, 60]]}', "system=slora"])
     with pytest.raises(ConfigError, match="one per key"):
@@ -121,6 +122,19 @@ def test_quickstart_config_end_to_end_with_every_system(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path / "cmp")) == ["first_token_cdf.png", "latency_cdf.png",
                                                     "sweep_throughput_req_s.png"]
     assert cli(["plot", str(tmp_path)]) == 2  # not a results folder
+
+
+def test_system_settings_checked_when_the_system_is_built(tmp_path):
+    from slora_jax.experiment import run_point
+
+    quick = os.path.join(ROOT, "experiments/configs/quickstart.yaml")
+    for overrides, message in [(["impl=bogus"], "lora_impl"),  # unknown impl, or an engine without lora_impl
+                               (["engine.unified_memory=false"], "slora_no_unified"),
+                               (["system=hf_peft"], "bench_hf_peft"),
+                               (["model.name=nope"], "neither a model folder nor a preset")]:
+        exp = load_experiment(quick, [f"output_dir={tmp_path}", *QUICK, *overrides])
+        with pytest.raises(ConfigError, match=message):
+            run_point(exp, str(tmp_path / "run"))
 
 
 def test_merged_copies_out_of_memory_is_a_result(tmp_path):

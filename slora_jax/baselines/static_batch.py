@@ -108,7 +108,8 @@ class StaticBatchServer:
             raise RequestError(f"unknown adapter {adapter!r}; add it with add_adapter() first")
         rid = self._next_id
         self._next_id += 1
-        self._requests[rid] = _Request(rid, ids, adapter, sampling, self.clock() if arrival_time is None else arrival_time)
+        arrival = self.clock() if arrival_time is None else arrival_time
+        self._requests[rid] = _Request(rid, ids, adapter, sampling, arrival)
         return rid
 
     def abort(self, request_id: int) -> None:

@@ -32,7 +32,15 @@ from tqdm.auto import tqdm
 from slora_jax.adapters.peft import WEIGHTS_NAME
 from slora_jax.adapters.random import random_adapter, save_peft_adapter
 from slora_jax.baselines import MergedCopiesServer, OutOfDeviceMemory, PeftMergeServer
-from slora_jax.config import PRESETS, AdapterSetConfig, EngineConfig, ExperimentConfig, LlamaConfig, ModelSource, WorkloadConfig
+from slora_jax.config import (
+    PRESETS,
+    AdapterSetConfig,
+    EngineConfig,
+    ExperimentConfig,
+    LlamaConfig,
+    ModelSource,
+    WorkloadConfig,
+)
 from slora_jax.engine import Engine, SamplingParams
 from slora_jax.errors import ConfigError, RequestError
 from slora_jax.experiment import plots
@@ -127,7 +135,8 @@ def make_system(exp: ExperimentConfig, clock: Clock, model: tuple[LlamaConfig, d
         if exp.system == "slora_no_unified":
             ec = ec.replace(unified_memory=False)
         elif not ec.unified_memory:
-            raise ConfigError("engine.unified_memory=false is the system slora_no_unified; set system: slora_no_unified")
+            raise ConfigError("engine.unified_memory=false is the system slora_no_unified; "
+                              "set system: slora_no_unified")
         if exp.impl:
             if "lora_impl" not in {f.name for f in dataclasses.fields(EngineConfig)}:
                 raise ConfigError(f"impl={exp.impl!r} needs EngineConfig.lora_impl, which this build does not have")
