@@ -6,6 +6,8 @@ import glob
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -83,6 +85,9 @@ def test_bad_config_files(tmp_path):
     with pytest.raises(ConfigError, match="YAML"):
         load_experiment(tmp_path / "bad.yaml")
     assert cli(["run", str(tmp_path / "list.yaml")]) == 2  # the CLI reports config errors, no traceback
+    script = subprocess.run([sys.executable, os.path.join(ROOT, "scripts/run_experiment.py"), str(tmp_path / "list.yaml")],
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    assert script.returncode == 2 and "config error" in script.stderr
 
 
 QUICK = ["workload.num_requests=6", "workload.input_len=[4, 12]", "workload.output_len=[2, 6]", "workload.rate=50",

@@ -217,7 +217,7 @@ def warmup(system, requests: list[TraceRequest], prompts: dict[int, list[int]], 
     if not requests:
         return
     requests = [dataclasses.replace(r, adapter=i % len(names)) for i, r in enumerate(requests)]
-    warm = dataclasses.replace(exp, mode="offline", progress=False)
+    warm = dataclasses.replace(exp, mode="offline", progress=False, time_limit_s=0.0)
     replay(system, requests, prompts, names, warm, clock)
     for r in requests:
         replay(system, [r], prompts, names, warm, clock)
