@@ -34,19 +34,20 @@ TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16":
 
 
 def hf_config(cfg: LlamaConfig) -> transformers.LlamaConfig:
-    """A transformers LlamaConfig of the same shape as ours."""
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    """A transformers LlamaConfig of the same shape as ours (`rope_theta`/`rope_scaling`: 4.x and 5.x read them)."""
+    scaling = None
     if cfg.rope_scaling is not None:
         rs = cfg.rope_scaling
-        rope.update(rope_type="llama3", factor=rs.factor, low_freq_factor=rs.low_freq_factor,
-                    high_freq_factor=rs.high_freq_factor,
-                    original_max_position_embeddings=rs.original_max_position_embeddings)
+        scaling = dict(rope_type="llama3", factor=rs.factor, low_freq_factor=rs.low_freq_factor,
+                       high_freq_factor=rs.high_freq_factor,
+                       original_max_position_embeddings=rs.original_max_position_embeddings)
     return transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
         max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
-        rope_parameters=rope, bos_token_id=cfg.bos_token_id, eos_token_id=list(cfg.eos_token_ids),
+        rope_theta=cfg.rope_theta, rope_scaling=scaling, bos_token_id=cfg.bos_token_id,
+        eos_token_id=list(cfg.eos_token_ids),
     )
 
 

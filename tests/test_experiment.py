@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from slora_jax.cli import main as cli
-from slora_jax.config import ExperimentConfig
+from slora_jax.config import PRESETS, ExperimentConfig, LlamaConfig
 from slora_jax.errors import ConfigError
 from slora_jax.experiment import load_experiment, sweep_points
 from slora_jax.experiment.config_io import dump, point_label
@@ -120,12 +120,13 @@ def test_quickstart_config_end_to_end_with_every_system(tmp_path, capsys):
     assert tokens[0] == tokens[1] == tokens[2]
     assert summaries[0]["memory"]["peak_pages_kv"] > 0 and summaries[0]["memory"]["peak_pages_adapter"] > 0
     assert os.path.exists(os.path.join(root, "sweep_throughput_req_s.png"))
+    assert os.path.exists(os.path.join(root, "sweep_throughput_tok_s.png"))
     # the same random adapters are reused, not rewritten, by later runs
     assert len(glob.glob(os.path.join(out, "_adapters", "*", "r*"))) == 3
 
     assert cli(["plot", root, "--out", str(tmp_path / "cmp")]) == 0
     assert sorted(os.listdir(tmp_path / "cmp")) == ["first_token_cdf.png", "latency_cdf.png",
-                                                    "sweep_throughput_req_s.png"]
+                                                    "sweep_throughput_req_s.png", "sweep_throughput_tok_s.png"]
     assert cli(["plot", str(tmp_path)]) == 2  # not a results folder
 
 
@@ -167,10 +168,21 @@ def test_time_limit_cuts_the_run_off(tmp_path):
     assert res.summary["metrics"]["num_finished"] == 6 - reasons.count("timeout")
 
 
-def test_bench_hf_peft_matches_peft_merge(tmp_path, tiny_model_dirs):
+def bench_hf_peft():
     spec = importlib.util.spec_from_file_location("bench_hf_peft", os.path.join(ROOT, "scripts/bench_hf_peft.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_bench_hf_peft_builds_the_presets_shapes(name):
+    hf = bench_hf_peft().hf_config(PRESETS[name])
+    assert LlamaConfig.from_hf(hf.to_dict()) == PRESETS[name]
+
+
+def test_bench_hf_peft_matches_peft_merge(tmp_path, tiny_model_dirs):
+    bench = bench_hf_peft()
     args = [f"output_dir={tmp_path}", f"model.name={tiny_model_dirs['llama2_mha']}", "mode=offline",
             "adapters.ranks=[4, 8]", *QUICK]
     config = os.path.join(ROOT, "experiments/configs/quickstart.yaml")

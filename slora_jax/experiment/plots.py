@@ -1,8 +1,8 @@
 """Plots (matplotlib PNG) and the metrics table of results folders.
 
 - `plot_run`: latency and first-token-latency CDFs of one run.
-- `plot_sweep`: throughput of each sweep point, against the number of adapters
-  when the sweep varies `adapters.n` (one line per other setting).
+- `plot_sweep`: throughput (req/s or tokens/s) of each sweep point, against the
+  number of adapters when the sweep varies `adapters.n` (one line per other setting).
 - `compare`: results folders (runs or sweeps) side by side; `slora-jax plot`.
 """
 
@@ -31,6 +31,9 @@ TABLE_COLUMNS = [  # (header, metric key, format)
     ("satisf", "user_satisfaction", "{:.3f}"),
     ("aborted", "num_aborted", "{}"),
 ]
+
+
+METRIC_LABELS = {"throughput_req_s": "throughput (requests/s)", "throughput_tok_s": "throughput (generated tokens/s)"}
 
 
 def run_label(summary: dict[str, Any]) -> str:
@@ -106,7 +109,10 @@ def plot_sweep(out_dir: str, summaries: Sequence[dict[str, Any]], metric: str = 
         for s in summaries:  # runs that did not fit: marked on the axis
             if s["status"] == "oom":
                 ax.plot([s["point"]["adapters.n"]], [0], marker="x", color="red", linestyle="none")
+        ns = sorted({s["point"]["adapters.n"] for s in summaries})
         ax.set_xscale("log")
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.minorticks_off()
         ax.set_xlabel("number of adapters")
         if lines:
             ax.legend(fontsize=7)
@@ -114,7 +120,7 @@ def plot_sweep(out_dir: str, summaries: Sequence[dict[str, Any]], metric: str = 
         labels = [run_label(s) for s in summaries]
         ax.bar(range(len(summaries)), [((s.get("metrics") or {}).get(metric) or 0) for s in summaries])
         ax.set_xticks(range(len(summaries)), labels, rotation=30, ha="right", fontsize=7)
-    ax.set_ylabel(metric)
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -146,5 +152,5 @@ def compare(paths: Sequence[str], out_dir: str) -> list[str]:
     out = [os.path.join(out_dir, "latency_cdf.png"), os.path.join(out_dir, "first_token_cdf.png")]
     _cdf_figure(out[0], lat, "request latency (s)")
     _cdf_figure(out[1], ftl, "first-token latency (s)", slo)
-    out.append(plot_sweep(out_dir, [s for s, _ in runs]))
+    out += [plot_sweep(out_dir, [s for s, _ in runs], m) for m in ("throughput_req_s", "throughput_tok_s")]
     return out

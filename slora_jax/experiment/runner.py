@@ -312,7 +312,8 @@ def run(exp: ExperimentConfig, system_factory: SystemFactory | None = None, echo
     if exp.sweep:
         with open(os.path.join(root, "sweep.json"), "w") as f:
             json.dump([r.summary for r in results], f, indent=2)
-        plots.plot_sweep(root, [r.summary for r in results])
+        for metric in ("throughput_req_s", "throughput_tok_s"):
+            plots.plot_sweep(root, [r.summary for r in results], metric)
     echo(plots.metrics_table([r.summary for r in results]))
     echo(f"results: {root}")
     return results
