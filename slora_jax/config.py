@@ -260,3 +260,133 @@ class EngineConfig:
         if unknown:
             raise TypeError(f"unknown engine config field(s) {sorted(unknown)}; known: {sorted(known)}")
         return dataclasses.replace(self, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------- experiments
+# Loaded from YAML with dotted `key=value` overrides by `slora_jax.experiment.config_io` (draccus).
+
+SYSTEMS: tuple[str, ...] = ("slora", "slora_no_unified", "peft_merge", "merged_copies", "hf_peft")
+POPULARITY_PATTERNS: tuple[str, ...] = ("distinct", "uniform", "skewed", "identical")
+
+
+def _check(ok: bool, field: str, value, want: str) -> None:
+    if not ok:
+        raise ValueError(f"{field} must be {want}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """The base model of an experiment."""
+
+    name: str = "tiny"  # a preset in PRESETS (random weights) or a Hugging Face model folder
+    dtype: str = "bfloat16"  # "bfloat16" | "float32" | "float16"
+    seed: int = 0  # a preset's random weights
+
+    def __post_init__(self):
+        _check(self.dtype in ("bfloat16", "float32", "float16"), "model.dtype", self.dtype,
+               "'bfloat16', 'float32' or 'float16'")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSetConfig:
+    """The experiment's `n` adapters: random ones written as PEFT folders, or given folders."""
+
+    n: int = 8
+    ranks: tuple[int, ...] = (8,)  # random weight folder j has rank ranks[j % len(ranks)]
+    projections: tuple[str, ...] = ("q", "k", "v", "o")
+    folders: tuple[str, ...] = ()  # PEFT folders to serve instead of random adapters (adapter i: folders[i % len])
+    # Random adapters: how many distinct weight folders to write (0: one per adapter). Adapter i reads
+    # folder i % distinct but is a separate adapter to the system (7B rank-64 adapters are ~270 MB each).
+    distinct: int = 0
+    dir: str = ""  # where random adapters are written and reused ("": <output_dir>/_adapters)
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(self.n >= 1, "adapters.n", self.n, ">= 1")
+        _check(len(self.ranks) > 0 and all(1 <= r <= 256 for r in self.ranks), "adapters.ranks", self.ranks,
+               "a non-empty list of ranks in 1..256")
+        _check(len(self.projections) > 0 and set(self.projections) <= set(PROJECTIONS), "adapters.projections",
+               self.projections, f"a non-empty subset of {list(PROJECTIONS)}")
+        _check(self.distinct >= 0, "adapters.distinct", self.distinct, ">= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkloadConfig:
+    """The request trace (`slora_jax.workload`)."""
+
+    kind: str = "slora"  # "slora" (S-LoRA's generator) | "punica" (popularity patterns) | "file" (a JSONL trace)
+    num_requests: int = 64
+    alpha: float = 1.0  # slora: adapter popularity power law (1 uniform, smaller more skewed)
+    rate: float = 2.0  # slora: mean arrival rate, requests per second
+    cv: float = 1.0  # slora: coefficient of variation of inter-arrival times (1: Poisson)
+    input_len: tuple[int, int] = (8, 512)  # prompt tokens, uniform in [lo, hi]
+    output_len: tuple[int, int] = (8, 512)  # generated tokens, uniform in [lo, hi]
+    popularity: str = "distinct"  # punica: one of POPULARITY_PATTERNS
+    batch_size: int = 32  # punica: requests per popularity batch
+    trace: str = ""  # file: path of a JSONL trace (slora_jax.workload.load_trace), replayed whole
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(self.kind in ("slora", "punica", "file"), "workload.kind", self.kind, "'slora', 'punica' or 'file'")
+        _check(self.num_requests >= 1, "workload.num_requests", self.num_requests, ">= 1")
+        _check(self.alpha > 0, "workload.alpha", self.alpha, "> 0")
+        _check(self.rate > 0, "workload.rate", self.rate, "> 0")
+        _check(self.cv >= 0, "workload.cv", self.cv, ">= 0")
+        for name in ("input_len", "output_len"):
+            lo, hi = getattr(self, name)
+            _check(1 <= lo <= hi, f"workload.{name}", [lo, hi], "[lo, hi] with 1 <= lo <= hi")
+        _check(self.popularity in POPULARITY_PATTERNS, "workload.popularity", self.popularity,
+               f"one of {list(POPULARITY_PATTERNS)}")
+        _check(self.batch_size >= 1, "workload.batch_size", self.batch_size, ">= 1")
+        _check(self.kind != "file" or bool(self.trace), "workload.trace", self.trace, "a JSONL path when kind is 'file'")
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineConfig:
+    """Settings of the baseline systems (`slora_jax.baselines`)."""
+
+    memory_budget_bytes: int = 0  # merged_copies: device bytes the model copies may take (0: the device's limit)
+
+    def __post_init__(self):
+        _check(self.memory_budget_bytes >= 0, "baseline.memory_budget_bytes", self.memory_budget_bytes, ">= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: a model, adapters, a workload and the system serving it.
+
+    `sweep` maps dotted keys to lists of values; the runner runs every
+    combination (a grid) into `<output_dir>/<name>/<point>`.
+    """
+
+    name: str = "experiment"
+    system: str = "slora"  # one of SYSTEMS
+    impl: str = ""  # slora systems: LoRA impl (EngineConfig.lora_impl); "" keeps the engine's default
+    mode: str = "online"  # "online": arrivals honoured in real time | "offline": all at once (max throughput)
+    model: ModelSource = dataclasses.field(default_factory=ModelSource)
+    adapters: AdapterSetConfig = dataclasses.field(default_factory=AdapterSetConfig)
+    workload: WorkloadConfig = dataclasses.field(default_factory=WorkloadConfig)
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)  # the engine; baselines use its
+    # max_num_seqs (batch size), max_model_len, slo_first_token_s (metrics) and host_adapter_budget_bytes
+    baseline: BaselineConfig = dataclasses.field(default_factory=BaselineConfig)
+    ignore_eos: bool = True  # generate exactly each request's output_len tokens, as the papers' benchmarks do
+    warmup_requests: int = 4  # run (and discard) this many of the trace's requests first, to compile
+    time_limit_s: float = 0.0  # stop the replay after this many seconds (0: none); running requests -> "timeout"
+    save_tokens: bool = False  # keep each request's generated token ids in requests.jsonl
+    progress: bool = True  # a tqdm progress bar
+    output_dir: str = "results"
+    sweep: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        _check(self.system in SYSTEMS, "system", self.system, f"one of {list(SYSTEMS)}")
+        _check(self.mode in ("online", "offline"), "mode", self.mode, "'online' or 'offline'")
+        _check(not self.impl or self.system in ("slora", "slora_no_unified"), "impl", self.impl,
+               "empty unless system is slora or slora_no_unified")
+        _check(self.warmup_requests >= 0, "warmup_requests", self.warmup_requests, ">= 0")
+        _check(self.time_limit_s >= 0, "time_limit_s", self.time_limit_s, ">= 0 (0: no limit)")
+        _check(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
+        _check(all(isinstance(v, list) and v for v in self.sweep.values()), "sweep", self.sweep,
+               "a mapping of dotted keys to non-empty lists of values")
+        lo, hi = self.workload.input_len[1], self.workload.output_len[1]
+        _check(self.workload.kind == "file" or lo + hi <= self.engine.max_model_len, "engine.max_model_len",
+               self.engine.max_model_len, f">= the longest request ({lo} + {hi} tokens)")

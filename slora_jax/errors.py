@@ -24,3 +24,10 @@ class RequestError(SloraError, ValueError):
 
     Raised at submission, for that request only; the engine and other requests are unaffected.
     """
+
+
+class ConfigError(SloraError, ValueError):
+    """An experiment config is invalid: an unknown key, a value of the wrong type or out of range.
+
+    The message names the config field (dotted path) and, where it applies, the file.
+    """

@@ -1,0 +1,319 @@
+"""Run an experiment: build the model, adapters, trace and system, replay the trace, write the results.
+
+A results folder holds `config.yaml` (the resolved config), `trace.jsonl`,
+`requests.jsonl` (one `RequestRecord` per request), `metrics.json` (status,
+serving metrics, pool memory, run facts) and PNG plots. A sweep writes one such
+folder per point under `<output_dir>/<name>/`, plus `sweep.json` and a plot
+comparing the points.
+
+Replay is `online` (each request is submitted when the wall clock reaches its
+arrival time, and stamped with that time) or `offline` (everything at once:
+maximum throughput). Every system offers the engine's API (`add_adapter`,
+`submit`, `step`, `has_unfinished`, `release`, `memory_report`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import gc
+import hashlib
+import json
+import os
+import subprocess
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from slora_jax.adapters.peft import WEIGHTS_NAME
+from slora_jax.adapters.random import random_adapter, save_peft_adapter
+from slora_jax.baselines import MergedCopiesServer, OutOfDeviceMemory, PeftMergeServer
+from slora_jax.config import (
+    PRESETS,
+    AdapterSetConfig,
+    EngineConfig,
+    ExperimentConfig,
+    LlamaConfig,
+    ModelSource,
+    WorkloadConfig,
+)
+from slora_jax.engine import Engine, SamplingParams
+from slora_jax.errors import ConfigError, RequestError
+from slora_jax.experiment import plots
+from slora_jax.experiment.config_io import dump, point_label, sweep_points
+from slora_jax.model import init_random_params, load_checkpoint
+from slora_jax.workload import (
+    RequestRecord,
+    TraceRequest,
+    load_trace,
+    memory_summary,
+    punica_trace,
+    save_records,
+    save_trace,
+    serving_metrics,
+    slora_trace,
+)
+
+Clock = Callable[[], float]
+# (experiment, clock) -> (system, model config); the default builds ours, scripts/bench_hf_peft.py its own.
+SystemFactory = Callable[[ExperimentConfig, Clock], tuple[Any, LlamaConfig]]
+
+
+@dataclasses.dataclass
+class RunResult:
+    out_dir: str
+    point: dict[str, Any]
+    summary: dict[str, Any]  # what metrics.json holds
+    records: list[RequestRecord]
+
+
+# ------------------------------------------------------------------------------------------- building blocks
+def load_model(src: ModelSource) -> tuple[LlamaConfig, dict]:
+    """A Hugging Face model folder, or a preset with random weights (seeded)."""
+    dtype = jnp.dtype(src.dtype)
+    if os.path.isdir(src.name):
+        return load_checkpoint(src.name, dtype=dtype)
+    if src.name in PRESETS:
+        return PRESETS[src.name], init_random_params(PRESETS[src.name], jax.random.key(src.seed), dtype)
+    raise ConfigError(f"model.name {src.name!r} is neither a model folder nor a preset ({sorted(PRESETS)})")
+
+
+def adapter_folders(ac: AdapterSetConfig, cfg: LlamaConfig, default_dir: str) -> list[tuple[str, str]]:
+    """(name, PEFT folder) of each of the `ac.n` adapters, writing missing random ones.
+
+    Random adapters are cached under `<dir>/<model shape hash>/r<rank>_<projections>_s<seed>`
+    and reused by later runs (written to a temporary folder first, so a killed run leaves none half-written).
+    """
+    if ac.folders:
+        return [(f"adapter{i}", ac.folders[i % len(ac.folders)]) for i in range(ac.n)]
+    root = os.path.join(ac.dir or default_dir, hashlib.sha1(repr(cfg).encode()).hexdigest()[:12])
+    k = min(ac.distinct or ac.n, ac.n)
+    folders = []
+    for j in range(k):
+        rank, seed = ac.ranks[j % len(ac.ranks)], ac.seed + j
+        path = os.path.join(root, f"r{rank}_{'-'.join(ac.projections)}_s{seed}")
+        if not os.path.exists(os.path.join(path, WEIGHTS_NAME)):
+            tmp = f"{path}.tmp{os.getpid()}"
+            save_peft_adapter(random_adapter(cfg, rank, ac.projections, seed=seed), tmp)
+            os.replace(tmp, path)
+        folders.append(path)
+    return [(f"adapter{i}", folders[i % k]) for i in range(ac.n)]
+
+
+def build_trace(wc: WorkloadConfig, n_adapters: int) -> list[TraceRequest]:
+    if wc.kind == "slora":
+        return slora_trace(wc.num_requests, n_adapters, wc.alpha, wc.rate, wc.cv, wc.input_len, wc.output_len, wc.seed)
+    if wc.kind == "punica":
+        return punica_trace(wc.popularity, wc.num_requests, wc.batch_size, n_adapters, wc.input_len, wc.output_len,
+                            wc.seed)
+    try:
+        trace = load_trace(wc.trace)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"workload.trace: {e}") from None
+    bad = [r.id for r in trace if r.adapter is not None and r.adapter >= n_adapters]
+    if bad:
+        raise ConfigError(f"workload.trace: requests {bad[:5]} use adapter indices >= adapters.n ({n_adapters})")
+    return trace
+
+
+def request_prompt(r: TraceRequest, vocab_size: int, seed: int) -> list[int]:
+    """The request's prompt, or `input_len` random token ids that depend only on (seed, id)."""
+    if r.prompt is not None:
+        return list(r.prompt)
+    return np.random.default_rng([seed, r.id]).integers(0, vocab_size, r.input_len).tolist()
+
+
+def make_system(exp: ExperimentConfig, clock: Clock, model: tuple[LlamaConfig, dict]):
+    """The system `exp.system` on the given model."""
+    cfg, params = model
+    ec: EngineConfig = exp.engine
+    if exp.system in ("slora", "slora_no_unified"):
+        if exp.system == "slora_no_unified":
+            ec = ec.replace(unified_memory=False)
+        elif not ec.unified_memory:
+            raise ConfigError("engine.unified_memory=false is the system slora_no_unified; "
+                              "set system: slora_no_unified")
+        if exp.impl:
+            if "lora_impl" not in {f.name for f in dataclasses.fields(EngineConfig)}:
+                raise ConfigError(f"impl={exp.impl!r} needs EngineConfig.lora_impl, which this build does not have")
+            try:
+                ec = ec.replace(lora_impl=exp.impl)
+            except ValueError as e:
+                raise ConfigError(f"impl: {e}") from None
+        return Engine(cfg, params, ec, clock=clock)
+    kw = dict(max_batch_size=ec.max_num_seqs, max_model_len=ec.max_model_len,
+              host_budget_bytes=ec.host_adapter_budget_bytes, clock=clock)
+    if exp.system == "peft_merge":
+        return PeftMergeServer(cfg, params, **kw)
+    if exp.system == "merged_copies":
+        return MergedCopiesServer(cfg, params, memory_budget_bytes=exp.baseline.memory_budget_bytes, **kw)
+    raise ConfigError(f"system {exp.system!r} is not built in; hf_peft runs from scripts/bench_hf_peft.py")
+
+
+# ------------------------------------------------------------------------------------------- replay
+def replay(system, trace: list[TraceRequest], prompts: dict[int, list[int]], names: list[str], exp: ExperimentConfig,
+           clock: Clock, desc: str = "requests") -> tuple[list[RequestRecord], list[dict]]:
+    """Serve `trace` on `system`; returns one record per submitted request and the per-step memory reports.
+
+    Past `exp.time_limit_s` nothing more is submitted and running requests are aborted ("timeout").
+    """
+    online = exp.mode == "online"
+    pending = collections.deque(sorted(trace, key=lambda r: (r.arrival_s, r.id)))
+    by_rid: dict[int, TraceRequest] = {}
+    records: list[RequestRecord] = []
+    memory: list[dict] = []
+    bar = tqdm(total=len(trace), desc=desc, unit="req", disable=not exp.progress, leave=False)
+    t0 = clock()
+    deadline = t0 + exp.time_limit_s if exp.time_limit_s else float("inf")
+
+    def record(c, r: TraceRequest, reason: str) -> None:
+        records.append(RequestRecord(
+            r.id, c.adapter, r.input_len, r.output_len, c.arrival_time - t0,
+            None if c.first_token_time is None else c.first_token_time - t0, c.finish_time - t0,
+            len(c.token_ids), reason, c.num_preemptions, c.error, tuple(c.token_ids) if exp.save_tokens else None))
+        bar.update(1)
+
+    def submit(r: TraceRequest) -> None:
+        arrival = t0 + (r.arrival_s if online else 0.0)
+        adapter = None if r.adapter is None else names[r.adapter]
+        try:
+            rid = system.submit(prompts[r.id], adapter, SamplingParams(max_new_tokens=r.output_len,
+                                                                       ignore_eos=exp.ignore_eos), arrival_time=arrival)
+        except RequestError as e:
+            records.append(RequestRecord(r.id, adapter, r.input_len, r.output_len, arrival - t0, None, clock() - t0, 0,
+                                         "error", error=str(e)))
+            bar.update(1)
+            return
+        by_rid[rid] = r
+
+    while (pending or system.has_unfinished()) and clock() < deadline:
+        now = clock() - t0
+        while pending and (not online or pending[0].arrival_s <= now):
+            submit(pending.popleft())
+        if system.has_unfinished():
+            for ev in system.step():
+                if ev.finish_reason is not None:
+                    c = system.release(ev.request_id)
+                    record(c, by_rid.pop(ev.request_id), c.finish_reason)
+            memory.append(system.memory_report())
+        elif pending:
+            time.sleep(min(max(pending[0].arrival_s - (clock() - t0), 0.0), 0.05))
+    for rid, r in list(by_rid.items()):  # the time limit cut these off
+        system.abort(rid)
+        record(system.release(rid), r, "timeout")
+    bar.close()
+    return sorted(records, key=lambda rec: rec.id), memory
+
+
+def warmup(system, requests: list[TraceRequest], prompts: dict[int, list[int]], names: list[str],
+           exp: ExperimentConfig, clock: Clock) -> None:
+    """Compile before the clock starts: `requests` (on adapters 0, 1, ... so every rank is seen) all
+    together, then one at a time, offline; their records are dropped. All together first: the engine's
+    batch shape bounds only grow, so they reach their largest at once and the rest reuses them."""
+    if not requests:
+        return
+    requests = [dataclasses.replace(r, adapter=i % len(names)) for i, r in enumerate(requests)]
+    warm = dataclasses.replace(exp, mode="offline", progress=False, time_limit_s=0.0)
+    replay(system, requests, prompts, names, warm, clock)
+    for r in requests:
+        replay(system, [r], prompts, names, warm, clock)
+
+
+# ------------------------------------------------------------------------------------------- one run
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=os.path.dirname(__file__)).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, (OutOfDeviceMemory, MemoryError)) or "RESOURCE_EXHAUSTED" in str(e)
+
+
+def run_point(exp: ExperimentConfig, out_dir: str, point: dict[str, Any] | None = None,
+              system_factory: SystemFactory | None = None, models: dict | None = None,
+              clock: Clock = time.monotonic) -> RunResult:
+    """Run one experiment (no sweep) into `out_dir`."""
+    if exp.sweep:
+        raise ValueError("run_point runs one point; use run() for a sweep")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.yaml"), "w") as f:
+        f.write(dump(exp))
+    summary: dict[str, Any] = {
+        "name": exp.name, "system": exp.system, "impl": exp.impl, "mode": exp.mode, "point": point or {},
+        "status": "ok", "error": None, "metrics": None, "memory": None,
+        "run": {"git_commit": _git_commit(), "device": str(jax.devices()[0].device_kind),
+                "jax_version": jax.__version__},
+    }
+    records: list[RequestRecord] = []
+    t_setup = clock()
+    system = None
+    try:
+        if system_factory is None:
+            models = {} if models is None else models
+            if exp.model not in models:
+                models.clear()  # one model in memory at a time
+                models[exp.model] = load_model(exp.model)
+            cfg = models[exp.model][0]
+            system = make_system(exp, clock, models[exp.model])
+        else:
+            system, cfg = system_factory(exp, clock)
+        adapters = adapter_folders(exp.adapters, cfg, os.path.join(exp.output_dir, "_adapters"))
+        trace = build_trace(exp.workload, exp.adapters.n)
+        save_trace(trace, os.path.join(out_dir, "trace.jsonl"))
+        prompts = {r.id: request_prompt(r, cfg.vocab_size, exp.workload.seed) for r in trace}
+        for name, folder in adapters:
+            system.add_adapter(name, folder)
+        names = [n for n, _ in adapters]
+        t_warm = clock()
+        warmup(system, trace[: exp.warmup_requests], prompts, names, exp, clock)
+        t_run = clock()
+        records, memory = replay(system, trace, prompts, names, exp, clock, desc=exp.name)
+        summary["run"].update(setup_s=t_warm - t_setup, warmup_s=t_run - t_warm, replay_s=clock() - t_run,
+                              num_not_submitted=len(trace) - len(records),
+                              num_steps=getattr(system, "num_steps", None))
+        summary["metrics"] = serving_metrics(records, exp.engine.slo_first_token_s)
+        summary["memory"] = memory_summary(memory)
+    except ConfigError:
+        raise
+    except Exception as e:
+        if not _is_oom(e):
+            raise
+        summary.update(status="oom", error=f"{type(e).__name__}: {e}")
+    finally:
+        del system
+        gc.collect()
+    save_records(records, os.path.join(out_dir, "requests.jsonl"))
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    if records:
+        plots.plot_run(out_dir, records, exp.engine.slo_first_token_s)
+    return RunResult(out_dir, point or {}, summary, records)
+
+
+def run(exp: ExperimentConfig, system_factory: SystemFactory | None = None, echo: Callable[[str], None] = print,
+        clock: Clock = time.monotonic) -> list[RunResult]:
+    """Run `exp` (every point of its sweep) into `<output_dir>/<name>/`; prints a metrics table."""
+    root = os.path.join(exp.output_dir, exp.name)
+    points = sweep_points(exp)
+    models: dict = {}
+    results = []
+    for i, (point, cfg) in enumerate(points):
+        out_dir = root if not exp.sweep else os.path.join(root, point_label(point))
+        if exp.sweep:
+            echo(f"[{i + 1}/{len(points)}] {point_label(point)}")
+        results.append(run_point(cfg, out_dir, point, system_factory, models, clock))
+    if exp.sweep:
+        with open(os.path.join(root, "sweep.json"), "w") as f:
+            json.dump([r.summary for r in results], f, indent=2)
+        for metric in ("throughput_req_s", "throughput_tok_s"):
+            plots.plot_sweep(root, [r.summary for r in results], metric)
+    echo(plots.metrics_table([r.summary for r in results]))
+    echo(f"results: {root}")
+    return results
