@@ -1,0 +1,197 @@
+"""Where every array lives under tensor parallelism: `PartitionSpec`s and loaders that
+place host data straight into its shards.
+
+Base model (Megatron; leaves are layer-stacked `[L, in, out]`):
+
+    q, k, v, gate, up   column-parallel   kernel [L, H, O]  -> P(None, None, "tp")
+    o, down             row-parallel      kernel [L, I, H]  -> P(None, "tp", None)
+    norms               replicated
+    embed.embedding     vocab-parallel    [V, H]            -> P("tp", None)
+    lm_head.kernel      vocab-parallel    [H, V]            -> P(None, "tp")
+
+The vocabulary is split rather than replicated because the embedding and the
+lm_head are the largest single leaves (Llama-3: 128256 x 4096 each) and decode
+reads the whole lm_head every step: splitting it divides that read by `tp`.
+Its costs are one `[T, H]` all-reduce after the embedding lookup and logits that
+come out split over the vocabulary (a global `[B, S, V]` array, sharded).
+
+KV cache: split by KV heads (`DenseKVCache` `[L, B, S, K, D]` on `K`; the paged
+pool `[L, num_pages, page_elems]` on `page_elems`, each device's slab being
+pages of its own `K/tp` heads, see `create_pool`).
+
+LoRA (`SlotWeights` `a [L, S, I, R]`, `b [L, S, R, O]`), by strategy (see `lora.py`):
+
+    strategy       projection   a                    b
+    slora          column       split on R           split on O (like the base)
+    slora          row          split on I (input)   split on O (= H)
+    replicated_a   column       replicated           split on O
+    replicated_a   row          split on I           replicated
+
+`slora` pads a column-parallel projection's R to a multiple of `tp` with zero
+columns (each device takes `R/tp` of them); slots keep their true ranks.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from slora_jax.config import PROJECTIONS, LlamaConfig
+from slora_jax.memory.kv_cache import PagedKVCache
+from slora_jax.memory.pool import PoolLayout
+from slora_jax.model import checkpoint, llama
+from slora_jax.model.cache import DenseKVCache
+from slora_jax.model.llama import Params
+from slora_jax.ops.lora import SlotWeights
+from slora_jax.parallel.mesh import TP_AXIS, check_tp, tp_size
+
+COLUMN_PARALLEL = ("q", "k", "v", "gate", "up")
+ROW_PARALLEL = ("o", "down")
+LORA_STRATEGIES = ("slora", "replicated_a")
+
+_COL = P(None, None, TP_AXIS)  # [L, in, out] on out
+_ROW = P(None, TP_AXIS, None)  # [L, in, out] on in
+
+
+def param_specs(cfg: LlamaConfig) -> Params:
+    """`PartitionSpec` tree shaped like the params of `cfg`."""
+    layers: dict[str, Any] = {"attn_norm": {"scale": P()}, "mlp_norm": {"scale": P()}}
+    layers.update({p: {"kernel": _COL if p in COLUMN_PARALLEL else _ROW} for p in PROJECTIONS})
+    specs: Params = {"embed": {"embedding": P(TP_AXIS, None)}, "layers": layers, "final_norm": {"scale": P()}}
+    if not cfg.tie_word_embeddings:
+        specs["lm_head"] = {"kernel": P(None, TP_AXIS)}
+    return specs
+
+
+def named(mesh: Mesh, specs):
+    """`NamedSharding`s on `mesh` for a tree of `PartitionSpec`s."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def check_strategy(strategy: str) -> None:
+    if strategy not in LORA_STRATEGIES:
+        raise ValueError(f"LoRA tensor-parallel strategy must be one of {LORA_STRATEGIES}, got {strategy!r}")
+
+
+def lora_spec(proj: str, strategy: str) -> SlotWeights:
+    """`SlotWeights` of `PartitionSpec`s for one projection's `[L, S, ...]` weights."""
+    check_strategy(strategy)
+    on_in, on_r, on_out = P(None, None, TP_AXIS, None), P(None, None, None, TP_AXIS), P(None, None, None, TP_AXIS)
+    if proj in COLUMN_PARALLEL:
+        a = on_r if strategy == "slora" else P()
+        return SlotWeights(a=a, b=on_out, ranks=P())
+    b = on_out if strategy == "slora" else P()
+    return SlotWeights(a=on_in, b=b, ranks=P())
+
+
+def lora_specs(weights: dict[str, SlotWeights], strategy: str) -> dict[str, SlotWeights]:
+    return {proj: lora_spec(proj, strategy) for proj in weights}
+
+
+def cache_specs(cache):
+    """Specs of a KV cache split by KV heads (`DenseKVCache` or a `PagedKVCache` from `paged_kv_cache`)."""
+    if isinstance(cache, DenseKVCache):
+        kv = P(None, None, None, TP_AXIS, None)  # [L, B, S_max, K, D]
+        return DenseKVCache(kv, kv)
+    if isinstance(cache, PagedKVCache):
+        return cache.replace(pool=P(None, None, TP_AXIS), page_table=P(), seq_ids=P())
+    raise TypeError(f"no tensor-parallel layout for a cache of type {type(cache).__name__}")
+
+
+# ----------------------------------------------------------------------------- placement
+
+
+def put_sharded(host: np.ndarray, sharding: NamedSharding, dtype=None) -> jax.Array:
+    """A global array from a host array, each device receiving (and converting) only its slice."""
+    dtype = host.dtype if dtype is None else jnp.dtype(dtype)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: np.asarray(host[index], dtype))
+
+
+def shard_params(params: Params, cfg: LlamaConfig, mesh: Mesh) -> Params:
+    """Re-lay params that already are on devices (prefer `load_checkpoint` / `init_random_params`)."""
+    check_tp(cfg, tp_size(mesh))
+    return jax.device_put(params, named(mesh, param_specs(cfg)))
+
+
+def load_checkpoint(path, mesh: Mesh, dtype=jnp.bfloat16) -> tuple[LlamaConfig, Params]:
+    """`model.load_checkpoint` with every leaf placed straight into its shards on `mesh`."""
+    cfg = checkpoint.read_config(path)
+    check_tp(cfg, tp_size(mesh))
+    return checkpoint.load_checkpoint(path, dtype, shardings=named(mesh, param_specs(cfg)))
+
+
+def init_random_params(cfg: LlamaConfig, key: jax.Array, mesh: Mesh, dtype=jnp.bfloat16) -> Params:
+    """Random params drawn directly into their shards (a 70B model never exists on one device)."""
+    check_tp(cfg, tp_size(mesh))
+    init = functools.partial(llama.init_random_params, cfg, dtype=dtype)
+    return jax.jit(init, out_shardings=named(mesh, param_specs(cfg)))(key)
+
+
+def shard_lora_weights(weights: dict[str, SlotWeights], mesh: Mesh, strategy: str = "slora",
+                       dtype=None) -> dict[str, SlotWeights]:
+    """Place `SlotWeights` (host numpy, e.g. `pack_slots_host`, or device arrays) in their shards.
+
+    With `slora`, a column-parallel projection's `R` is zero-padded to a multiple
+    of `tp` first. `dtype` (default: the weights' own) is applied per shard.
+    """
+    check_strategy(strategy)
+    tp = tp_size(mesh)
+    out = {}
+    for proj, w in weights.items():
+        a, b, ranks = (np.asarray(x) for x in w)
+        pad = -a.shape[-1] % tp if (strategy == "slora" and proj in COLUMN_PARALLEL) else 0
+        if pad:
+            a = np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)])
+            b = np.pad(b, [(0, 0)] * (b.ndim - 2) + [(0, pad), (0, 0)])
+        spec = named(mesh, lora_spec(proj, strategy))
+        out[proj] = SlotWeights(put_sharded(a, spec.a, dtype), put_sharded(b, spec.b, dtype),
+                                put_sharded(ranks.astype(np.int32), spec.ranks))
+    return out
+
+
+def pack_slots(adapters, cfg: LlamaConfig, mesh: Mesh, strategy: str = "slora", dtype=jnp.float32,
+               max_rank: int | None = None) -> dict[str, SlotWeights]:
+    """`adapters.pack_slots` straight into tensor-parallel shards (no full copy on one device)."""
+    from slora_jax.adapters.pack import pack_slots_host
+
+    check_tp(cfg, tp_size(mesh))
+    return shard_lora_weights(pack_slots_host(adapters, cfg, max_rank), mesh, strategy, dtype)
+
+
+def dense_kv_cache(cfg: LlamaConfig, batch: int, max_len: int, mesh: Mesh, dtype=jnp.bfloat16) -> DenseKVCache:
+    """A zeroed `DenseKVCache` allocated directly split by KV heads."""
+    make = functools.partial(DenseKVCache.create, cfg, batch, max_len, dtype)
+    return jax.jit(make, out_shardings=named(mesh, cache_specs(DenseKVCache(None, None))))()
+
+
+def local_pool_layout(layout: PoolLayout, tp: int) -> PoolLayout:
+    """The pool layout one device sees: pages of its `K/tp` KV heads (`page_elems / tp` each)."""
+    if layout.num_kv_heads % tp:
+        raise ValueError(f"tensor-parallel size {tp} must divide the pool's num_kv_heads={layout.num_kv_heads}")
+    return PoolLayout(layout.num_layers, layout.num_pages, layout.page_size, layout.num_kv_heads // tp,
+                      layout.head_dim, layout.lora_chunk)
+
+
+def create_pool(layout: PoolLayout, mesh: Mesh, dtype=jnp.bfloat16) -> jax.Array:
+    """A zeroed unified pool `[L, num_pages, page_elems]` (`layout`: the single-device one)
+    split along `page_elems`: device `i`'s slab `[L, num_pages, page_elems / tp]` is, for
+    every page id, a page of the local layout (`local_pool_layout`) holding KV heads
+    `i*K/tp ... (i+1)*K/tp - 1`. Page ids mean the same on every device; the byte
+    order of the global array is therefore not the single-device one."""
+    local_pool_layout(layout, tp_size(mesh))
+    make = functools.partial(jnp.zeros, (layout.num_layers, layout.num_pages, layout.page_elems), dtype)
+    return jax.jit(make, out_shardings=NamedSharding(mesh, P(None, None, TP_AXIS)))()
+
+
+def paged_kv_cache(pool: jax.Array, page_table: jax.Array, layout: PoolLayout, seq_len: int, mesh: Mesh,
+                   attention_impl: str = "reference") -> PagedKVCache:
+    """`PagedKVCache.batched` over a pool from `create_pool`, carrying the per-device layout
+    that the TP forward's devices read their slabs with."""
+    local = local_pool_layout(layout, tp_size(mesh))
+    return PagedKVCache.batched(pool, page_table, local, seq_len, attention_impl)
