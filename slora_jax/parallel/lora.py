@@ -61,7 +61,8 @@ def column_parallel_lora(y_TxOl: jax.Array, x_TxI: jax.Array, w: SlotWeights, sl
         Rl = w.a.shape[-1]  # this device's rank columns
         i = lax.axis_index(TP_AXIS)
         local_ranks_S = jnp.clip(w.ranks - i * Rl, 0, Rl)
-        v_TxRl = shrink_reference(x_TxI, w.a, local_ranks_S, slot_T)
+        # The expand casts v to B's dtype anyway: gather it in that dtype (half the bytes in bf16).
+        v_TxRl = shrink_reference(x_TxI, w.a, local_ranks_S, slot_T).astype(w.b.dtype)
         v_TxR = lax.all_gather(v_TxRl, TP_AXIS, axis=1, tiled=True)
     else:
         v_TxR = shrink_reference(x_TxI, w.a, w.ranks, slot_T)
