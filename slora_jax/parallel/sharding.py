@@ -34,7 +34,7 @@ columns (each device takes `R/tp` of them); slots keep their true ranks.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +48,7 @@ from slora_jax.memory.pool import PoolLayout
 from slora_jax.model import checkpoint, llama
 from slora_jax.model.cache import DenseKVCache
 from slora_jax.model.llama import Params
-from slora_jax.ops.lora import SlotWeights
+from slora_jax.ops.lora import SlotWeights, random_slot_weights
 from slora_jax.parallel.mesh import TP_AXIS, check_tp, tp_size
 
 COLUMN_PARALLEL = ("q", "k", "v", "gate", "up")
@@ -162,6 +162,29 @@ def pack_slots(adapters, cfg: LlamaConfig, mesh: Mesh, strategy: str = "slora", 
 
     check_tp(cfg, tp_size(mesh))
     return shard_lora_weights(pack_slots_host(adapters, cfg, max_rank), mesh, strategy, dtype)
+
+
+def init_random_lora(key: jax.Array, cfg: LlamaConfig, ranks: Sequence[int], projections: Sequence[str],
+                     mesh: Mesh, strategy: str = "slora", dtype=jnp.bfloat16) -> dict[str, SlotWeights]:
+    """Random dense-slot LoRA weights for experiments, drawn directly into their shards.
+
+    Slot `s` has rank `ranks[s]` on every layer of each projection in `projections`
+    (`ops.lora.random_slot_weights` per layer; R = max rank rounded up to 16, so
+    every tp up to 16 splits it).
+    """
+    check_strategy(strategy)
+    check_tp(cfg, tp_size(mesh))
+    L = cfg.num_hidden_layers
+    out = {}
+    for n, proj in enumerate(projections):
+        h_in, h_out = cfg.projection_shape(proj)
+
+        def draw(k, h_in=h_in, h_out=h_out):  # [L, S, ...]
+            one = functools.partial(random_slot_weights, ranks=ranks, h_in=h_in, h_out=h_out, dtype=dtype)
+            return jax.vmap(one)(jax.random.split(k, L))
+
+        out[proj] = jax.jit(draw, out_shardings=named(mesh, lora_spec(proj, strategy)))(jax.random.fold_in(key, n))
+    return out
 
 
 def dense_kv_cache(cfg: LlamaConfig, batch: int, max_len: int, mesh: Mesh, dtype=jnp.bfloat16) -> DenseKVCache:
