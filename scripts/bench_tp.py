@@ -7,8 +7,9 @@
         head_dim=8 --tp 1 2 4 --batch 8 --context 64 --adapters 8 --steps 3     # CPU smoke run
 
 For each TP size: random bf16 weights drawn straight into their shards; a full
-batch of decode steps (`parallel.decode_step`, dense KV cache split by KV heads,
-every row at position `context - 1`) timed for the base model, then with
+batch of decode steps (`parallel.decode_step`, every row at position
+`context - 1`; KV split by KV heads: the unified pool read by the Pallas paged
+kernel on a GPU, a dense cache with jnp attention elsewhere) timed for the base model, then with
 `--adapters` random adapters of ranks `--ranks` (alternating) on
 `--projections`, every row on its own adapter (distinct popularity), under each
 `--strategies`. LoRA runs the gathered jnp path (`lora_reference` math per
@@ -51,6 +52,7 @@ from gpu_engine_check import copy_bandwidth_GBps  # noqa: E402  (scripts/ is on 
 from slora_jax import parallel  # noqa: E402
 from slora_jax.compat import shard_map  # noqa: E402
 from slora_jax.config import preset  # noqa: E402
+from slora_jax.memory.pool import PoolLayout  # noqa: E402
 from slora_jax.model import LoraInputs  # noqa: E402
 from slora_jax.parallel.sharding import COLUMN_PARALLEL  # noqa: E402
 
@@ -66,9 +68,20 @@ def median_ms(fn, steps: int, warmup: int = 2) -> float:
     return float(np.median(ts)) * 1e3
 
 
-def decode_timer(params, cfg, mesh, batch: int, context: int, lora, strategy: str, dtype):
+def kv_cache(cfg, mesh, batch: int, context: int, attention: str, dtype, page_size: int = 16):
+    """Dense cache (jnp attention), or the unified pool split by KV heads read by the Pallas kernel."""
+    if attention == "reference":
+        return parallel.dense_kv_cache(cfg, batch, context, mesh, dtype)
+    pages_per_seq = -(-context // page_size)
+    layout = PoolLayout.for_model(cfg, batch * pages_per_seq + 1, page_size)
+    page_table = jnp.arange(1, batch * pages_per_seq + 1, dtype=jnp.int32).reshape(batch, pages_per_seq)
+    return parallel.paged_kv_cache(parallel.create_pool(layout, mesh, dtype), page_table, layout, 1, mesh,
+                                   attention_impl="pallas")
+
+
+def decode_timer(params, cfg, mesh, batch: int, context: int, lora, strategy: str, attention: str, dtype):
     """A closure running one decode step on a persistent (donated) cache and waiting for its logits."""
-    cache = parallel.dense_kv_cache(cfg, batch, context, mesh, dtype)
+    cache = kv_cache(cfg, mesh, batch, context, attention, dtype)
     rng = np.random.default_rng(0)
     tokens_B = jnp.asarray(rng.integers(0, cfg.vocab_size, batch), jnp.int32)
     pos_B = jnp.full((batch,), context - 1, jnp.int32)
@@ -124,7 +137,8 @@ def run_tp(args, cfg, tp: int, bw_GBps: float | None) -> list[dict]:
     B, ctx = args.batch, args.context
     ranks = [args.ranks[s % len(args.ranks)] for s in range(args.adapters)]
     slot_Bx1 = jnp.asarray((np.arange(B) % args.adapters)[:, None], jnp.int32)
-    common = {"preset": args.preset, "tp": tp, "batch": B, "context": ctx, "dtype": args.dtype}
+    common = {"preset": args.preset, "tp": tp, "batch": B, "context": ctx, "dtype": args.dtype,
+              "attention": args.attention}
     rows = []
 
     def record(case: dict, ms: float, lora_w=None) -> dict:
@@ -137,11 +151,11 @@ def run_tp(args, cfg, tp: int, bw_GBps: float | None) -> list[dict]:
         rows.append(row)
         return row
 
-    base = record({"lora": None}, median_ms(decode_timer(params, cfg, mesh, B, ctx, None, "slora", dtype),
-                                            args.steps))
+    base = record({"lora": None}, median_ms(decode_timer(params, cfg, mesh, B, ctx, None, "slora", args.attention,
+                                                         dtype), args.steps))
     for strategy in args.strategies:
         w = parallel.init_random_lora(jax.random.key(1), cfg, ranks, args.projections, mesh, strategy, dtype)
-        step = decode_timer(params, cfg, mesh, B, ctx, LoraInputs(w, slot_Bx1), strategy, dtype)
+        step = decode_timer(params, cfg, mesh, B, ctx, LoraInputs(w, slot_Bx1), strategy, args.attention, dtype)
         row = record({"lora": {"adapters": args.adapters, "ranks": sorted(set(ranks)),
                                "projections": args.projections, "popularity": "distinct", "impl": "reference"},
                       "strategy": strategy}, median_ms(step, args.steps), w)
@@ -195,7 +209,12 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=INT",
                     help="override integer LlamaConfig fields of the preset, e.g. num_key_value_heads=4")
+    ap.add_argument("--attention", choices=["pallas", "reference"], default=None,
+                    help="pallas: the paged kernel on the pool split by KV heads (default on GPU); "
+                         "reference: jnp attention on a dense cache (default elsewhere)")
     args = ap.parse_args()
+    if args.attention is None:
+        args.attention = "pallas" if jax.default_backend() == "gpu" else "reference"
     overrides = {k: int(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     cfg = dataclasses.replace(preset(args.preset), **overrides)
     on_gpu = jax.default_backend() == "gpu"

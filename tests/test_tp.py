@@ -4,6 +4,7 @@ strategies; loaders place shards; the collectives are the ones each strategy pro
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -18,7 +19,8 @@ from slora_jax import parallel
 from slora_jax.adapters import load_adapter, pack_slots, random_adapter
 from slora_jax.config import preset
 from slora_jax.memory.pool import PoolLayout
-from slora_jax.model import LoraInputs, greedy_generate, load_checkpoint, param_shapes, prefill
+from slora_jax.model import LoraInputs, decode_step, load_checkpoint, param_shapes, prefill
+from slora_jax.model.generate import greedy_loop
 from slora_jax.model.llama import prompt_positions
 from test_model import hf_logits, pad, random_prompts, rel_err
 from test_model_lora import ADAPTERS
@@ -33,6 +35,22 @@ ROW_SLOTS = [0, 3, None, 1, 4, 2, None, 3]
 ROW_LENS = [5, 12, 7, 1, 20, 3, 9, 14]
 MAX_NEW = 8
 TOL = 1e-5
+
+
+def recorded_greedy(prefill_fn, decode_fn, cfg, prompts, weights):
+    """Greedy tokens, and the logits `[B, V]` of every step: the prefill's last prompt token, then each decode."""
+    steps = []
+
+    def record(fn):
+        def run(*args):
+            logits, cache = fn(*args)
+            steps.append(np.asarray(logits).reshape(len(prompts), -1))
+            return logits, cache
+
+        return run
+
+    tokens = greedy_loop(record(prefill_fn), record(decode_fn), cfg, prompts, MAX_NEW, weights, ROW_SLOTS)
+    return tokens, steps
 
 
 @pytest.fixture(scope="module")
@@ -52,20 +70,31 @@ def setup(tmp_path_factory):
     slot_ids = jnp.asarray(np.repeat(slot_B[:, None], toks.shape[1], axis=1))
     weights = pack_slots(adapters, cfg, dtype=jnp.float32)
     ref_logits, _ = prefill(params, cfg, toks, lens, 32, LoraInputs(weights, slot_ids))
-    ref_tokens = greedy_generate(params, cfg, prompts, MAX_NEW, lora_weights=weights, slots=ROW_SLOTS)
     base_logits, _ = prefill(params, cfg, toks, lens, 32, LoraInputs(weights, jnp.full_like(slot_ids, -1)))
+    ref_tokens, ref_steps = recorded_greedy(functools.partial(prefill, params, cfg),
+                                            functools.partial(decode_step, params, cfg), cfg, prompts, weights)
     return dict(dir=root / "base", cfg=cfg, hf=hf, peft=peft_models, adapters=adapters, prompts=prompts,
                 toks=toks, lens=lens, slot_ids=slot_ids, ref_logits=np.asarray(ref_logits),
-                ref_tokens=ref_tokens, base_logits=np.asarray(base_logits))
+                base_logits=np.asarray(base_logits), ref_tokens=ref_tokens, ref_steps=ref_steps)
 
 
-def tp_prefill(s, tp: int, strategy: str):
+def tp_model(s, tp: int, strategy: str):
+    """Mesh, params and adapter slots loaded straight into their shards."""
     mesh = parallel.make_mesh(s["cfg"], tp)
     cfg, params = parallel.load_checkpoint(s["dir"], mesh, dtype=jnp.float32)
-    weights = parallel.pack_slots(s["adapters"], cfg, mesh, strategy)
-    logits, cache = parallel.prefill(params, cfg, s["toks"], s["lens"], 32, LoraInputs(weights, s["slot_ids"]),
-                                     mesh=mesh, strategy=strategy)
-    return mesh, params, weights, np.asarray(logits), cache
+    return mesh, params, parallel.pack_slots(s["adapters"], cfg, mesh, strategy)
+
+
+@pytest.fixture(scope="module")
+def tp4_prefill(setup):
+    """strategy -> (mesh, params, weights, prefill logits at every position, cache) at TP 4."""
+    out = {}
+    for strategy in parallel.LORA_STRATEGIES:
+        mesh, params, weights = tp_model(setup, 4, strategy)
+        logits, cache = parallel.prefill(params, setup["cfg"], setup["toks"], setup["lens"], 32,
+                                         LoraInputs(weights, setup["slot_ids"]), mesh=mesh, strategy=strategy)
+        out[strategy] = (mesh, params, weights, np.asarray(logits), cache)
+    return out
 
 
 def row_errors(logits, ref, lens):
@@ -80,17 +109,30 @@ def test_adapters_change_the_output(setup):
 
 @pytest.mark.parametrize("strategy", parallel.LORA_STRATEGIES)
 @pytest.mark.parametrize("tp", [1, 2, 4])
-def test_tp_matches_single_device(setup, tp, strategy):
-    mesh, params, weights, logits, cache = tp_prefill(setup, tp, strategy)
-    assert {sh.data.shape[3] for sh in cache.k.addressable_shards} == {setup["cfg"].num_key_value_heads // tp}
-    assert max(row_errors(logits, setup["ref_logits"], setup["lens"])) < TOL
-    tokens = parallel.greedy_generate(params, setup["cfg"], setup["prompts"], MAX_NEW, lora_weights=weights,
-                                      slots=ROW_SLOTS, mesh=mesh, strategy=strategy)
+def test_tp_greedy_matches_single_device(setup, tp, strategy):
+    """Same greedy tokens, and the same logits at every step (prefill's last token, each decode)."""
+    cfg = setup["cfg"]
+    mesh, params, weights = tp_model(setup, tp, strategy)
+    tokens, steps = recorded_greedy(functools.partial(parallel.prefill, params, cfg, mesh=mesh, strategy=strategy),
+                                    functools.partial(parallel.decode_step, params, cfg, mesh=mesh,
+                                                      strategy=strategy), cfg, setup["prompts"], weights)
     assert tokens == setup["ref_tokens"]
+    assert len(steps) == len(setup["ref_steps"]) == MAX_NEW
+    for t, (got, want) in enumerate(zip(steps, setup["ref_steps"])):
+        for b, ref_row in enumerate(setup["ref_tokens"]):
+            if t < len(ref_row):  # rows still generating at this step
+                assert rel_err(got[b], want[b]) < TOL, (t, b)
 
 
-def test_tp4_matches_peft(setup):
-    logits = tp_prefill(setup, 4, "slora")[3]
+@pytest.mark.parametrize("strategy", parallel.LORA_STRATEGIES)
+def test_tp4_prefill_logits_every_position(setup, tp4_prefill, strategy):
+    _, _, _, logits, cache = tp4_prefill[strategy]
+    assert {sh.data.shape[3] for sh in cache.k.addressable_shards} == {setup["cfg"].num_key_value_heads // 4}
+    assert max(row_errors(logits, setup["ref_logits"], setup["lens"])) < TOL
+
+
+def test_tp4_matches_peft(setup, tp4_prefill):
+    logits = tp4_prefill["slora"][3]
     checked = 0
     for row, (p, s) in enumerate(zip(setup["prompts"], ROW_SLOTS)):
         if s is not None and s >= len(setup["peft"]):
@@ -101,10 +143,10 @@ def test_tp4_matches_peft(setup):
     assert checked == 5
 
 
-def test_shards_are_placed_by_partition(setup):
+def test_shards_are_placed_by_partition(setup, tp4_prefill):
     cfg = setup["cfg"]
     L, H, F, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    mesh, params, weights, _, _ = tp_prefill(setup, 4, "slora")
+    _, params, weights, _, _ = tp4_prefill["slora"]
     shard = lambda x: {s.data.shape for s in x.addressable_shards}
     assert shard(params["layers"]["q"]["kernel"]) == {(L, H, cfg.q_size // 4)}
     assert shard(params["layers"]["k"]["kernel"]) == {(L, H, cfg.kv_size // 4)}
@@ -118,7 +160,7 @@ def test_shards_are_placed_by_partition(setup):
     assert shard(weights["down"].a) == {(L, S, F // 4, 6)} and shard(weights["down"].b) == {(L, S, 6, H // 4)}
     ranks = np.asarray(weights["up"].ranks)
     assert sorted(set(ranks[0].tolist())) == [0, 4, 6]  # true ranks kept, not the padded R
-    rep = parallel.pack_slots(setup["adapters"], cfg, mesh, "replicated_a")
+    rep = tp4_prefill["replicated_a"][2]
     assert shard(rep["up"].a) == {(L, S, H, 6)} and shard(rep["down"].b) == {(L, S, 6, H)}
 
 
@@ -150,12 +192,10 @@ def test_collectives_per_strategy():
         assert count_collectives(mesh, cfg, w, strategy) == want, strategy
 
 
-def test_paged_kv_pool_split_by_kv_heads(setup):
+def test_paged_kv_pool_split_by_kv_heads(setup, tp4_prefill):
     """The unified pool's KV view split by KV heads gives the dense single-device logits."""
     cfg, tp = setup["cfg"], 4
-    mesh = parallel.make_mesh(cfg, tp)
-    _, params = parallel.load_checkpoint(setup["dir"], mesh, dtype=jnp.float32)
-    weights = parallel.pack_slots(setup["adapters"], cfg, mesh, "slora")
+    mesh, params, weights, _, _ = tp4_prefill["slora"]
     B, S = setup["toks"].shape
     layout = PoolLayout.for_model(cfg, num_pages=B * 3 + 1, page_size=8)
     page_table = jnp.arange(1, B * 3 + 1, dtype=jnp.int32).reshape(B, 3)[:, ::-1]  # pages out of order
