@@ -193,13 +193,15 @@ def test_collectives_per_strategy():
 
 
 def test_paged_kv_pool_split_by_kv_heads(setup, tp4_prefill):
-    """The unified pool's KV view split by KV heads gives the dense single-device logits."""
+    """The unified pool's KV view split by KV heads, read by the Pallas paged-attention kernel,
+    gives the dense single-device logits."""
     cfg, tp = setup["cfg"], 4
     mesh, params, weights, _, _ = tp4_prefill["slora"]
     B, S = setup["toks"].shape
     layout = PoolLayout.for_model(cfg, num_pages=B * 3 + 1, page_size=8)
     page_table = jnp.arange(1, B * 3 + 1, dtype=jnp.int32).reshape(B, 3)[:, ::-1]  # pages out of order
-    cache = parallel.paged_kv_cache(parallel.create_pool(layout, mesh, jnp.float32), page_table, layout, S, mesh)
+    cache = parallel.paged_kv_cache(parallel.create_pool(layout, mesh, jnp.float32), page_table, layout, S, mesh,
+                                    attention_impl="pallas")  # the kernel (interpreted on CPU) on each device's slab
     assert cache.layout.num_kv_heads == cfg.num_key_value_heads // tp
     logits, cache = parallel.forward_jit(params, cfg, setup["toks"], prompt_positions(setup["lens"], S), cache,
                                          LoraInputs(weights, setup["slot_ids"]), mesh=mesh)

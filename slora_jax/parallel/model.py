@@ -86,7 +86,10 @@ def forward(
 
     cache_spec = sharding.cache_specs(cache)
     in_specs = (sharding.param_specs(cfg), P(), P(), cache_spec, sharding.lora_specs(weights, strategy), P(), P())
-    run = shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=(P(None, None, TP_AXIS), cache_spec))
+    # check_vma=False: Pallas calls (the paged-attention kernel) do not declare how their outputs
+    # vary over mesh axes; every collective here is written out explicitly anyway.
+    run = shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=(P(None, None, TP_AXIS), cache_spec),
+                    check_vma=False)
     return run(params, tokens_BxS, pos_BxS, cache, weights, slot_ids, logits_index_B)
 
 
