@@ -229,3 +229,16 @@ def test_unpadded_slora_weights_are_refused():
     toks = jnp.zeros((1, 1), jnp.int32)
     with pytest.raises(ValueError, match="q: rank dimension 3 is not a multiple of tp=2"):  # refused before tracing
         parallel.forward(param_shapes(cfg), cfg, toks, toks, None, LoraInputs(w, toks), mesh=mesh, strategy="slora")
+
+
+def test_random_init_draws_each_shard():
+    cfg = preset("tiny")
+    mesh = parallel.make_mesh(cfg, 2)
+    params = parallel.init_random_params(cfg, jax.random.key(0), mesh, jnp.float32)
+    shapes = param_shapes(cfg, jnp.float32)
+    assert jax.tree.structure(params) == jax.tree.structure(shapes)
+    assert jax.tree.map(lambda x: x.shape, params) == jax.tree.map(lambda x: x.shape, shapes)
+    q0, q1 = (np.asarray(s.data) for s in params["layers"]["q"]["kernel"].addressable_shards)
+    assert q0.shape == (cfg.num_hidden_layers, cfg.hidden_size, cfg.q_size // 2) and not np.allclose(q0, q1)
+    assert abs(float(np.std(np.asarray(params["lm_head"]["kernel"]))) - 0.02) < 1e-3
+    assert np.all(np.asarray(params["layers"]["mlp_norm"]["scale"]) == 1)

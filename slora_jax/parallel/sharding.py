@@ -39,9 +39,11 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from slora_jax.compat import shard_map
 from slora_jax.config import PROJECTIONS, LlamaConfig
 from slora_jax.memory.kv_cache import PagedKVCache
 from slora_jax.memory.pool import PoolLayout
@@ -127,10 +129,38 @@ def load_checkpoint(path, mesh: Mesh, dtype=jnp.bfloat16) -> tuple[LlamaConfig, 
 
 
 def init_random_params(cfg: LlamaConfig, key: jax.Array, mesh: Mesh, dtype=jnp.bfloat16) -> Params:
-    """Random params drawn directly into their shards (a 70B model never exists on one device)."""
-    check_tp(cfg, tp_size(mesh))
-    init = functools.partial(llama.init_random_params, cfg, dtype=dtype)
-    return jax.jit(init, out_shardings=named(mesh, param_specs(cfg)))(key)
+    """Random params drawn by each device for its own shard only, one layer at a time.
+
+    The distributions of `model.init_random_params` (normal(0.02) kernels and
+    embeddings, unit norms), other draws. Neither a 70B model nor its fp32
+    temporaries ever exist whole on one device.
+    """
+    tp = tp_size(mesh)
+    check_tp(cfg, tp)
+    specs = param_specs(cfg)
+    shapes = llama.param_shapes(cfg, dtype)
+
+    def leaf(k, path: tuple[str, ...], shape: tuple[int, ...], spec: P) -> jax.Array:
+        """This device's shard of one leaf."""
+        axes = tuple(spec) + (None,) * (len(shape) - len(spec))
+        local = tuple(d // tp if ax == TP_AXIS else d for d, ax in zip(shape, axes))
+        if path[-1] == "scale":
+            return jnp.ones(local, dtype)
+        k = jax.random.fold_in(k, lax.axis_index(TP_AXIS))
+        normal = lambda kk, shp: (jax.random.normal(kk, shp, jnp.float32) * 0.02).astype(dtype)
+        if path[0] == "layers":  # [L, ...]: one layer at a time bounds the temporaries
+            return lax.map(lambda kl: normal(kl, local[1:]), jax.random.split(k, local[0]))
+        return normal(k, local)
+
+    def per_device(key):
+        paths_shapes = jax.tree_util.tree_flatten_with_path(shapes)[0]
+        keys = jax.random.split(key, len(paths_shapes))
+        flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+        leaves = [leaf(k, tuple(p.key for p in kp), s.shape, spec)
+                  for k, (kp, s), spec in zip(keys, paths_shapes, flat_specs)]
+        return jax.tree.unflatten(jax.tree.structure(shapes), leaves)
+
+    return jax.jit(shard_map(per_device, mesh=mesh, in_specs=P(), out_specs=specs, check_vma=False))(key)
 
 
 def shard_lora_weights(weights: dict[str, SlotWeights], mesh: Mesh, strategy: str = "slora",
@@ -179,9 +209,9 @@ def init_random_lora(key: jax.Array, cfg: LlamaConfig, ranks: Sequence[int], pro
     for n, proj in enumerate(projections):
         h_in, h_out = cfg.projection_shape(proj)
 
-        def draw(k, h_in=h_in, h_out=h_out):  # [L, S, ...]
+        def draw(k, h_in=h_in, h_out=h_out):  # [L, S, ...], one layer at a time (bounded temporaries)
             one = functools.partial(random_slot_weights, ranks=ranks, h_in=h_in, h_out=h_out, dtype=dtype)
-            return jax.vmap(one)(jax.random.split(k, L))
+            return lax.map(one, jax.random.split(k, L))
 
         out[proj] = jax.jit(draw, out_shardings=named(mesh, lora_spec(proj, strategy)))(jax.random.fold_in(key, n))
     return out
