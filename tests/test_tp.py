@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import TINY_MODELS, make_hf_model
+from conftest import make_hf_model
 from peft_utils import make_peft_adapter
 from slora_jax import parallel
 from slora_jax.adapters import load_adapter, pack_slots, random_adapter

@@ -73,6 +73,8 @@ def forward(
     """
     tp = tp_size(mesh)
     check_tp(cfg, tp)
+    if lora is not None and not isinstance(lora, LoraInputs):
+        raise TypeError(f"under tensor parallelism LoRA comes as dense-slot LoraInputs for now, got {type(lora).__name__}")
     weights = {} if lora is None else dict(lora.weights)
     slot_ids = None if lora is None else lora.slot_ids
     _check_lora(weights, tp, strategy)
