@@ -84,12 +84,11 @@ def check_strategy(strategy: str) -> None:
 def lora_spec(proj: str, strategy: str) -> SlotWeights:
     """`SlotWeights` of `PartitionSpec`s for one projection's `[L, S, ...]` weights."""
     check_strategy(strategy)
-    on_in, on_r, on_out = P(None, None, TP_AXIS, None), P(None, None, None, TP_AXIS), P(None, None, None, TP_AXIS)
+    on_in = P(None, None, TP_AXIS, None)  # a [L, S, I, R] along I
+    on_last = P(None, None, None, TP_AXIS)  # a along R, or b [L, S, R, O] along O
     if proj in COLUMN_PARALLEL:
-        a = on_r if strategy == "slora" else P()
-        return SlotWeights(a=a, b=on_out, ranks=P())
-    b = on_out if strategy == "slora" else P()
-    return SlotWeights(a=on_in, b=b, ranks=P())
+        return SlotWeights(a=on_last if strategy == "slora" else P(), b=on_last, ranks=P())
+    return SlotWeights(a=on_in, b=on_last if strategy == "slora" else P(), ranks=P())
 
 
 def lora_specs(weights: dict[str, SlotWeights], strategy: str) -> dict[str, SlotWeights]:
