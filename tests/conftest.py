@@ -11,6 +11,10 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Four host CPU devices for the tensor-parallel tests (must precede JAX's backend start).
+# Everything else still runs on device 0, as with one device.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 
 import jax
 import pytest
@@ -42,13 +46,14 @@ TINY_MODELS = {
 }
 
 
-def make_hf_model(name: str, seed: int = 0):
-    """A fp32 `transformers` LlamaForCausalLM of one of TINY_MODELS, in eval mode."""
+def make_hf_model(name: str, seed: int = 0, **overrides):
+    """A fp32 `transformers` LlamaForCausalLM of one of TINY_MODELS (fields `overrides` changed), in eval mode."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(initializer_range=0.15, bos_token_id=1, eos_token_id=2, **TINY_MODELS[name])
+    kwargs = {**TINY_MODELS[name], **overrides}
+    cfg = transformers.LlamaConfig(initializer_range=0.15, bos_token_id=1, eos_token_id=2, **kwargs)
     return transformers.LlamaForCausalLM(cfg).eval()
 
 

@@ -34,6 +34,18 @@ def pack_slots(
     the projection's largest rank. Raises `AdapterError` if a module exceeds
     `max_rank` or does not fit `base_config`.
     """
+    host = pack_slots_host(adapters, base_config, max_rank)
+    return {proj: SlotWeights(jnp.asarray(w.a, dtype), jnp.asarray(w.b, dtype), jnp.asarray(w.ranks))
+            for proj, w in host.items()}
+
+
+def pack_slots_host(
+    adapters: Sequence[LoraAdapter],
+    base_config: LlamaConfig,
+    max_rank: int | None = None,
+) -> dict[str, SlotWeights]:
+    """`pack_slots` as host numpy arrays (fp32 `a`/`b`), for callers that place them
+    on devices themselves (e.g. straight into tensor-parallel shards)."""
     n_layers, n_slots = base_config.num_hidden_layers, len(adapters)
     packed = {}
     for proj in PROJECTIONS:
@@ -57,7 +69,5 @@ def pack_slots(
             a_LxSxIxR[layer, s, :, : m.rank] = m.a
             b_LxSxRxO[layer, s, : m.rank, :] = m.b.astype(np.float32) * np.float32(m.scale)
             ranks_LxS[layer, s] = m.rank
-        packed[proj] = SlotWeights(
-            a=jnp.asarray(a_LxSxIxR, dtype), b=jnp.asarray(b_LxSxRxO, dtype), ranks=jnp.asarray(ranks_LxS)
-        )
+        packed[proj] = SlotWeights(a=a_LxSxIxR, b=b_LxSxRxO, ranks=ranks_LxS)
     return packed

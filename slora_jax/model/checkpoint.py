@@ -7,6 +7,7 @@ a `CheckpointError` that names the file and the tensor.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -99,8 +100,14 @@ def _hf_name(tree_path: tuple[str, ...], layer: int | None) -> str:
     return suffix if layer is None else f"model.layers.{layer}.{suffix}"
 
 
-def load_checkpoint(path: str | os.PathLike, dtype: Any = jnp.bfloat16) -> tuple[LlamaConfig, Params]:
+def load_checkpoint(
+    path: str | os.PathLike, dtype: Any = jnp.bfloat16, shardings: Params | None = None
+) -> tuple[LlamaConfig, Params]:
     """Read a Hugging Face Llama folder; returns `(config, params)` with params in `dtype`.
+
+    `shardings`: optional tree of `jax.sharding.Sharding`s shaped like the params;
+    each leaf then goes straight into its shards (every device receives only its
+    slice of the host leaf), as the tensor-parallel loader needs.
 
     Accepts `model.safetensors` or a sharded `model.safetensors.index.json`;
     refuses pickle `.bin` files. Raises `CheckpointError` for a missing config,
@@ -150,7 +157,10 @@ def load_checkpoint(path: str | os.PathLike, dtype: Any = jnp.bfloat16) -> tuple
             x = sf.get(name)
             dst = out[layer] if stacked else out
             dst[...] = x.T if transpose else x
-        return jnp.asarray(out)
+        if shardings is None:
+            return jnp.asarray(out)
+        sharding = functools.reduce(lambda tree, key: tree[key], tree_path, shardings)
+        return jax.make_array_from_callback(out.shape, sharding, lambda index: out[index])
 
     params = jax.tree_util.tree_map_with_path(lambda kp, s: leaf(tuple(k.key for k in kp), s), shapes)
     return cfg, params

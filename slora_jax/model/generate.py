@@ -6,7 +6,8 @@ for serving; this loop stays as the simplest correct reference.
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Callable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +32,26 @@ def greedy_generate(
     (kept in its output, as `transformers` does). `slots[i]` is prompt i's
     adapter slot in `lora_weights`, or None for the base model.
     """
+    return greedy_loop(
+        functools.partial(prefill, params, cfg),
+        functools.partial(decode_step, params, cfg),
+        cfg, prompts, max_new_tokens, lora_weights, slots, eos_token_ids,
+    )
+
+
+def greedy_loop(
+    prefill_fn: Callable,
+    decode_fn: Callable,
+    cfg: LlamaConfig,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    lora_weights: dict[str, SlotWeights] | None = None,
+    slots: Sequence[int | None] | None = None,
+    eos_token_ids: Sequence[int] | None = None,
+) -> list[list[int]]:
+    """`greedy_generate` over any model runner: `prefill_fn(tokens, lengths, max_len, lora,
+    logits_index)` and `decode_fn(tokens, pos, cache, lora)` with the signatures of
+    `prefill` / `decode_step` after `(params, cfg)` (the tensor-parallel runner plugs in here)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if max_new_tokens < 1:
@@ -47,8 +68,8 @@ def greedy_generate(
     if lora_weights is not None:
         slot_B = np.array([-1 if s is None else s for s in (slots or [None] * B)], np.int32)
         lora = LoraInputs(lora_weights, jnp.asarray(np.repeat(slot_B[:, None], S, axis=1)))
-    logits, cache = prefill(params, cfg, jnp.asarray(tokens_BxS), jnp.asarray(lens_B), S + max_new_tokens, lora,
-                            logits_index_B=jnp.asarray(lens_B - 1))
+    logits, cache = prefill_fn(jnp.asarray(tokens_BxS), jnp.asarray(lens_B), S + max_new_tokens, lora,
+                               jnp.asarray(lens_B - 1))
     next_B = np.asarray(jnp.argmax(logits[:, 0], axis=-1))
     if lora is not None:
         lora = lora._replace(slot_ids=jnp.asarray(slot_B[:, None]))
@@ -62,6 +83,6 @@ def greedy_generate(
         if done_B.all():
             break
         pos_B = np.where(done_B, -1, lens_B + step).astype(np.int32)
-        logits_BxV, cache = decode_step(params, cfg, jnp.asarray(next_B), jnp.asarray(pos_B), cache, lora)
+        logits_BxV, cache = decode_fn(jnp.asarray(next_B), jnp.asarray(pos_B), cache, lora)
         next_B = np.asarray(jnp.argmax(logits_BxV, axis=-1))
     return out

@@ -133,9 +133,27 @@ def forward(
     Returns:
       logits `[B, S | 1 | n, V]` in fp32, and the cache holding the new tokens' K/V.
     """
-    dtype = params["embed"]["embedding"].dtype
-    B, S = tokens_BxS.shape
     h_BxSxH = jnp.take(params["embed"]["embedding"], tokens_BxS, axis=0)
+    h_BxSxH, cache = decoder_stack(params["layers"], cfg, h_BxSxH, pos_BxS, cache, lora)
+    return final_logits(params, cfg, h_BxSxH, logits_index_B), cache
+
+
+def decoder_stack(
+    layer_params: Params,
+    cfg: LlamaConfig,
+    h_BxSxH: jax.Array,
+    pos_BxS: jax.Array,
+    cache: DenseKVCache,
+    lora: LoraInputs | None = None,
+) -> tuple[jax.Array, DenseKVCache]:
+    """The decoder layers: a `lax.scan` over the layer-stacked `params["layers"]`, or a
+    Python loop over a list of per-layer trees (`unstack_layers`).
+
+    The tensor-parallel forward (`slora_jax.parallel`) runs this same function
+    on each device's shards with a per-device `cfg` (its share of the heads and
+    of the MLP width) and a `lora` object whose hook also does the all-reduces.
+    """
+    dtype = h_BxSxH.dtype
     rope = rope_tables(cfg, jnp.maximum(pos_BxS, 0))
     layer = DecoderLayer(cfg, dtype)
 
@@ -154,29 +172,34 @@ def forward(
         return (h_BxSxH, cache), None
 
     lora_w = None if lora is None else lora.per_layer()
-    if isinstance(params["layers"], (list, tuple)):
+    if isinstance(layer_params, (list, tuple)):
         # Per-layer trees (`unstack_layers`): a Python loop, each layer's weights their own
         # buffers. Under `scan`, XLA on a GPU copies every layer's weight slice out of the
         # stacked arrays before its matmuls (a whole extra pass over the weights a step).
         carry = (h_BxSxH, cache)
-        for i, layer_params in enumerate(params["layers"]):
+        for i, params_i in enumerate(layer_params):
             w_i = None if lora_w is None else jax.tree.map(lambda a, i=i: a[i], lora_w)
-            carry, _ = body(carry, (jnp.int32(i), layer_params, w_i))
-        h_BxSxH, cache = carry
-    else:
-        xs = (jnp.arange(cfg.num_hidden_layers), params["layers"], lora_w)
-        (h_BxSxH, cache), _ = jax.lax.scan(body, (h_BxSxH, cache), xs)
+            carry, _ = body(carry, (jnp.int32(i), params_i, w_i))
+        return carry
+    xs = (jnp.arange(cfg.num_hidden_layers), layer_params, lora_w)
+    (h_BxSxH, cache), _ = jax.lax.scan(body, (h_BxSxH, cache), xs)
+    return h_BxSxH, cache
 
+
+def final_logits(params: Params, cfg: LlamaConfig, h_BxSxH: jax.Array,
+                 logits_index_B: jax.Array | None = None) -> jax.Array:
+    """Final norm and the vocabulary projection, fp32 `[B, S | n, V]` (`V` local under TP:
+    the lm_head, or the tied embedding, may be a vocab shard)."""
+    B = h_BxSxH.shape[0]
     if logits_index_B is not None:
         idx_Bxn = logits_index_B.reshape(B, -1)
         h_BxSxH = jnp.take_along_axis(h_BxSxH, idx_Bxn[:, :, None], axis=1)
-    h_BxSxH = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": params["final_norm"]}, h_BxSxH)
+    h_BxSxH = RMSNorm(cfg.rms_norm_eps, h_BxSxH.dtype).apply({"params": params["final_norm"]}, h_BxSxH)
     if cfg.tie_word_embeddings:
         w_HxV = params["embed"]["embedding"].T
     else:
         w_HxV = params["lm_head"]["kernel"]
-    logits = jnp.einsum("bsh,hv->bsv", h_BxSxH, w_HxV, preferred_element_type=jnp.float32)
-    return logits, cache
+    return jnp.einsum("bsh,hv->bsv", h_BxSxH, w_HxV, preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
@@ -201,9 +224,14 @@ def prefill(
     prompts' K/V, ready for `decode_step`.
     """
     B, S = tokens_BxS.shape
-    pos_BxS = jnp.where(jnp.arange(S)[None, :] < lengths_B[:, None], jnp.arange(S)[None, :], -1)
     cache = DenseKVCache.create(cfg, B, max_len, params["embed"]["embedding"].dtype)
-    return forward_jit(params, cfg, tokens_BxS, pos_BxS.astype(jnp.int32), cache, lora, logits_index_B)
+    return forward_jit(params, cfg, tokens_BxS, prompt_positions(lengths_B, S), cache, lora, logits_index_B)
+
+
+def prompt_positions(lengths_B: jax.Array, S: int) -> jax.Array:
+    """int32 `[B, S]` positions of right-padded prompts: `0..len-1`, then -1 (padding)."""
+    pos_BxS = jnp.where(jnp.arange(S)[None, :] < lengths_B[:, None], jnp.arange(S)[None, :], -1)
+    return pos_BxS.astype(jnp.int32)
 
 
 def decode_step(

@@ -1,0 +1,120 @@
+"""LoRA under tensor parallelism, and the projection epilogue that holds the block all-reduces.
+
+Inside the TP forward (`shard_map`) every projection of a decoder layer ends in
+`ShardedProjections.layer_fn(...)(proj, y, x)`, called with this device's
+slices. With `x`, `y` as each device sees them and `v = x @ A` the `[T, r]`
+shrink output:
+
+Column-parallel (q, k, v, gate, up): `x [T, I]` whole, `y [T, O/tp]` this
+device's output columns, B split like `y` (`[S, R, O/tp]`).
+  - `slora` (S-LoRA): A split along the rank (`[S, I, R/tp]`). Each device
+    computes its `R/tp` columns of `v`, one all-gather makes `v [T, R]`, then
+    `y += v @ B_i`. Extra collective: the all-gather of `[T, R]`.
+  - `replicated_a` (vLLM's default): A whole on every device; `v = x @ A`
+    computed redundantly, `y += v @ B_i`. No extra collective; A's bytes are
+    read `tp` times over.
+
+Row-parallel (o, down): `x [T, I/tp]` this device's input slice, `y [T, H]`
+the partial sum of the base matmul over that slice; A split along its input
+(`[S, I/tp, R]`), so `x @ A_i` is a partial sum of `v` too. The block's
+all-reduce (`psum`) of `y` happens here, after the LoRA term is added:
+  - `slora`: `v = psum(x @ A_i)` (extra collective: an all-reduce of `[T, R]`);
+    B split along its output (`[S, R, H/tp]`), device i adds `v @ B_i` into
+    columns `i*H/tp ...` of its partial `y`; the block's all-reduce then sums
+    base partials and places every device's LoRA slice:
+    `psum(y_i + scatter_i(v @ B_i)) = x @ W + v @ B`.
+  - `replicated_a`: B whole; device i adds `(x @ A_i) @ B` to its partial `y`
+    and the block's all-reduce sums them (`sum_i (x_i A_i) B = (x A) B`, by
+    linearity). No extra collective; B's bytes are read `tp` times over.
+
+So the block all-reduces are exactly the base model's two per layer; `slora`
+adds one `[T, R]` all-gather per targeted column-parallel projection and one
+`[T, R]` all-reduce per targeted row-parallel one.
+
+Ranks: every slot keeps its true rank in `ranks` (replicated). Under `slora`, a
+column-parallel A is split in `R/tp` columns (R padded to a multiple of tp by
+`sharding.shard_lora_weights`), so device i sees slot s at local rank
+`clip(r_s - i*R/tp, 0, R/tp)`; a slot of rank 3 at R/tp = 2 has local ranks
+2, 1, 0, 0 on four devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.sgmv_expand import expand_reference
+from pallas_kernels.sgmv_shrink import shrink_reference
+from slora_jax.model.layers import LoraFn
+from slora_jax.ops.lora import SlotWeights
+from slora_jax.parallel.mesh import TP_AXIS
+from slora_jax.parallel.sharding import COLUMN_PARALLEL, ROW_PARALLEL
+
+
+def column_parallel_lora(y_TxOl: jax.Array, x_TxI: jax.Array, w: SlotWeights, slot_T: jax.Array,
+                         strategy: str) -> jax.Array:
+    """`y + (x @ A[slot]) @ B[slot]` for this device's output columns (see the module docstring)."""
+    if strategy == "slora":
+        Rl = w.a.shape[-1]  # this device's rank columns
+        i = lax.axis_index(TP_AXIS)
+        local_ranks_S = jnp.clip(w.ranks - i * Rl, 0, Rl)
+        # The expand casts v to B's dtype anyway: gather it in that dtype (half the bytes in bf16).
+        v_TxRl = shrink_reference(x_TxI, w.a, local_ranks_S, slot_T).astype(w.b.dtype)
+        v_TxR = lax.all_gather(v_TxRl, TP_AXIS, axis=1, tiled=True)
+    else:
+        v_TxR = shrink_reference(x_TxI, w.a, w.ranks, slot_T)
+    return expand_reference(y_TxOl, v_TxR, w.b, w.ranks, slot_T)
+
+
+def row_parallel_lora(y_TxH: jax.Array, x_TxIl: jax.Array, w: SlotWeights | None, slot_T: jax.Array | None,
+                      strategy: str) -> jax.Array:
+    """The block's all-reduce of the partial base output `y`, with the LoRA term added (module docstring)."""
+    if w is None:
+        return lax.psum(y_TxH, TP_AXIS)
+    v_part_TxR = shrink_reference(x_TxIl, w.a, w.ranks, slot_T)  # partial sum over this input slice
+    if strategy == "slora":
+        v_TxR = lax.psum(v_part_TxR, TP_AXIS)
+        Hl = w.b.shape[-1]
+        start = lax.axis_index(TP_AXIS) * Hl
+        y_TxHl = lax.dynamic_slice_in_dim(y_TxH, start, Hl, axis=1)
+        y_TxHl = expand_reference(y_TxHl, v_TxR, w.b, w.ranks, slot_T)
+        y_TxH = lax.dynamic_update_slice_in_dim(y_TxH, y_TxHl, start, axis=1)
+    else:
+        y_TxH = expand_reference(y_TxH, v_part_TxR, w.b, w.ranks, slot_T)
+    return lax.psum(y_TxH, TP_AXIS)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedProjections:
+    """The `lora` argument of `decoder_stack` on one device of the TP forward.
+
+    It offers the `LoraInputs` protocol (`per_layer`, `layer_fn`) over this
+    device's LoRA shards, and also ends every row-parallel projection with the
+    block all-reduce, so it is passed even when no adapter is present.
+
+    weights: projection -> this device's `SlotWeights` shards, `[L, ...]`-stacked
+      (possibly empty); slot_ids: int32 `[B, S]` (-1: no adapter) or None.
+    """
+
+    weights: dict[str, SlotWeights]
+    slot_ids: jax.Array | None
+    strategy: str
+
+    def per_layer(self):
+        return self.weights
+
+    def layer_fn(self, layer: jax.Array, layer_weights, cache) -> LoraFn:
+        del layer, cache
+        slot_T = None if self.slot_ids is None else self.slot_ids.reshape(-1)
+
+        def epilogue(proj: str, y: jax.Array, x: jax.Array) -> jax.Array:
+            w = layer_weights.get(proj) if slot_T is not None else None
+            if proj in ROW_PARALLEL:
+                return row_parallel_lora(y, x, w, slot_T, self.strategy)
+            assert proj in COLUMN_PARALLEL, proj
+            return y if w is None else column_parallel_lora(y, x, w, slot_T, self.strategy)
+
+        return epilogue

@@ -1,0 +1,137 @@
+"""The tensor-parallel forward: `model.llama`'s decoder layers under `shard_map`.
+
+Each device runs `llama.decoder_stack` unchanged on its shards with its local
+config (`mesh.local_config`: `N/tp` heads, `K/tp` KV heads, `F/tp` MLP width)
+and a `ShardedProjections` epilogue that adds LoRA per strategy and does the
+two all-reduces per layer. Around it: a vocab-parallel embedding lookup (each
+device looks up the tokens of its vocabulary range, one `[T, H]` all-reduce)
+and vocab-parallel logits (each device's `[B, S, V/tp]` columns; the result is
+one global `[B, S, V]` array split over the vocabulary, no collective).
+
+Inputs are the global arrays placed by `parallel.sharding` (params, LoRA
+weights, KV cache); tokens, positions, slot ids are replicated.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from slora_jax.compat import shard_map
+from slora_jax.config import LlamaConfig
+from slora_jax.model import generate, llama
+from slora_jax.model.llama import LoraInputs, Params
+from slora_jax.ops.lora import SlotWeights
+from slora_jax.parallel import sharding
+from slora_jax.parallel.lora import ShardedProjections
+from slora_jax.parallel.mesh import TP_AXIS, check_tp, local_config, tp_size
+
+
+def _vocab_parallel_embed(emb_VlxH: jax.Array, tokens_BxS: jax.Array) -> jax.Array:
+    """Rows of this device's vocabulary range, zero elsewhere, summed over devices: `[B, S, H]`."""
+    Vl = emb_VlxH.shape[0]
+    local_BxS = tokens_BxS - lax.axis_index(TP_AXIS) * Vl
+    mine_BxS = (local_BxS >= 0) & (local_BxS < Vl)
+    h_BxSxH = jnp.take(emb_VlxH, jnp.clip(local_BxS, 0, Vl - 1), axis=0)
+    return lax.psum(jnp.where(mine_BxS[..., None], h_BxSxH, 0).astype(emb_VlxH.dtype), TP_AXIS)
+
+
+def _check_lora(weights: dict[str, SlotWeights], tp: int, strategy: str) -> None:
+    sharding.check_strategy(strategy)
+    for proj, w in weights.items():
+        if strategy == "slora" and proj in sharding.COLUMN_PARALLEL and w.a.shape[-1] % tp:
+            raise ValueError(
+                f"LoRA {proj}: rank dimension {w.a.shape[-1]} is not a multiple of tp={tp}; place the "
+                "weights with parallel.shard_lora_weights / parallel.pack_slots (they pad it)"
+            )
+
+
+def forward(
+    params: Params,
+    cfg: LlamaConfig,
+    tokens_BxS: jax.Array,
+    pos_BxS: jax.Array,
+    cache,
+    lora: LoraInputs | None = None,
+    logits_index_B: jax.Array | None = None,
+    *,
+    mesh: Mesh,
+    strategy: str = "slora",
+):
+    """`model.forward` over the `tp` devices of `mesh`; same arguments and results.
+
+    `cache` is a `DenseKVCache` (`sharding.dense_kv_cache`) or `PagedKVCache`
+    (`sharding.paged_kv_cache`) split by KV heads; `lora.weights` placed by
+    `sharding.shard_lora_weights` for the same `strategy`. Logits come back fp32
+    `[B, S | n, V]`, split over the vocabulary.
+    """
+    tp = tp_size(mesh)
+    check_tp(cfg, tp)
+    if lora is not None and not isinstance(lora, LoraInputs):
+        raise TypeError(f"under tensor parallelism LoRA comes as dense-slot LoraInputs for now, got {type(lora).__name__}")
+    weights = {} if lora is None else dict(lora.weights)
+    slot_ids = None if lora is None else lora.slot_ids
+    _check_lora(weights, tp, strategy)
+    local_cfg = local_config(cfg, tp)
+
+    def per_device(params, tokens_BxS, pos_BxS, cache, weights, slot_ids, logits_index_B):
+        h_BxSxH = _vocab_parallel_embed(params["embed"]["embedding"], tokens_BxS)
+        epilogue = ShardedProjections(weights, slot_ids, strategy)
+        h_BxSxH, cache = llama.decoder_stack(params["layers"], local_cfg, h_BxSxH, pos_BxS, cache, epilogue)
+        return llama.final_logits(params, local_cfg, h_BxSxH, logits_index_B), cache
+
+    cache_spec = sharding.cache_specs(cache)
+    in_specs = (sharding.param_specs(cfg), P(), P(), cache_spec, sharding.lora_specs(weights, strategy), P(), P())
+    # check_vma=False: Pallas calls (the paged-attention kernel) do not declare how their outputs
+    # vary over mesh axes; every collective here is written out explicitly anyway.
+    run = shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=(P(None, None, TP_AXIS), cache_spec),
+                    check_vma=False)
+    return run(params, tokens_BxS, pos_BxS, cache, weights, slot_ids, logits_index_B)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "strategy"), donate_argnames=("cache",))
+def forward_jit(params, cfg, tokens_BxS, pos_BxS, cache, lora=None, logits_index_B=None, *, mesh, strategy="slora"):
+    """`forward`, jitted with the cache donated."""
+    return forward(params, cfg, tokens_BxS, pos_BxS, cache, lora, logits_index_B, mesh=mesh, strategy=strategy)
+
+
+def prefill(params, cfg, tokens_BxS, lengths_B, max_len, lora=None, logits_index_B=None, *, mesh,
+            strategy="slora"):
+    """`model.prefill` under TP: a fresh `DenseKVCache` split by KV heads, filled with the prompts."""
+    B, S = tokens_BxS.shape
+    cache = sharding.dense_kv_cache(cfg, B, max_len, mesh, params["embed"]["embedding"].dtype)
+    return forward_jit(params, cfg, tokens_BxS, llama.prompt_positions(lengths_B, S), cache, lora,
+                       logits_index_B, mesh=mesh, strategy=strategy)
+
+
+def decode_step(params, cfg, tokens_B, pos_B, cache, lora=None, *, mesh, strategy="slora"):
+    """`model.decode_step` under TP; logits `[B, V]` (split over the vocabulary)."""
+    logits, cache = forward_jit(params, cfg, tokens_B[:, None], pos_B[:, None], cache, lora, mesh=mesh,
+                                strategy=strategy)
+    return logits[:, 0], cache
+
+
+def greedy_generate(
+    params: Params,
+    cfg: LlamaConfig,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    lora_weights: dict[str, SlotWeights] | None = None,
+    slots: Sequence[int | None] | None = None,
+    eos_token_ids: Sequence[int] | None = None,
+    *,
+    mesh: Mesh,
+    strategy: str = "slora",
+) -> list[list[int]]:
+    """`model.greedy_generate` under TP (params and LoRA weights placed by `parallel.sharding`)."""
+    return generate.greedy_loop(
+        functools.partial(prefill, params, cfg, mesh=mesh, strategy=strategy),
+        functools.partial(decode_step, params, cfg, mesh=mesh, strategy=strategy),
+        cfg, prompts, max_new_tokens, lora_weights, slots, eos_token_ids,
+    )
