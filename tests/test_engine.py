@@ -236,3 +236,11 @@ def test_no_unified_memory_ablation_gives_the_same_tokens():
     rep = engine.memory_report()
     assert rep["pages_adapter"] == 0 and rep["resident_adapters"] <= 2 and rep["adapter_slots_bytes"] > 0
     assert engine.store.stats["evictions"] > 0
+
+
+def test_public_api_names():
+    """The issue's import line: `from slora_jax import Engine, SamplingParams`."""
+    import slora_jax
+    from slora_jax import Engine as E, SamplingParams as SP
+
+    assert E is Engine and SP is SamplingParams and {"Engine", "SamplingParams"} <= set(slora_jax.__all__)
