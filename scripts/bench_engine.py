@@ -15,8 +15,9 @@
    step (time the device sits idle between steps), and the step's HBM floor
    (base weights + KV read at the mean context + the batch's distinct adapters
    read once, at the copy bandwidth measured in this run as in bench_kernels.py).
-   The base model runs twice: layers as a `scan` over stacked weights and as a
-   Python loop over per-layer weights (`layer_loop`). A profile of a few
+   Each runs with overlapped steps (the default: step t+1 dispatched before
+   step t's tokens are read) and synchronously (`overlap_steps=False`: the
+   host work of a step and the device's add up). A profile of a few
    decode steps (when the JAX profiler writes a Perfetto trace) gives the device
    time by kernel.
 """
@@ -134,7 +135,7 @@ def run_batch(engine: Engine, batch: int, prompt_len: int, new: int, adapters: l
     while engine.has_unfinished():
         decoding = all(r.num_pending == 1 for r in engine._requests.values() if r.status.value != "finished")
         t = time.perf_counter()
-        engine.step()  # returns after the sampled tokens reach the host
+        engine.step()  # sync: returns after this step's tokens reach the host; overlapped: the last step's
         if decoding:
             times.append(time.perf_counter() - t)
     for rid in list(engine._requests):
@@ -159,9 +160,9 @@ def bench_7b(bw_GBps: float, batch: int, n_adapters: int, prompt_len: int, new: 
     rec = StepRecorder()
     engine_mod._step = rec
     try:
-        for label, with_lora, loop in (("base_scan", False, "scan"), ("base", False, "unrolled"),
-                                       ("lora", True, "unrolled")):
-            engine = Engine(cfg, params, ec.replace(layer_loop=loop))
+        for label, with_lora, overlap in (("base", False, True), ("base_sync", False, False),
+                                          ("lora", True, True), ("lora_sync", True, False)):
+            engine = Engine(cfg, params, ec.replace(overlap_steps=overlap))
             names = [None] * batch
             if with_lora:
                 for i in range(n_adapters):
@@ -219,10 +220,10 @@ def main():
     with open(os.path.join(args.out, "engine.json"), "w") as f:
         json.dump(res, f, indent=2)
     r = res["llama_7b"]
-    print(f"\n{'':6} {'wall ms':>8} {'device ms':>9} {'host ms':>8} {'floor ms':>8} {'floor/dev':>9} {'tok/s':>8}")
-    for k in ("base_scan", "base", "lora"):
+    print(f"\n{'':9} {'wall ms':>8} {'device ms':>9} {'host ms':>8} {'floor ms':>8} {'floor/dev':>9} {'tok/s':>8}")
+    for k in ("base", "base_sync", "lora", "lora_sync"):
         x = r[k]
-        print(f"{k:6} {x['median_step_ms']:8.2f} {x['device_step_ms']:9.2f} {x['host_overhead_ms']:8.2f} "
+        print(f"{k:9} {x['median_step_ms']:8.2f} {x['device_step_ms']:9.2f} {x['host_overhead_ms']:8.2f} "
               f"{x['floor_ms']:8.2f} {x['floor_ratio_device']:9.2f} {x['tokens_per_s']:8.0f}")
         for t in (x.get("profile") or {}).get("top", [])[:8]:
             print(f"    {t['us']:9.1f} us  {t['name']}")

@@ -227,6 +227,7 @@ class EngineConfig:
     lora_impl: str = "auto"  # "pallas" (one-launch SGMV on pool pages) | "reference" | a baseline of
     # `slora_jax.ops.IMPLS` (on weights gathered to slots each step); auto: pallas on a GPU
     layer_loop: str = "unrolled"  # "unrolled" (per-layer weight buffers, a Python loop) | "scan"
+    overlap_steps: bool = True  # dispatch step t+1 before reading step t's tokens (host work overlaps device)
     scheduler: str = "fcfs"  # "fcfs" | "early_abort" | "cluster" (engine/scheduler.py)
     slo_first_token_s: float = 6.0  # early_abort: drop requests still waiting after this
     max_adapters_per_batch: int = 8  # cluster: distinct adapters per step

@@ -97,6 +97,37 @@ def test_random_workload_with_aborts_frees_everything():
     assert st.kv == 0 and st.free + st.adapter == st.total
 
 
+def test_overlapped_steps_give_the_synchronous_tokens():
+    """Step t+1 is dispatched before step t's tokens are read: the same completions (stop tokens met a step
+    late, preemption, sampling), every page back, and tokens reported one `step()` later."""
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 250, rng.integers(1, 30)).tolist() for _ in range(14)]
+    adapters = [[None, "a0", "a1", "a2"][i % 4] for i in range(14)]
+    sps = [SamplingParams(max_new_tokens=int(rng.integers(1, 16)), temperature=float(rng.choice([0.0, 0.9])),
+                          stop_token_ids=tuple(int(t) for t in rng.integers(3, 250, 40)), seed=i)
+           for i in range(14)]
+    outs, engines = {}, {}
+    for overlap in (False, True):
+        engines[overlap] = e = tiny_engine(max_num_seqs=5, max_batch_tokens=24, num_pages=60, overlap_steps=overlap)
+        done = e.generate(prompts, adapters, sps)
+        assert sum(o.num_preemptions for o in done) > 0  # (when differs: pages come back a step later)
+        outs[overlap] = [(o.token_ids, o.finish_reason) for o in done]
+    assert outs[True] == outs[False]
+    assert {r for _, r in outs[True]} == {"stop", "length"}
+    for e in engines.values():
+        st = e.allocator.stats()
+        assert st.kv == 0 and st.free + st.adapter == st.total and not e.has_unfinished()
+
+    e = tiny_engine(overlap_steps=True)
+    rid = e.submit([5, 6, 7], "a1", SamplingParams(max_new_tokens=3, ignore_eos=True))
+    assert e.step() == []  # prefill dispatched, nothing read yet
+    got = [ev.token for ev in e.step()]  # decode 1 dispatched, the prefill's token read
+    assert len(got) == 1 and e.has_unfinished()
+    while e.has_unfinished():
+        got += [ev.token for ev in e.step() if ev.token is not None]
+    assert got == e.completion(rid).token_ids and len(got) == 3
+
+
 def test_same_seed_same_tokens_whatever_the_batch():
     sp = SamplingParams(max_new_tokens=8, temperature=1.0, seed=1234)
     alone = tiny_engine().generate([[5, 6, 7]], ["a1"], sp)[0].token_ids

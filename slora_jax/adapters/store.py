@@ -200,7 +200,7 @@ class AdapterStore:
         # Projections any adapter seen so far targets (only grows: few compiles); the others launch nothing.
         self._targeted |= {p for r in resident for p in r.placement.projections}
         table = AdapterTable.build([(r.placement, r.pages) for r in resident], rows, self._table_pages)
-        return PagedLora(table, jnp.asarray(slot_T)[None], self.layout, self.cfg, self._r_max,
+        return PagedLora(table, np.asarray(slot_T, np.int32)[None], self.layout, self.cfg, self._r_max,
                          tuple(p for p in PROJECTIONS if p in self._targeted),
                          _step_meta(slot_T, rows, impl), impl, kernel)
 
@@ -289,7 +289,7 @@ class SlotAdapterStore(AdapterStore):
     def batch_lora(self, names, slot_T, rows, impl="reference", kernel=None):
         # A trailing -1 maps "no adapter" (index -1) to slot -1.
         to_slot = np.array([self._resident[n].slot for n in names] + [-1], np.int32)[slot_T]
-        return SlotLora(self.weights, jnp.asarray(to_slot)[None], _step_meta(to_slot, rows, impl), impl, kernel)
+        return SlotLora(self.weights, np.asarray(to_slot, np.int32)[None], _step_meta(to_slot, rows, impl), impl, kernel)
 
     def memory(self) -> dict[str, float]:
         """Resident count, the reserved slot region, and how much of the resident slots is padding."""

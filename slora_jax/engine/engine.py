@@ -17,11 +17,13 @@ number of times.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
 from typing import Callable, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +33,7 @@ from slora_jax.adapters.store import AdapterStore, SlotAdapterStore
 from slora_jax.config import PRESETS, PROJECTIONS, EngineConfig, LlamaConfig
 from slora_jax.engine.request import Completion, Request, Status, TokenEvent
 from slora_jax.engine.sampling import SamplingBatch, SamplingParams, request_key_data, sample_batch
+from slora_jax.engine.packing import pack, unpack
 from slora_jax.engine.scheduler import make_scheduler
 from slora_jax.errors import AdapterError, RequestError
 from slora_jax.memory.allocator import OutOfPages, PageAllocator
@@ -44,12 +47,34 @@ def _bucket(n: int, lo: int = 1) -> int:
     return 1 << (max(n, lo) - 1).bit_length()
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "layout", "attention_impl"), donate_argnames=("pool",))
-def _step(params, pool, tokens_T, pos_T, seq_T, page_table, logits_index_R, lora, sampling, cfg, layout,
-          attention_impl):
-    cache = PagedKVCache(pool, page_table, seq_T[None], layout, attention_impl)
-    logits_1xRxV, cache = forward(params, cfg, tokens_T[None], pos_T[None], cache, lora, logits_index_R[None])
-    return sample_batch(logits_1xRxV[0], sampling), cache.pool
+@functools.partial(jax.jit, static_argnames=("spec", "cfg", "layout", "attention_impl"), donate_argnames=("pool",))
+def _step(params, pool, prev_sampled_R, buf_N, dev, spec, cfg, layout, attention_impl):
+    """One engine step on the device: the batch arrives as one packed buffer (`StepBatch`)."""
+    b: StepBatch = unpack(buf_N, dev, spec)
+    # Decode tokens sampled by the step still in flight come from its device output, not the host.
+    tokens_T = jnp.where(b.src_row_T >= 0, prev_sampled_R[jnp.maximum(b.src_row_T, 0)], b.tokens_T)
+    cache = PagedKVCache(pool, b.page_table, b.seq_T[None], layout, attention_impl)
+    logits_1xRxV, cache = forward(params, cfg, tokens_T[None], b.pos_T[None], cache, b.lora, b.logits_index_R[None])
+    return sample_batch(logits_1xRxV[0], b.sampling), cache.pool
+
+
+@flax.struct.dataclass
+class StepBatch:
+    """What the host builds for one step (numpy leaves, packed into one transfer by `packing.pack`)."""
+
+    tokens_T: np.ndarray  # [T] int32 token ids (those in src_row_T >= 0 filled in on the device)
+    src_row_T: np.ndarray  # [T] int32, row of the in-flight step's samples that is this token, -1: tokens_T
+    pos_T: np.ndarray  # [T] int32 positions, -1 for padding
+    seq_T: np.ndarray  # [T] int32 page-table row of each token
+    page_table: np.ndarray  # [R, max_pages] int32
+    logits_index_R: np.ndarray  # [R] int32, the token each row samples after
+    lora: object  # PagedLora | SlotLora | None
+    sampling: SamplingBatch
+
+
+@functools.cache
+def _no_samples(R: int) -> jax.Array:
+    return jnp.zeros(R, jnp.int32)
 
 
 def _resolve_impls(ec: EngineConfig, cfg: LlamaConfig) -> EngineConfig:
@@ -63,6 +88,15 @@ def _resolve_impls(ec: EngineConfig, cfg: LlamaConfig) -> EngineConfig:
             raise ValueError(f"lora_impl='pallas' reads adapter pages in chunks of lora_chunk={ec.lora_chunk} "
                              f"columns, which must divide every projection's sizes; these do not: {bad}")
     return ec
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A dispatched step: its sampled tokens (on the device) and the request of each sampling row."""
+
+    sampled_R: jax.Array
+    rows: list[tuple[int, Request]]
+    row_of: dict[int, int]  # request id -> row
 
 
 class Engine:
@@ -90,6 +124,7 @@ class Engine:
         self._requests: dict[int, Request] = {}
         self._next_id = 0
         self._preempted_now: set[int] = set()
+        self._inflight: _InFlight | None = None  # the dispatched step whose tokens are not read yet
         self.num_steps = 0
 
     # ------------------------------------------------------------------ construction
@@ -162,6 +197,7 @@ class Engine:
             self._finish(req, "abort")
 
     def has_unfinished(self) -> bool:
+        # (a request whose token is in flight is still running)
         return any(r.status is not Status.FINISHED for r in self._requests.values())
 
     def completion(self, request_id: int) -> Completion:
@@ -193,7 +229,12 @@ class Engine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[TokenEvent]:
-        """Run one engine step; returns the tokens produced and requests ended in it."""
+        """Run one engine step; returns the tokens produced and the requests ended.
+
+        With `overlap_steps` (default) the step is dispatched before the previous
+        step's sampled tokens are read, so the host's work for step t+1 overlaps
+        the device's work for step t: tokens then arrive one `step()` later.
+        """
         now = self.clock()
         events: list[TokenEvent] = []
         waiting = [r for r in self._requests.values() if r.status is Status.WAITING]
@@ -201,14 +242,24 @@ class Engine:
             self._finish(r, "abort")
             events.append(TokenEvent(r.id, None, "abort"))
         plan = self._schedule(now, events)
-        if not plan:
-            return events
-        sampled = self._run(plan)
+        previous, self._inflight = self._inflight, (self._run(plan) if plan else None)
+        if previous is not None:
+            self._collect(previous, events)
+        if not self.config.overlap_steps and self._inflight is not None:
+            done, self._inflight = self._inflight, None
+            self._collect(done, events)
+        if plan:
+            self.num_steps += 1
+        return events
+
+    def _collect(self, inflight: "_InFlight", events: list[TokenEvent]) -> None:
+        """Read a dispatched step's sampled tokens (waits for it); append them and check stop conditions."""
+        sampled = np.asarray(inflight.sampled_R)
         t = self.clock()
-        for row, (req, n) in enumerate(plan):
-            req.num_computed += n
-            if req.num_pending:
-                continue  # a prefill chunk that did not reach the end of the prompt
+        for row, req in inflight.rows:
+            req.inflight -= 1
+            if req.status is Status.FINISHED:
+                continue  # aborted, or stopped on the step before: the token is dropped
             tok = int(sampled[row])
             req.output.append(tok)
             if req.first_token_time is None:
@@ -219,8 +270,6 @@ class Engine:
             events.append(TokenEvent(req.id, tok, reason))
             if reason:
                 self._finish(req, reason)
-        self.num_steps += 1
-        return events
 
     def _schedule(self, now: float, events: list[TokenEvent]) -> list[tuple[Request, int]]:
         ec = self.config
@@ -234,7 +283,7 @@ class Engine:
         for req in order:
             if len(plan) == ec.max_num_seqs or budget == 0:
                 break
-            if req.status is Status.FINISHED or req.id in self._preempted_now:
+            if req.status is Status.FINISHED or req.id in self._preempted_now or self._ends_in_flight(req):
                 continue
             if not self.scheduler.admits(req, batch_adapters):
                 continue
@@ -265,6 +314,12 @@ class Engine:
             budget -= n
         self._preempted_now.clear()
         return plan
+
+    def _ends_in_flight(self, req: Request) -> bool:
+        """The token `req` has in flight is its last (by length): nothing more to run for it."""
+        n = len(req.output) + req.inflight
+        return req.inflight > 0 and (n >= req.sampling.max_new_tokens
+                                     or len(req.prompt) + n >= self.config.max_model_len)
 
     def _reserve(self, need: int, req: Request, was_waiting: bool, order: list[Request], planned: set[int]) -> bool:
         """Make `need` pages free for `req`: evict idle adapters, then (for a running request)
@@ -316,37 +371,48 @@ class Engine:
         req.finish_reason = reason
         req.finish_time = self.clock()
 
-    def _run(self, plan: list[tuple[Request, int]]) -> np.ndarray:
-        """Build the ragged batch, run the jitted step, return the sampled token of each row."""
+    def _run(self, plan: list[tuple[Request, int]]) -> "_InFlight":
+        """Build the ragged batch and dispatch the jitted step (it does not wait for the device)."""
         # Only the token count varies per step (a power-of-two bucket); rows and adapters per batch are
         # fixed, and the store's adapter shape bounds only grow, so compiles stay few.
         T = _bucket(sum(n for _, n in plan), 16)
         R = _bucket(self.config.max_num_seqs)
-        tokens, pos = np.zeros(T, np.int32), np.full(T, -1, np.int32)
+        prev = self._inflight
+        tokens, src_row, pos = np.zeros(T, np.int32), np.full(T, -1, np.int32), np.full(T, -1, np.int32)
         seq, slot = np.zeros(T, np.int32), np.full(T, -1, np.int32)
         page_table = np.zeros((R, self.max_pages_per_seq), np.int32)
         logits_index = np.zeros(R, np.int32)
         names = list(dict.fromkeys(r.adapter for r, _ in plan if r.adapter is not None))
+        rows: list[tuple[int, Request]] = []
+        token_index = []
         t = 0
         for row, (req, n) in enumerate(plan):
-            start = req.num_computed
-            tokens[t : t + n] = req.tokens[start : start + n]
+            start, known = req.num_computed, req.tokens
+            m = max(0, min(n, len(known) - start))  # tokens known on the host; the rest is in flight
+            tokens[t : t + m] = known[start : start + m]
+            if m < n:  # the one token the in-flight step is sampling for this request
+                src_row[t + m] = prev.row_of[req.id]
             pos[t : t + n] = np.arange(start, start + n)
             seq[t : t + n] = row
             if req.adapter is not None:
                 slot[t : t + n] = names.index(req.adapter)
             page_table[row, : len(req.pages)] = req.pages
             logits_index[row] = t + n - 1
+            token_index.append(len(req.output) + req.inflight)
+            req.num_computed += n
+            if not req.num_pending:  # reached its last pending token: this row samples
+                req.inflight += 1
+                rows.append((row, req))
             t += n
         lora = self.store.batch_lora(names, slot, R, self.config.lora_impl) if names else None
         sampling = SamplingBatch.from_params([r.sampling for r, _ in plan], [r.key_data for r, _ in plan],
-                                             [len(r.output) for r, _ in plan], size=R)
-        sampled, self.pool = _step(
-            self.params, self.pool, jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seq), jnp.asarray(page_table),
-            jnp.asarray(logits_index), lora, sampling, cfg=self.cfg, layout=self.layout,
-            attention_impl=self.config.attention_impl,
-        )
-        return np.asarray(sampled)
+                                             token_index, size=R)
+        batch = StepBatch(tokens, src_row, pos, seq, page_table, logits_index, lora, sampling)
+        buf, dev, spec = pack(batch)
+        prev_sampled = prev.sampled_R if prev is not None else _no_samples(R)
+        sampled, self.pool = _step(self.params, self.pool, prev_sampled, buf, dev, spec=spec, cfg=self.cfg,
+                                   layout=self.layout, attention_impl=self.config.attention_impl)
+        return _InFlight(sampled, rows, {req.id: row for row, req in rows})
 
     def memory_report(self) -> dict[str, float]:
         """Pool pages by kind, and internal fragmentation of KV and adapter pages."""

@@ -26,7 +26,8 @@ class Request:
     key_data: np.ndarray  # the request's PRNG key data (sampling)
     output: list[int] = dataclasses.field(default_factory=list)
     status: Status = Status.WAITING
-    num_computed: int = 0  # tokens whose K/V are in the pool
+    num_computed: int = 0  # tokens whose K/V are in the pool (or being computed by a dispatched step)
+    inflight: int = 0  # sampled tokens of dispatched steps not yet read (0 or 1)
     pages: list[int] = dataclasses.field(default_factory=list)  # KV page table
     first_token_time: float | None = None
     finish_time: float | None = None
@@ -41,7 +42,7 @@ class Request:
     @property
     def num_pending(self) -> int:
         """Tokens still to run through the model before the next sample."""
-        return len(self.prompt) + len(self.output) - self.num_computed
+        return len(self.prompt) + len(self.output) + self.inflight - self.num_computed
 
 
 @dataclasses.dataclass(frozen=True)

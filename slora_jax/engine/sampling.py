@@ -219,6 +219,11 @@ def sample(
 # ---------------------------------------------------------------- host batch
 
 
+@functools.cache
+def _key_data_shape() -> tuple[int, ...]:
+    return jax.random.key_data(jax.random.key(0)).shape
+
+
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["temperature", "top_k", "top_p", "key_data", "token_index"],
@@ -252,7 +257,7 @@ class SamplingBatch:
             raise ValueError(f"got {n} params, {len(key_data)} key_data and {len(token_index)} token_index rows")
         if size < n:
             raise ValueError(f"size {size} is smaller than the {n} rows")
-        key_shape = jax.random.key_data(jax.random.key(0)).shape
+        key_shape = _key_data_shape()
         batch = cls(
             temperature=np.zeros(size, np.float32),
             top_k=np.zeros(size, np.int32),

@@ -212,7 +212,7 @@ def gather_slots(pool: jax.Array, layout: PoolLayout, cfg: LlamaConfig,
 
 
 class AdapterTable(NamedTuple):
-    """Where the adapters of a batch live, as device arrays (rows: the batch's adapters).
+    """Where the adapters of a batch live (rows: the batch's adapters); numpy from `build`.
 
     pages: int32 `[A, max_pages]`, each adapter's page table (padded with 0).
     rank, a_row, b_row: int32 `[A, 7]`, per projection in `PROJECTIONS` order
@@ -226,7 +226,7 @@ class AdapterTable(NamedTuple):
 
     @classmethod
     def build(cls, entries: list[tuple[AdapterPlacement, np.ndarray]], num_rows: int, max_pages: int) -> "AdapterTable":
-        """Host-side table of `entries` padded to `num_rows` adapters (padding rows are all rank 0)."""
+        """Host-side (numpy) table of `entries` padded to `num_rows` adapters (padding rows are all rank 0)."""
         pages = np.zeros((num_rows, max_pages), np.int32)
         meta = np.zeros((3, num_rows, len(PROJECTIONS)), np.int32)
         for i, (placement, page_ids) in enumerate(entries):
@@ -235,7 +235,7 @@ class AdapterTable(NamedTuple):
                 if proj in placement.projections:
                     pp = placement.projections[proj]
                     meta[:, i, p] = (pp.rank, pp.a_row, pp.b_row)
-        return cls(jnp.asarray(pages), *map(jnp.asarray, meta))
+        return cls(pages, *meta)
 
 
 def paged_weights(pool: jax.Array, layout: PoolLayout, table: AdapterTable, proj: str,
