@@ -48,6 +48,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.compat import compiler_params, default_interpret, pl, plgpu
+from pallas_kernels.sgmv_paged import paged_row_ids
 from pallas_kernels.sgmv_shrink import _iota, _pow2_divisor, rows_at, tile_rows
 
 
@@ -89,20 +90,8 @@ def _fused_kernel(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, used_re
 
         if paged:
             def w_rows(first, j):  # physical rows `[R]` of chunk j's rank rows
-                v0 = first + j * rank
-                if block_r > rows_per_page:  # small pages: the block may span many, read each row's
-                    v_R = v0 + i_R
-                    page_R = pages_ref[safe * max_pages + jnp.minimum(v_R // rows_per_page, max_pages - 1)]
-                    return jnp.where(rank_ok_R, page_R * rows_per_page + v_R % rows_per_page, 0)
-                # The block spans at most two pages: two scalar page-table reads, no per-row
-                # gather (and no chain of dependent vector loads in the K loop).
-                off = v0 % rows_per_page + i_R
-                base = safe * max_pages + v0 // rows_per_page
-                p0 = pages_ref[base]
-                p1 = pages_ref[jnp.minimum(base + 1, pages_ref.shape[0] - 1)]
-                phys_R = jnp.where(off < rows_per_page, p0 * rows_per_page + off,
-                                   p1 * rows_per_page + off - rows_per_page)
-                return jnp.where(rank_ok_R, phys_R, 0)
+                return paged_row_ids(pages_ref, safe, max_pages, first + j * rank, rank_ok_R,
+                                     rows_per_page=rows_per_page, block_r=block_r)
 
             a_first, b_first = a_row_ref[safe], b_row_ref[safe]
 

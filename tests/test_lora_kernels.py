@@ -27,8 +27,9 @@ from test_lora_ops import RANKS, make_slots
 
 H_IN, H_OUT, S = 64, 32, 7
 # Small blocks so the tiny shapes still take several K steps, splits and N blocks.
-CFG = KernelConfig(shrink_block_k=16, expand_block_n=16, chunk=16, unroll_k=2, fused=True, interpret=True)
-SPLIT = dataclasses.replace(CFG, fused=False)  # the two-launch shrink + expand pair (dense default)
+CFG = KernelConfig(shrink_block_k=16, expand_block_n=16, chunk=16, unroll_k=2, fused=True, interpret=True,
+                   paged_k_steps=3, paged_n_steps=1)  # pages: 2 K splits, the second with a masked tail
+SPLIT = dataclasses.replace(CFG, fused=False)  # the two-launch shrink + expand pair (the default)
 _add = jax.jit(add_lora, static_argnames=("impl", "config"))
 
 
@@ -76,22 +77,24 @@ CASES = [
 ]
 
 
-# Every case on pages (the engine's path); the dense layouts alternate between the
-# one-launch kernel and the split pair (each sees every block size and dtype).
+# Every case on pages with the split pair (the engine's path); the dense layouts alternate
+# between the one-launch kernel and the split pair (each sees every block size and dtype).
 @pytest.mark.parametrize("T,layout,dtype,block_m,weights", [
-    *(c + ("paged",) for c in CASES),
+    *(c + ("paged_split",) for c in CASES),
     *(c + (("dense", "dense_split")[i % 2],) for i, c in enumerate(CASES)),
 ])
 def test_pallas_matches_reference(T, layout, dtype, block_m, weights):
-    cfg = SPLIT if weights == "dense_split" else CFG
+    cfg = SPLIT if weights.endswith("split") else CFG
     err = run_case(T, layout, np.array(RANKS), dtype, seed=T + block_m, block_m=block_m, cfg=cfg,
-                   paged=weights == "paged")
+                   paged=weights.startswith("paged"))
     assert err < (1e-5 if dtype == jnp.float32 else 1e-2), err
 
 
 def test_paged_small_pages():
-    """Pages of 24 rows (< rank): a rank block spans several pages, read row by row."""
-    assert run_case(40, "skewed", np.array(RANKS), jnp.float32, seed=4, paged=True, rows_per_page=24) < 1e-5
+    """Pages of 24 rows (< rank): a rank block spans several pages, read row by row (both paged kernels)."""
+    for cfg in (CFG, SPLIT):
+        assert run_case(40, "skewed", np.array(RANKS), jnp.float32, seed=4, cfg=cfg, paged=True,
+                        rows_per_page=24) < 1e-5
 
 
 @pytest.mark.parametrize("target_programs,n_split_max", [(1, 1), (4, 2), (10_000, 16)])
@@ -120,8 +123,8 @@ def test_paged_weights_to_slots_roundtrip():
 )
 def test_pallas_random_layouts_and_ranks(ranks, layout, seed):
     """Same shapes every example (one interpret compile), random slots and per-slot ranks."""
-    for paged in (False, True):
-        err = run_case(48, layout, np.array(ranks), jnp.float32, seed=seed, paged=paged)
+    for paged, cfg in ((False, CFG), (True, SPLIT)):
+        err = run_case(48, layout, np.array(ranks), jnp.float32, seed=seed, cfg=cfg, paged=paged)
         assert err < 1e-5, err
 
 
@@ -181,17 +184,17 @@ def test_rank_not_multiple_of_block_is_padded():
 
 
 @pytest.mark.parametrize("mixed_index", [True, False])
-@pytest.mark.parametrize("weights,launches", [("dense", 1), ("paged", 1), ("dense_split", 2)])
+@pytest.mark.parametrize("weights,launches", [("dense", 1), ("paged", 1), ("dense_split", 2), ("paged_split", 2)])
 def test_lowers_to_triton_for_gpu(mixed_index, weights, launches):
     """The Triton lowering (which interpret mode skips) accepts every kernel and both index forms."""
     T, H = 64, 256
     w = random_slot_weights(jax.random.key(0), [8, 16, 64, 24], H, 128)
-    if weights == "paged":
+    if weights.startswith("paged"):
         w = paged_from_slots(w, 64, 96, np.random.default_rng(0))
     meta = build_lora_meta(np.arange(T) % 5 - 1)
     x = jnp.zeros((T, H), jnp.bfloat16)
     y = jnp.zeros((T, 128), jnp.bfloat16)
-    cfg = KernelConfig(interpret=False, mixed_index=mixed_index, fused=weights != "dense_split")
+    cfg = KernelConfig(interpret=False, mixed_index=mixed_index, fused=not weights.endswith("split"))
     f = jax.jit(lambda y, x, w, m: add_lora(y, x, w, m, config=cfg))
     text = f.trace(y, x, w, meta).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == launches

@@ -33,6 +33,7 @@ import numpy as np
 
 from pallas_kernels.sgmv_expand import expand_reference, sgmv_expand
 from pallas_kernels.sgmv_fused import sgmv_fused, sgmv_fused_paged
+from pallas_kernels.sgmv_paged import sgmv_expand_paged, sgmv_shrink_paged
 from pallas_kernels.sgmv_shrink import sgmv_shrink, shrink_reference
 
 
@@ -307,15 +308,17 @@ def build_lora_meta_jnp(slot_T: jax.Array, *, max_segments: int | None = None,
 class KernelConfig:
     """Launch parameters of the Pallas SGMV kernels (block sizes powers of two; None = heuristic).
 
-    `add_lora` on dense slots runs the split pair `sgmv_shrink` + `sgmv_expand` (fp32
-    partials in HBM between two launches; so do `shrink`/`expand`), or with
-    `fused=True` the one-launch `sgmv_fused`; `PagedWeights` always take the
-    one-launch `sgmv_fused_paged`. The split pair is the dense default because it
-    measured faster (H200, 4096->4096 rank 16: 17.6 vs 53.9 us at 64 distinct
-    tokens; benchmarks/NOTES_lora_kernels.md).
+    `add_lora` runs a split pair (fp32 partials in HBM between two launches):
+    `sgmv_shrink` + `sgmv_expand` on dense slots (so do `shrink`/`expand`),
+    `sgmv_shrink_paged` + `sgmv_expand_paged` on `PagedWeights`; or, with
+    `fused=True`, the one-launch `sgmv_fused` / `sgmv_fused_paged`. The split pair
+    is the default because it measured faster (H200, 4096->4096 rank 16: 17.6 vs
+    53.9 us at 64 distinct tokens on dense slots; benchmarks/NOTES_lora_kernels.md).
     """
 
     fused: bool = False
+    paged_k_steps: int = 4  # split pair, pages: K chunks (of C) per shrink program, unrolled
+    paged_n_steps: int = 2  # split pair, pages: N chunks per expand program, unrolled
     chunk: int = 64  # fused, dense slots: K/N block (pages: the pool's row width C)
     n_split_max: int = 16  # fused: most programs sharing one tile's H_out
     target_programs: int = 256  # fused: tiles x splits aimed at (splits = this // used tiles)
@@ -462,9 +465,21 @@ def _add_fused(y_TxO, x_TxI, w: Weights, meta: LoraMeta, cfg: KernelConfig):
     return sgmv_fused(y_TxO, x_TxI, w.a, w.b, w.ranks, *tiles, chunk=cfg.chunk, **launch)
 
 
+def _add_paged_split(y_TxO, x_TxI, w: PagedWeights, meta: LoraMeta, cfg: KernelConfig):
+    tiles = (meta.perm, meta.tile_start, meta.tile_end, meta.tile_slot)
+    common = dict(rows_per_page=w.rows_per_page, block_m=meta.block_m, interpret=cfg.interpret,
+                  mixed_index=cfg.mixed_index)
+    vpart = sgmv_shrink_paged(x_TxI, w.rows, w.pages, w.rank, w.a_row, *tiles, r_block=_pow2_ceil(max(16, w.r_max)),
+                              k_steps=cfg.paged_k_steps, num_warps=cfg.shrink_warps, **common)
+    return sgmv_expand_paged(y_TxO, vpart, w.rows, w.pages, w.rank, w.b_row, *tiles, n_steps=cfg.paged_n_steps,
+                             num_warps=cfg.expand_warps, **common)
+
+
 def _add_pallas(y_TxO, x_TxI, w, meta, cfg: KernelConfig):
-    if cfg.fused or isinstance(w, PagedWeights):
+    if cfg.fused:
         return _add_fused(y_TxO, x_TxI, w, meta, cfg)
+    if isinstance(w, PagedWeights):
+        return _add_paged_split(y_TxO, x_TxI, w, meta, cfg)
     w = _pad_rank(w, max(cfg.shrink_block_r, cfg.expand_block_r))
     vpart = _pallas_vpart(x_TxI, w, meta, cfg)
     return _pallas_expand(y_TxO, vpart, w, meta, cfg)
