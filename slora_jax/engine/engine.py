@@ -320,7 +320,7 @@ class Engine:
         """Build the ragged batch, run the jitted step, return the sampled token of each row."""
         # Only the token count varies per step (a power-of-two bucket); rows and adapters per batch are
         # fixed, and the store's adapter shape bounds only grow, so compiles stay few.
-        T = _bucket(sum(n for _, n in plan), 16)
+        T = _bucket(sum(n for _, n in plan), max(16, self.config.min_batch_tokens))
         R = _bucket(self.config.max_num_seqs)
         tokens, pos = np.zeros(T, np.int32), np.full(T, -1, np.int32)
         seq, slot = np.zeros(T, np.int32), np.full(T, -1, np.int32)
