@@ -31,10 +31,9 @@ from peft import PeftModel
 from slora_jax.baselines.static_batch import StaticBatchServer
 from slora_jax.config import PRESETS, ExperimentConfig, LlamaConfig
 from slora_jax.engine.request import TokenEvent
-from slora_jax.engine.sampling import SamplingParams
 from slora_jax.errors import ConfigError
 from slora_jax.experiment import load_experiment, run
-from slora_jax.experiment.runner import adapter_folders
+from slora_jax.experiment.runner import adapter_folders, serve_requests
 from slora_jax.model import read_config
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -174,13 +173,7 @@ class HFPeftServer(StaticBatchServer):
 
     def warm(self, input_len, output_len) -> int:
         """One short batch (the longest prompt, two tokens, on up to two adapters): CUDA and peft set up."""
-        adapters = list(self._peft_names)[:2] or [None]
-        ids = [self.submit([1] * input_len[1], a, SamplingParams(max_new_tokens=2, ignore_eos=True))
-               for a in adapters]
-        while self.has_unfinished():
-            self.step()
-        for i in ids:
-            self.release(i)
+        serve_requests(self, [(input_len[1], a) for a in list(self._peft_names)[:2] or [None]], max_new_tokens=2)
         return 1
 
     def memory_report(self) -> dict[str, float]:

@@ -386,6 +386,9 @@ class ExperimentConfig:
     baseline: BaselineConfig = dataclasses.field(default_factory=BaselineConfig)
     ignore_eos: bool = True  # generate exactly each request's output_len tokens, as the papers' benchmarks do
     warmup_requests: int = 4  # run (and discard) this many of the trace's requests first, to compile
+    # Engine systems: before the clock starts, load every adapter the trace uses (as many as the pool or
+    # the slots hold), so the run measures serving with them resident, not their loading.
+    preload_adapters: bool = False
     time_limit_s: float = 0.0  # stop the replay after this many seconds (0: none); running requests -> "timeout"
     save_tokens: bool = False  # keep each request's generated token ids in requests.jsonl
     progress: bool = True  # a tqdm progress bar

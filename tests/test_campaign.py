@@ -34,7 +34,8 @@ def test_issue6_campaign_points(smoke):
     assert {("slora_s1", "hf_peft", 5), ("slora_s2", "hf_peft", 100)} <= got
     pops = {(p.exp.system, p.point["workload.popularity"]) for p in c.points if p.exp.name == "punica_textgen"}
     assert pops == {(s, x) for s in ("slora", "hf_peft") for x in ("distinct", "uniform", "skewed", "identical")}
-    assert {p.point["workload.base_fraction"] for p in c.points if p.exp.name == "lora_vs_base"} == {0.0, 1.0}
+    lvb = [p for p in c.points if p.exp.name == "lora_vs_base"]
+    assert {p.point["workload.base_fraction"] for p in lvb} == {0.0, 1.0} and all(p.exp.preload_adapters for p in lvb)
     slots = {p.exp.name: p.exp.engine.max_lora_rank for p in c.points if p.exp.system == "slora_no_unified"}
     assert slots == {"slora_s1": 8, "slora_s2": 64}
     for p in c.points:

@@ -20,8 +20,9 @@ structure), and targets (ratios of two points' metrics with a minimum):
 Every point runs in this process: the model is built once and shared, jit
 caches are shared, and each system is warmed before its clock starts by
 compiling exactly the shapes the run can need (`prepare`): for the engine, the
-adapter shape bounds grown by one request per rank, then one step per token
-bucket; for the static-batch baselines, each (prompt, cache) length bucket.
+adapter shape bounds grown by one request per rank (or every adapter the trace
+uses loaded, with `preload_adapters`), then one step per token bucket; for the
+static-batch baselines, each (prompt, cache) length bucket and merge.
 
 Each point records the XLA compilations of its warm-up and of its timed replay
 (`compiles`; any in the replay means the warm-up missed a shape). The summary
@@ -44,16 +45,22 @@ import traceback
 from typing import Any, Callable, Sequence
 
 import jax
-import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
 from slora_jax.config import ExperimentConfig
-from slora_jax.engine import Engine, SamplingParams
+from slora_jax.engine import Engine
 from slora_jax.errors import ConfigError
 from slora_jax.experiment import plots
 from slora_jax.experiment.config_io import load_experiment, point_label, sweep_points
-from slora_jax.experiment.runner import SystemFactory, git_commit, run_point
+from slora_jax.experiment.runner import (
+    SystemFactory,
+    adapters_used,
+    git_commit,
+    preload_adapters,
+    run_point,
+    serve_requests,
+)
 from slora_jax.workload import TraceRequest
 
 
@@ -115,16 +122,6 @@ def load_campaign(path: str, smoke: bool = False) -> Campaign:
 
 
 # ------------------------------------------------------------------------------------------- warming systems
-def _run_requests(engine: Engine, requests: list[tuple[int, str | None]], rng: np.random.Generator) -> None:
-    """Serve requests of (prompt length, adapter) generating one token each, to completion."""
-    sp = SamplingParams(max_new_tokens=1, ignore_eos=True)
-    ids = [engine.submit(rng.integers(0, engine.cfg.vocab_size, n).tolist(), a, sp) for n, a in requests]
-    while engine.has_unfinished():
-        engine.step()
-    for i in ids:
-        engine.release(i)
-
-
 def token_buckets(min_tokens: int, max_tokens: int) -> list[int]:
     """The engine's token buckets: powers of two from max(16, min_tokens) up to cover max_tokens."""
     lo = 1 << (max(16, min_tokens) - 1).bit_length()
@@ -135,21 +132,25 @@ def token_buckets(min_tokens: int, max_tokens: int) -> list[int]:
 def warm_engine(engine: Engine, exp: ExperimentConfig, trace: Sequence[TraceRequest], names: list[str]) -> int:
     """Compile every shape the engine's step can take in this run; returns the warm-up steps taken.
 
-    First one request on each of the first adapters (one per configured rank, then the trace's first
-    ones, up to a batch) so the store's adapter shape bounds (which only grow) reach their largest;
-    then, for each token bucket, one step of prompts filling it, on those adapters and, if the trace
-    has base-model requests, on none (a batch with no adapter is another shape).
+    First one-token requests on one adapter of each configured rank (or given folder), so the store's
+    adapter shape bounds (which only grow) reach their largest; with `exp.preload_adapters`, on every
+    adapter the trace uses instead (they stay resident). Then, for each token bucket, one step of
+    prompts filling it, on those adapters and, if the trace has base-model requests, on none (a batch
+    with no adapter is another shape).
     """
     ec = engine.config
-    rng = np.random.default_rng(0)
     steps0 = engine.num_steps
-    used = list(dict.fromkeys(names[r.adapter] for r in trace if r.adapter is not None))
-    grow = list(dict.fromkeys(names[: min(len(names), len(exp.adapters.ranks))] + used))[: ec.max_num_seqs]
-    kinds: list[list[str | None]] = []
-    if grow:
-        _run_requests(engine, [(16, a) for a in grow], rng)
-        kinds.append(list(grow))
-    if not grow or any(r.adapter is None for r in trace):
+    trace = list(trace)
+    with_adapters = any(r.adapter is not None for r in trace)
+    resident: list[str] = []
+    if with_adapters and exp.preload_adapters:
+        resident = adapters_used(trace, names)
+        preload_adapters(engine, resident)
+    elif with_adapters:
+        resident = names[: min(len(names), len(exp.adapters.folders) or len(exp.adapters.ranks))]
+        preload_adapters(engine, resident)
+    kinds: list[list[str | None]] = [resident[-ec.max_num_seqs:]] if resident else []
+    if not with_adapters or any(r.adapter is None for r in trace):
         kinds.append([None])
     longest = ec.max_model_len - 1  # room for the one generated token
     for bucket in token_buckets(ec.min_batch_tokens, ec.max_batch_tokens):
@@ -159,7 +160,7 @@ def warm_engine(engine: Engine, exp: ExperimentConfig, trace: Sequence[TraceRequ
             continue  # no step can hold this many tokens
         lens = [total // k + (i < total % k) for i in range(k)]
         for adapters in kinds:
-            _run_requests(engine, [(n, adapters[i % len(adapters)]) for i, n in enumerate(lens)], rng)
+            serve_requests(engine, [(n, adapters[i % len(adapters)]) for i, n in enumerate(lens)])
     return engine.num_steps - steps0
 
 

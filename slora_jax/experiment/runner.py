@@ -250,18 +250,44 @@ def replay(system, trace: list[TraceRequest], prompts: dict[int, list[int]], nam
     return sorted(records, key=lambda rec: rec.id), memory
 
 
+def serve_requests(system, requests: list[tuple[int, str | None]], seed: int = 0, max_new_tokens: int = 1) -> None:
+    """Serve requests of (prompt length, adapter) with random prompts to completion; their results are dropped."""
+    rng = np.random.default_rng(seed)
+    sp = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
+    ids = [system.submit(rng.integers(0, system.cfg.vocab_size, n).tolist(), a, sp) for n, a in requests]
+    while system.has_unfinished():
+        system.step()
+    for i in ids:
+        system.release(i)
+
+
+def adapters_used(trace: list[TraceRequest], names: list[str]) -> list[str]:
+    """The adapters `trace` uses, in the order of their first use."""
+    return list(dict.fromkeys(names[r.adapter] for r in trace if r.adapter is not None))
+
+
+def preload_adapters(engine: Engine, adapters: list[str]) -> None:
+    """One-token requests on each of `adapters`, a batch at a time: they end resident in the pool (or the
+    slots), as many as it holds (the last ones, if not all)."""
+    step = engine.config.max_num_seqs
+    for i in range(0, len(adapters), step):
+        serve_requests(engine, [(16, a) for a in adapters[i: i + step]])
+
+
 def warmup(system, requests: list[TraceRequest], prompts: dict[int, list[int]], names: list[str],
-           exp: ExperimentConfig, clock: Clock) -> None:
+           exp: ExperimentConfig, clock: Clock, trace: list[TraceRequest] = ()) -> None:
     """Compile before the clock starts: `requests` (on adapters 0, 1, ... so every rank is seen) all
     together, then one at a time, offline; their records are dropped. All together first: the engine's
-    batch shape bounds only grow, so they reach their largest at once and the rest reuses them."""
-    if not requests:
-        return
-    requests = [dataclasses.replace(r, adapter=i % len(names)) for i, r in enumerate(requests)]
-    warm = dataclasses.replace(exp, mode="offline", progress=False, time_limit_s=0.0)
-    replay(system, requests, prompts, names, warm, clock)
-    for r in requests:
-        replay(system, [r], prompts, names, warm, clock)
+    batch shape bounds only grow, so they reach their largest at once and the rest reuses them.
+    With `exp.preload_adapters`, an engine then loads the adapters `trace` uses."""
+    if requests:
+        requests = [dataclasses.replace(r, adapter=i % len(names)) for i, r in enumerate(requests)]
+        warm = dataclasses.replace(exp, mode="offline", progress=False, time_limit_s=0.0)
+        replay(system, requests, prompts, names, warm, clock)
+        for r in requests:
+            replay(system, [r], prompts, names, warm, clock)
+    if exp.preload_adapters and isinstance(system, Engine):
+        preload_adapters(system, adapters_used(list(trace), names))
 
 
 # ------------------------------------------------------------------------------------------- one run
@@ -323,7 +349,7 @@ def run_point(exp: ExperimentConfig, out_dir: str, point: dict[str, Any] | None 
         names = [n for n, _ in adapters]
         t_warm = clock()
         if prepare is None:
-            warmup(system, trace[: exp.warmup_requests], prompts, names, exp, clock)
+            warmup(system, trace[: exp.warmup_requests], prompts, names, exp, clock, trace)
         else:
             prepare(system, exp, trace, prompts, names)
         t_run = clock()
