@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", nargs="*", default=[], help="summaries whose ok/oom points are kept, not rerun")
     ap.add_argument("--smoke", action="store_true", help="the campaign's smoke overrides: tiny model, CPU, seconds")
     ap.add_argument("--records", default="", help="also write each point's full results folder under this folder")
-    ap.add_argument("--work-dir", default="", help="random adapters are written here (default: <out>/_work)")
+    ap.add_argument("--work-dir", default="", help="random adapters are written (and reused) here (default: $TMPDIR/slora_jax_campaign)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--combine", nargs="+", help="summaries to merge into one (no runs), targets recomputed")
     args = ap.parse_args(argv)
@@ -96,7 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         facts.update(bench_hf_peft.torch_facts())
         if all(p.exp.system == "hf_peft" for p in points):
             jax.config.update("jax_platforms", "cpu")  # keep JAX off the GPU: torch needs its memory
-    resume = [r for path in args.resume for r in json.load(open(path))["points"]]
+    resume = []
+    for path in args.resume:
+        if os.path.exists(path):
+            resume += json.load(open(path))["points"]
+        else:
+            print(f"gpu_experiments: --resume {path}: no such file; its points run again", file=sys.stderr)
     summary = cp.run_campaign(campaign, args.out, budget_s=args.budget_s, reserve_s=args.reserve_s, start=START,
                               work_dir=args.work_dir, records_dir=args.records, factories=factories, resume=resume,
                               do_plots=not args.no_plots, facts=facts)

@@ -99,12 +99,13 @@ def test_gpu_experiments_smoke(tmp_path, capsys):
     the summary, targets and PNG; then --resume (nothing reruns), the budget guard and --combine."""
     script = gpu_experiments()
     out = tmp_path / "out"
-    args = [ISSUE6, "--smoke", "--only", "s1_slora,s1_baselines", "--skip-systems", "peft_merge", "--out", str(out)]
+    args = [ISSUE6, "--smoke", "--only", "s1_slora,s1_baselines", "--skip-systems", "peft_merge", "--out", str(out),
+            "--work-dir", str(tmp_path / "work")]
     c = cp.load_campaign(ISSUE6, smoke=True)
     keep = [p for p in c.points if p.entry in ("s1_slora", "s1_baselines") and p.exp.system != "peft_merge"
             and (p.exp.system, p.point["adapters.n"]) in {("slora", 5), ("slora", 1000), ("merged_copies", 100)}]
     summary = cp.run_campaign(cp.Campaign("issue6", c.path, keep, c.targets), str(out), budget_s=600,
-                              facts={"smoke": True}, echo=print)
+                              work_dir=str(tmp_path / "work"), facts={"smoke": True}, echo=print)
     assert [(r["system"], r["point"]["adapters.n"], r["status"]) for r in summary["points"]] == [
         ("slora", 5, "ok"), ("slora", 1000, "ok"), ("merged_copies", 100, "oom")]
     ok = summary["points"][:2]
@@ -114,7 +115,7 @@ def test_gpu_experiments_smoke(tmp_path, capsys):
     [t] = [t for t in summary["targets"] if t["name"] == "s1_slora_n1000_over_n5"]
     assert t["value"] == pytest.approx(ok[1]["metrics"]["throughput_tok_s"] / ok[0]["metrics"]["throughput_tok_s"])
     files = sorted(os.listdir(out))
-    assert files == ["_work", "issue6.json", "issue6_slora_s1.png"]
+    assert files == ["issue6.json", "issue6_slora_s1.png"]
     assert json.load(open(out / "issue6.json"))["points"] == json.loads(json.dumps(summary["points"]))
     assert os.path.getsize(out / "issue6.json") < 50_000
     capsys.readouterr()

@@ -40,6 +40,7 @@ import os
 import platform
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from typing import Any, Callable, Sequence
@@ -273,14 +274,14 @@ def run_campaign(campaign: Campaign, out: str, *, budget_s: float = 0.0, reserve
     """Run every point of `campaign`; write `<out>/<name>.json` (after each point) and PNGs; return the summary.
 
     budget_s (0: none) counts from `start` (default: now); a point starts only if at least its
-    `time_limit_s` + `reserve_s` is left. `work_dir` holds the random adapters (default
-    `<out>/_work`); `records_dir`, if set, also gets each point's full results folder (per-request
+    `time_limit_s` + `reserve_s` is left. `work_dir` holds the random adapters, reused by later runs
+    (default: `slora_jax_campaign` in the temporary folder, not under `out`: they are GBs); `records_dir`, if set, also gets each point's full results folder (per-request
     records, trace, CDF plots). `factories` builds systems the library does not (e.g. hf_peft).
     `resume`: records of an earlier summary; points recorded there as ok or oom are not run again.
     """
     start = time.monotonic() if start is None else start
     os.makedirs(out, exist_ok=True)
-    work_dir = work_dir or os.path.join(out, "_work")
+    work_dir = work_dir or os.path.join(tempfile.gettempdir(), "slora_jax_campaign")  # not under `out`: GBs
     path = os.path.join(out, f"{campaign.name}.json")
     done = {point_key(r["experiment"], r["point"]): r for r in resume if r["status"] in ("ok", "oom")}
     summary: dict[str, Any] = {
