@@ -222,6 +222,9 @@ class EngineConfig:
     lora_chunk: int = 64  # adapter row width in the pool (elements)
     max_num_seqs: int = 32  # sequences per step (decoding and prefilling)
     max_batch_tokens: int = 256  # tokens per step (decode tokens + prefill chunks)
+    # Smallest token bucket: a step's tokens are padded to a power of two from here (at least 16) up to
+    # max_batch_tokens, one compile each; = max_batch_tokens gives one shape (one compile of the step).
+    min_batch_tokens: int = 16
     max_model_len: int = 1024  # prompt + generated tokens of one request
     attention_impl: str = "auto"  # "pallas" (the paged-attention kernel) | "reference"; auto: pallas on a GPU
     lora_impl: str = "auto"  # "pallas" (one-launch SGMV on pool pages) | "reference" | a baseline of
@@ -239,7 +242,8 @@ class EngineConfig:
     seed: int = 0  # for requests without a seed of their own
 
     def __post_init__(self):
-        for name in ("num_pages", "page_size", "lora_chunk", "max_num_seqs", "max_batch_tokens", "max_model_len"):
+        for name in ("num_pages", "page_size", "lora_chunk", "max_num_seqs", "max_batch_tokens", "min_batch_tokens",
+                     "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.attention_impl not in ("auto", "pallas", "reference"):
@@ -250,6 +254,9 @@ class EngineConfig:
         lora_impls = ("auto", "pallas", "reference", "gather_bmm", "onehot", "ragged_dot", "padded_bmm")
         if self.lora_impl not in lora_impls:  # "loop" needs concrete metadata, not a jitted step
             raise ValueError(f"EngineConfig.lora_impl must be one of {lora_impls}, got {self.lora_impl!r}")
+        if self.min_batch_tokens > self.max_batch_tokens:
+            raise ValueError(f"EngineConfig.min_batch_tokens ({self.min_batch_tokens}) must be <= max_batch_tokens "
+                             f"({self.max_batch_tokens})")
         if self.max_batch_tokens < self.max_num_seqs:
             raise ValueError(
                 f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_num_seqs ({self.max_num_seqs})"
@@ -300,6 +307,9 @@ class AdapterSetConfig:
     # folder i % distinct but is a separate adapter to the system (7B rank-64 adapters are ~270 MB each).
     distinct: int = 0
     dir: str = ""  # where random adapters are written and reused ("": <output_dir>/_adapters)
+    # Read each weight folder once and give the system in-memory adapters (every adapter in host memory, as
+    # in S-LoRA's experiments; adapters sharing a folder share its arrays). hf_peft loads folders regardless.
+    in_memory: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -325,6 +335,7 @@ class WorkloadConfig:
     popularity: str = "distinct"  # punica: one of POPULARITY_PATTERNS
     batch_size: int = 32  # punica: requests per popularity batch
     trace: str = ""  # file: path of a JSONL trace (slora_jax.workload.load_trace), replayed whole
+    base_fraction: float = 0.0  # requests (a seeded random subset) on the base model alone, no adapter; 1: all
     seed: int = 0
 
     def __post_init__(self):
@@ -339,6 +350,7 @@ class WorkloadConfig:
         _check(self.popularity in POPULARITY_PATTERNS, "workload.popularity", self.popularity,
                f"one of {list(POPULARITY_PATTERNS)}")
         _check(self.batch_size >= 1, "workload.batch_size", self.batch_size, ">= 1")
+        _check(0.0 <= self.base_fraction <= 1.0, "workload.base_fraction", self.base_fraction, "in [0, 1]")
         _check(self.kind != "file" or bool(self.trace), "workload.trace", self.trace, "a JSONL path when kind is 'file'")
 
 
@@ -347,9 +359,12 @@ class BaselineConfig:
     """Settings of the baseline systems (`slora_jax.baselines`)."""
 
     memory_budget_bytes: int = 0  # merged_copies: device bytes the model copies may take (0: the device's limit)
+    # Prompts are padded to a power of two from here (cache lengths follow): a larger value, fewer compiles.
+    min_prompt_bucket: int = 16
 
     def __post_init__(self):
         _check(self.memory_budget_bytes >= 0, "baseline.memory_budget_bytes", self.memory_budget_bytes, ">= 0")
+        _check(self.min_prompt_bucket >= 1, "baseline.min_prompt_bucket", self.min_prompt_bucket, ">= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,6 +387,9 @@ class ExperimentConfig:
     baseline: BaselineConfig = dataclasses.field(default_factory=BaselineConfig)
     ignore_eos: bool = True  # generate exactly each request's output_len tokens, as the papers' benchmarks do
     warmup_requests: int = 4  # run (and discard) this many of the trace's requests first, to compile
+    # Engine systems: before the clock starts, load every adapter the trace uses (as many as the pool or
+    # the slots hold), so the run measures serving with them resident, not their loading.
+    preload_adapters: bool = False
     time_limit_s: float = 0.0  # stop the replay after this many seconds (0: none); running requests -> "timeout"
     save_tokens: bool = False  # keep each request's generated token ids in requests.jsonl
     progress: bool = True  # a tqdm progress bar

@@ -182,14 +182,17 @@ def test_bench_hf_peft_builds_the_presets_shapes(name):
 
 
 def test_bench_hf_peft_matches_peft_merge(tmp_path, tiny_model_dirs):
+    """Also with an adapter that shares its weight folder (hf_peft registers it as an alias in peft)."""
     bench = bench_hf_peft()
     args = [f"output_dir={tmp_path}", f"model.name={tiny_model_dirs['llama2_mha']}", "mode=offline",
-            "adapters.ranks=[4, 8]", *QUICK]
+            "adapters.ranks=[4, 8]", *QUICK, "adapters.distinct=2", "workload.seed=4"]
     config = os.path.join(ROOT, "experiments/configs/quickstart.yaml")
     assert bench.main([config, *args, "name=hf"]) == 0
     assert cli(["run", config, *args, "name=ours", "system=peft_merge"]) == 0
     hf, ours = (load_records(tmp_path / n / "requests.jsonl") for n in ("hf", "ours"))
     assert [r.token_ids for r in hf] == [r.token_ids for r in ours]
     assert all(len(r.token_ids) == r.output_len for r in hf)
+    assert len({r.adapter for r in hf}) == 3
     summary = json.load(open(tmp_path / "hf" / "metrics.json"))
     assert summary["system"] == "hf_peft" and summary["metrics"]["num_finished"] == 6
+    assert summary["memory"]["peak_peft_aliasing"] == 1 and summary["memory"]["peak_peft_folders_loaded"] == 2

@@ -293,7 +293,8 @@ class SlotAdapterStore(AdapterStore):
 
     def memory(self) -> dict[str, float]:
         """Resident count, the reserved slot region, and how much of the resident slots is padding."""
-        per_slot = sum(w.a[:, 0].size + w.b[:, 0].size for w in self.weights.values())
+        per_slot = sum((w.a.size + w.b.size) // w.a.shape[1] for w in self.weights.values())  # shapes only: no
+        # device op (this runs every step)
         used = sum(self._used_elems[n] for n in self._resident)
         return {"resident_adapters": len(self._resident),
                 "adapter_slots_bytes": sum(w.a.nbytes + w.b.nbytes for w in self.weights.values()),

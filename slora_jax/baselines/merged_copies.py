@@ -40,14 +40,23 @@ class MergedCopiesServer(StaticBatchServer):
         self.copy_bytes = tree_bytes(self.params)
         self._copies: dict[str, Params] = {}
 
-    def add_adapter(self, name, path) -> None:
+    def check_fits(self, num_adapters: int) -> None:
+        """Raise `OutOfDeviceMemory` now, before any copy is made, if `num_adapters` copies cannot all fit."""
+        needed = (num_adapters + 1) * self.copy_bytes  # the base model and one copy per adapter
+        if needed > self.memory_budget_bytes:
+            raise OutOfDeviceMemory(
+                f"merged_copies: {num_adapters} adapters need {num_adapters} model copies, "
+                f"{needed / 2**30:.2f} GiB of model weights with the base model; the budget is "
+                f"{self.memory_budget_bytes / 2**30:.2f} GiB (it fits {self.memory_budget_bytes // self.copy_bytes - 1})")
+
+    def add_adapter(self, name, source) -> None:
         needed = (len(self._copies) + 2) * self.copy_bytes  # the base model, the copies so far, this one
         if needed > self.memory_budget_bytes:
             raise OutOfDeviceMemory(
                 f"merged_copies: the copy for adapter {name!r} (number {len(self._copies) + 1}) needs "
                 f"{needed / 2**30:.2f} GiB of model weights in all; the budget is "
                 f"{self.memory_budget_bytes / 2**30:.2f} GiB")
-        super().add_adapter(name, path)
+        super().add_adapter(name, source)
         merged = merge_lora(self.params, self.cfg, self.host(name))
         # A copy of its own, also of the leaves the adapter leaves alone: a separate model instance.
         self._copies[name] = jax.tree.map(lambda x: jnp.array(x, copy=True), merged)

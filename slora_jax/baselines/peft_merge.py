@@ -10,6 +10,8 @@ faster than PEFT's `merge_and_unload`/`unmerge` cycle.
 
 from __future__ import annotations
 
+import jax
+
 from slora_jax.baselines.merge import merge_lora
 from slora_jax.baselines.static_batch import StaticBatchServer
 from slora_jax.model.llama import Params
@@ -25,6 +27,18 @@ class PeftMergeServer(StaticBatchServer):
             return self.params
         self.num_merges += 1
         return merge_lora(self.params, self.cfg, self.host(adapter))
+
+    def warm(self, input_len: tuple[int, int], output_len: tuple[int, int]) -> int:
+        """The base class's shapes, and one merge per distinct rank (the merge's ops compile per shape)."""
+        n = super().warm(input_len, output_len)
+        seen = set()
+        for name in list(self._paths)[:16]:
+            adapter = self.host(name)
+            key = tuple(sorted((p, m.rank) for (_, p), m in adapter.modules.items()))
+            if key not in seen:
+                seen.add(key)
+                jax.block_until_ready(merge_lora(self.params, self.cfg, adapter))
+        return n
 
     def memory_report(self) -> dict[str, float]:
         return {**super().memory_report(), "num_merges": self.num_merges}

@@ -6,7 +6,8 @@ adapters), runs them to completion on the dense-KV-cache model (prefill, then
 greedy decode until every row is done) with that adapter's weights merged in,
 and returns their tokens. Nothing else runs meanwhile, as in a server that
 generates one padded batch at a time. Subclasses say where a batch's merged
-weights come from (`_params_for`).
+weights come from (`_params_for`). Past `deadline` (the runner's time limit) a
+batch stops decoding; its requests stay unfinished for the caller to abort.
 
 The API mirrors the engine's (`add_adapter`, `submit`, `step`, `abort`,
 `has_unfinished`, `completion`, `release`, `memory_report`), so the experiment runner drives both
@@ -57,32 +58,42 @@ def tree_bytes(tree) -> int:
 
 class StaticBatchServer:
     def __init__(self, cfg: LlamaConfig, params: Params, max_batch_size: int = 32, max_model_len: int = 1024,
-                 host_budget_bytes: int = 8 << 30, clock: Callable[[], float] = time.monotonic):
+                 host_budget_bytes: int = 8 << 30, clock: Callable[[], float] = time.monotonic,
+                 min_prompt_bucket: int = 16):
         self.cfg, self.params, self.clock = cfg, params, clock
         self.max_batch_size, self.max_model_len = max_batch_size, max_model_len
         self.host_budget_bytes = host_budget_bytes
-        self._paths: dict[str, str] = {}
+        self.min_prompt_bucket = min_prompt_bucket
+        self.deadline = float("inf")  # clock time after which a batch stops decoding
+        self._paths: dict[str, str | None] = {}  # None: an in-memory adapter (kept in `_host`)
         self._host: collections.OrderedDict[str, LoraAdapter] = collections.OrderedDict()  # LRU
         self._requests: dict[int, _Request] = {}
         self._next_id = 0
         self.num_steps = 0
 
     # ------------------------------------------------------------------ adapters
-    def add_adapter(self, name: str, path: str | os.PathLike) -> None:
+    def add_adapter(self, name: str, source: str | os.PathLike | LoraAdapter) -> None:
+        """Register a PEFT folder (read when first used) or an in-memory `LoraAdapter` (kept)."""
         if name in self._paths:
             raise ValueError(f"adapter name {name!r} is already registered")
-        if not os.path.isdir(path):
-            raise AdapterError(f"{os.fspath(path)}: adapter folder not found")
-        self._paths[name] = os.fspath(path)
+        if isinstance(source, LoraAdapter):
+            self._paths[name] = None
+            self._host[name] = source
+            return
+        if not os.path.isdir(source):
+            raise AdapterError(f"{os.fspath(source)}: adapter folder not found")
+        self._paths[name] = os.fspath(source)
 
     def host(self, name: str) -> LoraAdapter:
-        """The adapter read from disk, cached LRU under the host byte budget."""
+        """The adapter in host memory: read from disk, cached LRU under the host byte budget."""
         if name in self._host:
             self._host.move_to_end(name)
             return self._host[name]
         adapter = self._host[name] = load_adapter(self._paths[name], self.cfg, name=name)
-        while sum(a.nbytes for a in self._host.values()) > self.host_budget_bytes and len(self._host) > 1:
-            self._host.popitem(last=False)
+        for old in [n for n in self._host if self._paths[n] is not None]:  # in-memory adapters stay
+            if sum(a.nbytes for a in self._host.values()) <= self.host_budget_bytes or old == name:
+                break
+            del self._host[old]
         return adapter
 
     def _params_for(self, adapter: str | None) -> Params:
@@ -149,6 +160,29 @@ class StaticBatchServer:
         self.num_steps += 1
         return events
 
+    def shapes(self, prompt_len: int, max_new_tokens: int) -> tuple[int, int]:
+        """(padded prompt length S, cache length) of a batch whose longest prompt and output are these."""
+        S = _pow2(prompt_len, max(16, self.min_prompt_bucket))
+        return S, _pow2(S + max_new_tokens)
+
+    def warm(self, input_len: tuple[int, int], output_len: tuple[int, int]) -> int:
+        """Compile every (prompt, cache) shape that requests with lengths in these ranges can need
+        (prefill and one decode step each, on the base weights); returns the number of shapes."""
+        B = _pow2(self.max_batch_size)
+        lo_in, hi_in = input_len
+        lo_out, hi_out = output_len
+        shapes = {self.shapes(p, m) for p in {lo_in, hi_in} | {1 << k for k in range(hi_in.bit_length())}
+                  if lo_in <= p <= hi_in for m in {lo_out, hi_out} | {1 << k for k in range(hi_out.bit_length())}
+                  if lo_out <= m <= hi_out}
+        for S, max_len in sorted(shapes):
+            lens_B = jnp.full(B, S, jnp.int32)
+            logits_Bx1xV, cache = prefill(self.params, self.cfg, jnp.zeros((B, S), jnp.int32), lens_B, max_len,
+                                          logits_index_B=lens_B - 1)
+            next_B = jnp.argmax(logits_Bx1xV[:, 0], axis=-1)  # as `_generate` does, so these compile too
+            logits_BxV, _ = decode_step(self.params, self.cfg, next_B, lens_B, cache)
+            np.asarray(jnp.argmax(logits_BxV, axis=-1))
+        return len(shapes)
+
     def _generate(self, params: Params, batch: list[_Request]) -> list[TokenEvent]:
         """Greedy-decode `batch` together on a dense cache; shapes padded (few compiles): the batch to
         `max_batch_size`, prompt and cache lengths to powers of two."""
@@ -156,8 +190,7 @@ class StaticBatchServer:
         B = _pow2(self.max_batch_size)
         lens_B = np.ones(B, np.int32)  # padding rows: one token, then inactive
         lens_B[:n] = [len(r.prompt) for r in batch]
-        S = _pow2(int(lens_B.max()), 16)
-        max_len = _pow2(S + max(r.sampling.max_new_tokens for r in batch))
+        S, max_len = self.shapes(int(lens_B.max()), max(r.sampling.max_new_tokens for r in batch))
         tokens_BxS = np.zeros((B, S), np.int32)
         for b, r in enumerate(batch):
             tokens_BxS[b, : len(r.prompt)] = r.prompt
@@ -177,7 +210,7 @@ class StaticBatchServer:
                 events.append(TokenEvent(r.id, tok, reason))
                 if reason:
                     r.finish_reason, r.finish_time, done_B[b] = reason, t, True
-            if done_B.all():
+            if done_B.all() or t >= self.deadline:
                 return events
             pos_B = np.where(done_B, -1, lens_B + step).astype(np.int32)
             logits_BxV, cache = decode_step(params, self.cfg, jnp.asarray(next_B), jnp.asarray(pos_B), cache)

@@ -375,7 +375,7 @@ class Engine:
         """Build the ragged batch and dispatch the jitted step (it does not wait for the device)."""
         # Only the token count varies per step (a power-of-two bucket); rows and adapters per batch are
         # fixed, and the store's adapter shape bounds only grow, so compiles stay few.
-        T = _bucket(sum(n for _, n in plan), 16)
+        T = _bucket(sum(n for _, n in plan), max(16, self.config.min_batch_tokens))
         R = _bucket(self.config.max_num_seqs)
         prev = self._inflight
         tokens, src_row, pos = np.zeros(T, np.int32), np.full(T, -1, np.int32), np.full(T, -1, np.int32)

@@ -2,7 +2,8 @@
 
 - `plot_run`: latency and first-token-latency CDFs of one run.
 - `plot_sweep`: throughput (req/s or tokens/s) of each sweep point, against the
-  number of adapters when the sweep varies `adapters.n` (one line per other setting).
+  number of adapters when the sweep varies `adapters.n` (one line per other setting),
+  else as bars grouped by setting, one per system; `plot_throughput`: both metrics in one PNG.
 - `compare`: results folders (runs or sweeps) side by side; `slora-jax plot`.
 """
 
@@ -90,40 +91,78 @@ def plot_run(out_dir: str, records: Sequence[RequestRecord], slo_s: float | None
     return paths
 
 
-def plot_sweep(out_dir: str, summaries: Sequence[dict[str, Any]], metric: str = "throughput_req_s") -> str:
-    """`sweep_<metric>.png`: against adapters.n (log x) when swept, else one bar per point."""
-    path = os.path.join(out_dir, f"sweep_{metric}.png")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ok = [s for s in summaries if s.get("metrics")]
+def _draw_sweep(ax, summaries: Sequence[dict[str, Any]], metric: str) -> None:
+    """`metric` against adapters.n (log x; one line per other setting; `oom` points as red x on the axis)."""
+    lines: dict[str, list[tuple[int, float]]] = collections.defaultdict(list)
+    for s in summaries:
+        if not s.get("metrics") or s["metrics"].get(metric) is None:
+            continue
+        point = dict(s["point"])
+        n = point.pop("adapters.n")
+        label = ",".join(f"{k}={v}" for k, v in point.items()) or s["system"]
+        lines[label].append((n, s["metrics"][metric]))
+    for label, xy in lines.items():
+        xy.sort()
+        ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=label)
+    for s in summaries:  # runs that did not fit: marked on the axis
+        if s["status"] == "oom":
+            ax.plot([s["point"]["adapters.n"]], [0], marker="x", color="red", linestyle="none")
+    ns = sorted({s["point"]["adapters.n"] for s in summaries})
+    ax.set_xscale("log")
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.minorticks_off()
+    ax.set_xlabel("number of adapters")
+    if lines:
+        ax.legend(fontsize=7)
+
+
+def _draw_grouped(ax, summaries: Sequence[dict[str, Any]], metric: str) -> None:
+    """Bars of `metric`: one group per setting other than the system, one bar per system in it."""
+    def setting(s):
+        return ",".join(f"{k}={v}" for k, v in (s.get("point") or {}).items() if k != "system") or s["name"]
+
+    groups = list(dict.fromkeys(setting(s) for s in summaries))
+    systems = list(dict.fromkeys(s["system"] for s in summaries))
+    width = 0.8 / len(systems)
+    for j, system in enumerate(systems):
+        values = {setting(s): (s.get("metrics") or {}).get(metric) or 0 for s in summaries if s["system"] == system}
+        ax.bar([i + (j - (len(systems) - 1) / 2) * width for i in range(len(groups))],
+               [values.get(g, 0) for g in groups], width, label=system)
+    ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right", fontsize=7)
+    if len(systems) > 1:
+        ax.set_yscale("log")  # systems differ by orders of magnitude
+        ax.legend(fontsize=7)
+
+
+def _draw(ax, summaries: Sequence[dict[str, Any]], metric: str) -> None:
     if any("adapters.n" in (s.get("point") or {}) for s in summaries):
-        lines: dict[str, list[tuple[int, float]]] = collections.defaultdict(list)
-        for s in ok:
-            point = dict(s["point"])
-            n = point.pop("adapters.n")
-            label = ",".join(f"{k}={v}" for k, v in point.items()) or s["system"]
-            if s["metrics"].get(metric) is not None:
-                lines[label].append((n, s["metrics"][metric]))
-        for label, xy in lines.items():
-            xy.sort()
-            ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=label)
-        for s in summaries:  # runs that did not fit: marked on the axis
-            if s["status"] == "oom":
-                ax.plot([s["point"]["adapters.n"]], [0], marker="x", color="red", linestyle="none")
-        ns = sorted({s["point"]["adapters.n"] for s in summaries})
-        ax.set_xscale("log")
-        ax.set_xticks(ns, [str(n) for n in ns])
-        ax.minorticks_off()
-        ax.set_xlabel("number of adapters")
-        if lines:
-            ax.legend(fontsize=7)
+        _draw_sweep(ax, summaries, metric)
     else:
-        labels = [run_label(s) for s in summaries]
-        ax.bar(range(len(summaries)), [((s.get("metrics") or {}).get(metric) or 0) for s in summaries])
-        ax.set_xticks(range(len(summaries)), labels, rotation=30, ha="right", fontsize=7)
+        _draw_grouped(ax, summaries, metric)
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     ax.grid(alpha=0.3)
+
+
+def plot_sweep(out_dir: str, summaries: Sequence[dict[str, Any]], metric: str = "throughput_req_s") -> str:
+    """`sweep_<metric>.png`: against adapters.n (log x) when swept, else bars grouped by setting."""
+    path = os.path.join(out_dir, f"sweep_{metric}.png")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    _draw(ax, summaries, metric)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_throughput(path: str, summaries: Sequence[dict[str, Any]], title: str = "") -> str:
+    """One PNG, two panels: requests/s and generated tokens/s of `summaries` (as `plot_sweep` draws them)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ("throughput_req_s", "throughput_tok_s")):
+        _draw(ax, summaries, metric)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 

@@ -9,7 +9,9 @@ comparing the points.
 Replay is `online` (each request is submitted when the wall clock reaches its
 arrival time, and stamped with that time) or `offline` (everything at once:
 maximum throughput). Every system offers the engine's API (`add_adapter`,
-`submit`, `step`, `has_unfinished`, `release`, `memory_report`).
+`submit`, `step`, `has_unfinished`, `release`, `memory_report`); optionally
+`check_fits(n)` (refuse n adapters up front), `deadline` (the replay's time
+limit, for systems whose step can run long) and `close()` (after the run).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from slora_jax.adapters.peft import WEIGHTS_NAME
+from slora_jax.adapters.adapter import LoraAdapter
+from slora_jax.adapters.peft import WEIGHTS_NAME, load_adapter
 from slora_jax.adapters.random import random_adapter, save_peft_adapter
 from slora_jax.baselines import MergedCopiesServer, OutOfDeviceMemory, PeftMergeServer
 from slora_jax.config import (
@@ -45,7 +48,7 @@ from slora_jax.engine import Engine, SamplingParams
 from slora_jax.errors import ConfigError, RequestError
 from slora_jax.experiment import plots
 from slora_jax.experiment.config_io import dump, point_label, sweep_points
-from slora_jax.model import init_random_params, load_checkpoint
+from slora_jax.model import init_random_params, load_checkpoint, unstack_layers
 from slora_jax.workload import (
     RequestRecord,
     TraceRequest,
@@ -61,6 +64,9 @@ from slora_jax.workload import (
 Clock = Callable[[], float]
 # (experiment, clock) -> (system, model config); the default builds ours, scripts/bench_hf_peft.py its own.
 SystemFactory = Callable[[ExperimentConfig, Clock], tuple[Any, LlamaConfig]]
+# (system, experiment, trace, prompts, adapter names) -> None: readies a system before the clock starts.
+Prepare = Callable[[Any, ExperimentConfig, list[TraceRequest], dict[int, list[int]], list[str]], None]
+ENGINE_SYSTEMS = ("slora", "slora_no_unified")
 
 
 @dataclasses.dataclass
@@ -104,19 +110,37 @@ def adapter_folders(ac: AdapterSetConfig, cfg: LlamaConfig, default_dir: str) ->
     return [(f"adapter{i}", folders[i % k]) for i in range(ac.n)]
 
 
+def in_memory_adapters(folders: list[tuple[str, str]], cfg: LlamaConfig,
+                       cache: dict | None = None) -> list[tuple[str, LoraAdapter]]:
+    """(name, in-memory adapter) for each (name, folder): each folder read once (into `cache`, keyed
+    `("adapter", folder)`), adapters of the same folder sharing its arrays."""
+    cache = {} if cache is None else cache
+    out = []
+    for name, folder in folders:
+        if ("adapter", folder) not in cache:
+            cache[("adapter", folder)] = load_adapter(folder, cfg)
+        out.append((name, dataclasses.replace(cache[("adapter", folder)], name=name)))
+    return out
+
+
 def build_trace(wc: WorkloadConfig, n_adapters: int) -> list[TraceRequest]:
     if wc.kind == "slora":
-        return slora_trace(wc.num_requests, n_adapters, wc.alpha, wc.rate, wc.cv, wc.input_len, wc.output_len, wc.seed)
-    if wc.kind == "punica":
-        return punica_trace(wc.popularity, wc.num_requests, wc.batch_size, n_adapters, wc.input_len, wc.output_len,
+        trace = slora_trace(wc.num_requests, n_adapters, wc.alpha, wc.rate, wc.cv, wc.input_len, wc.output_len,
                             wc.seed)
-    try:
-        trace = load_trace(wc.trace)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"workload.trace: {e}") from None
-    bad = [r.id for r in trace if r.adapter is not None and r.adapter >= n_adapters]
-    if bad:
-        raise ConfigError(f"workload.trace: requests {bad[:5]} use adapter indices >= adapters.n ({n_adapters})")
+    elif wc.kind == "punica":
+        trace = punica_trace(wc.popularity, wc.num_requests, wc.batch_size, n_adapters, wc.input_len, wc.output_len,
+                             wc.seed)
+    else:
+        try:
+            trace = load_trace(wc.trace)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"workload.trace: {e}") from None
+        bad = [r.id for r in trace if r.adapter is not None and r.adapter >= n_adapters]
+        if bad:
+            raise ConfigError(f"workload.trace: requests {bad[:5]} use adapter indices >= adapters.n ({n_adapters})")
+    if wc.base_fraction > 0:  # a seeded subset of the requests on the base model
+        base = np.random.default_rng([wc.seed, 1]).random(len(trace)) < wc.base_fraction
+        trace = [dataclasses.replace(r, adapter=None) if b else r for r, b in zip(trace, base)]
     return trace
 
 
@@ -127,11 +151,25 @@ def request_prompt(r: TraceRequest, vocab_size: int, seed: int) -> list[int]:
     return np.random.default_rng([seed, r.id]).integers(0, vocab_size, r.input_len).tolist()
 
 
+def cached_model(exp: ExperimentConfig, models: dict) -> tuple[LlamaConfig, dict]:
+    """`exp`'s model from `models` (loaded on a miss; one model at a time), with its layers unstacked
+    once (and kept) for the engine's unrolled layer loop."""
+    if exp.model not in models:
+        models.clear()
+        models[exp.model] = load_model(exp.model)
+    if exp.system not in ENGINE_SYSTEMS or exp.engine.layer_loop != "unrolled":
+        return models[exp.model]
+    if (exp.model, "unrolled") not in models:
+        cfg, params = models[exp.model]
+        models[(exp.model, "unrolled")] = cfg, unstack_layers(params)
+    return models[(exp.model, "unrolled")]
+
+
 def make_system(exp: ExperimentConfig, clock: Clock, model: tuple[LlamaConfig, dict]):
     """The system `exp.system` on the given model."""
     cfg, params = model
     ec: EngineConfig = exp.engine
-    if exp.system in ("slora", "slora_no_unified"):
+    if exp.system in ENGINE_SYSTEMS:
         if exp.system == "slora_no_unified":
             ec = ec.replace(unified_memory=False)
         elif not ec.unified_memory:
@@ -146,7 +184,8 @@ def make_system(exp: ExperimentConfig, clock: Clock, model: tuple[LlamaConfig, d
                 raise ConfigError(f"impl: {e}") from None
         return Engine(cfg, params, ec, clock=clock)
     kw = dict(max_batch_size=ec.max_num_seqs, max_model_len=ec.max_model_len,
-              host_budget_bytes=ec.host_adapter_budget_bytes, clock=clock)
+              host_budget_bytes=ec.host_adapter_budget_bytes, clock=clock,
+              min_prompt_bucket=exp.baseline.min_prompt_bucket)
     if exp.system == "peft_merge":
         return PeftMergeServer(cfg, params, **kw)
     if exp.system == "merged_copies":
@@ -169,6 +208,8 @@ def replay(system, trace: list[TraceRequest], prompts: dict[int, list[int]], nam
     bar = tqdm(total=len(trace), desc=desc, unit="req", disable=not exp.progress, leave=False)
     t0 = clock()
     deadline = t0 + exp.time_limit_s if exp.time_limit_s else float("inf")
+    if hasattr(system, "deadline"):
+        system.deadline = deadline
 
     def record(c, r: TraceRequest, reason: str) -> None:
         records.append(RequestRecord(
@@ -209,22 +250,48 @@ def replay(system, trace: list[TraceRequest], prompts: dict[int, list[int]], nam
     return sorted(records, key=lambda rec: rec.id), memory
 
 
+def serve_requests(system, requests: list[tuple[int, str | None]], seed: int = 0, max_new_tokens: int = 1) -> None:
+    """Serve requests of (prompt length, adapter) with random prompts to completion; their results are dropped."""
+    rng = np.random.default_rng(seed)
+    sp = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
+    ids = [system.submit(rng.integers(0, system.cfg.vocab_size, n).tolist(), a, sp) for n, a in requests]
+    while system.has_unfinished():
+        system.step()
+    for i in ids:
+        system.release(i)
+
+
+def adapters_used(trace: list[TraceRequest], names: list[str]) -> list[str]:
+    """The adapters `trace` uses, in the order of their first use."""
+    return list(dict.fromkeys(names[r.adapter] for r in trace if r.adapter is not None))
+
+
+def preload_adapters(engine: Engine, adapters: list[str]) -> None:
+    """One-token requests on each of `adapters`, a batch at a time: they end resident in the pool (or the
+    slots), as many as it holds (the last ones, if not all)."""
+    step = engine.config.max_num_seqs
+    for i in range(0, len(adapters), step):
+        serve_requests(engine, [(16, a) for a in adapters[i: i + step]])
+
+
 def warmup(system, requests: list[TraceRequest], prompts: dict[int, list[int]], names: list[str],
-           exp: ExperimentConfig, clock: Clock) -> None:
+           exp: ExperimentConfig, clock: Clock, trace: list[TraceRequest] = ()) -> None:
     """Compile before the clock starts: `requests` (on adapters 0, 1, ... so every rank is seen) all
     together, then one at a time, offline; their records are dropped. All together first: the engine's
-    batch shape bounds only grow, so they reach their largest at once and the rest reuses them."""
-    if not requests:
-        return
-    requests = [dataclasses.replace(r, adapter=i % len(names)) for i, r in enumerate(requests)]
-    warm = dataclasses.replace(exp, mode="offline", progress=False, time_limit_s=0.0)
-    replay(system, requests, prompts, names, warm, clock)
-    for r in requests:
-        replay(system, [r], prompts, names, warm, clock)
+    batch shape bounds only grow, so they reach their largest at once and the rest reuses them.
+    With `exp.preload_adapters`, an engine then loads the adapters `trace` uses."""
+    if requests:
+        requests = [dataclasses.replace(r, adapter=i % len(names)) for i, r in enumerate(requests)]
+        warm = dataclasses.replace(exp, mode="offline", progress=False, time_limit_s=0.0)
+        replay(system, requests, prompts, names, warm, clock)
+        for r in requests:
+            replay(system, [r], prompts, names, warm, clock)
+    if exp.preload_adapters and isinstance(system, Engine):
+        preload_adapters(system, adapters_used(list(trace), names))
 
 
 # ------------------------------------------------------------------------------------------- one run
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                               cwd=os.path.dirname(__file__)).stdout.strip() or None
@@ -238,17 +305,23 @@ def _is_oom(e: BaseException) -> bool:
 
 def run_point(exp: ExperimentConfig, out_dir: str, point: dict[str, Any] | None = None,
               system_factory: SystemFactory | None = None, models: dict | None = None,
-              clock: Clock = time.monotonic) -> RunResult:
-    """Run one experiment (no sweep) into `out_dir`."""
+              clock: Clock = time.monotonic, write: bool = True, prepare: Prepare | None = None) -> RunResult:
+    """Run one experiment (no sweep) into `out_dir` (`write=False`: write nothing, return the results).
+
+    `models` caches the model (and in-memory adapters) across calls; `prepare` replaces the
+    warm-up by `exp.warmup_requests` (scripts/gpu_experiments.py warms compiles its own way).
+    """
     if exp.sweep:
         raise ValueError("run_point runs one point; use run() for a sweep")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.yaml"), "w") as f:
-        f.write(dump(exp))
+    models = {} if models is None else models
+    if write:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.yaml"), "w") as f:
+            f.write(dump(exp))
     summary: dict[str, Any] = {
         "name": exp.name, "system": exp.system, "impl": exp.impl, "mode": exp.mode, "point": point or {},
         "status": "ok", "error": None, "metrics": None, "memory": None,
-        "run": {"git_commit": _git_commit(), "device": str(jax.devices()[0].device_kind),
+        "run": {"git_commit": git_commit(), "device": str(jax.devices()[0].device_kind),
                 "jax_version": jax.__version__},
     }
     records: list[RequestRecord] = []
@@ -256,28 +329,35 @@ def run_point(exp: ExperimentConfig, out_dir: str, point: dict[str, Any] | None 
     system = None
     try:
         if system_factory is None:
-            models = {} if models is None else models
-            if exp.model not in models:
-                models.clear()  # one model in memory at a time
-                models[exp.model] = load_model(exp.model)
-            cfg = models[exp.model][0]
-            system = make_system(exp, clock, models[exp.model])
+            model = cached_model(exp, models)
+            cfg = model[0]
+            system = make_system(exp, clock, model)
         else:
             system, cfg = system_factory(exp, clock)
-        adapters = adapter_folders(exp.adapters, cfg, os.path.join(exp.output_dir, "_adapters"))
+        if hasattr(system, "check_fits"):
+            system.check_fits(exp.adapters.n)
+        adapters: list[tuple[str, Any]] = adapter_folders(exp.adapters, cfg,
+                                                          os.path.join(exp.output_dir, "_adapters"))
+        if exp.adapters.in_memory and exp.system != "hf_peft":
+            adapters = in_memory_adapters(adapters, cfg, models)
         trace = build_trace(exp.workload, exp.adapters.n)
-        save_trace(trace, os.path.join(out_dir, "trace.jsonl"))
+        if write:
+            save_trace(trace, os.path.join(out_dir, "trace.jsonl"))
         prompts = {r.id: request_prompt(r, cfg.vocab_size, exp.workload.seed) for r in trace}
-        for name, folder in adapters:
-            system.add_adapter(name, folder)
+        for name, source in adapters:
+            system.add_adapter(name, source)
         names = [n for n, _ in adapters]
         t_warm = clock()
-        warmup(system, trace[: exp.warmup_requests], prompts, names, exp, clock)
+        if prepare is None:
+            warmup(system, trace[: exp.warmup_requests], prompts, names, exp, clock, trace)
+        else:
+            prepare(system, exp, trace, prompts, names)
         t_run = clock()
+        steps_before = getattr(system, "num_steps", 0)
         records, memory = replay(system, trace, prompts, names, exp, clock, desc=exp.name)
         summary["run"].update(setup_s=t_warm - t_setup, warmup_s=t_run - t_warm, replay_s=clock() - t_run,
                               num_not_submitted=len(trace) - len(records),
-                              num_steps=getattr(system, "num_steps", None))
+                              num_steps=getattr(system, "num_steps", steps_before) - steps_before)
         summary["metrics"] = serving_metrics(records, exp.engine.slo_first_token_s)
         summary["memory"] = memory_summary(memory)
     except ConfigError:
@@ -287,13 +367,16 @@ def run_point(exp: ExperimentConfig, out_dir: str, point: dict[str, Any] | None 
             raise
         summary.update(status="oom", error=f"{type(e).__name__}: {e}")
     finally:
+        if hasattr(system, "close"):
+            system.close()
         del system
         gc.collect()
-    save_records(records, os.path.join(out_dir, "requests.jsonl"))
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    if records:
-        plots.plot_run(out_dir, records, exp.engine.slo_first_token_s)
+    if write:
+        save_records(records, os.path.join(out_dir, "requests.jsonl"))
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        if records:
+            plots.plot_run(out_dir, records, exp.engine.slo_first_token_s)
     return RunResult(out_dir, point or {}, summary, records)
 
 
