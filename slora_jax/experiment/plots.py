@@ -14,13 +14,9 @@ import json
 import os
 from typing import Any, Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from slora_jax.workload.metrics import RequestRecord, load_records  # noqa: E402
+from slora_jax.workload.metrics import RequestRecord, load_records
 
 TABLE_COLUMNS = [  # (header, metric key, format)
     ("req/s", "throughput_req_s", "{:.2f}"),
@@ -35,6 +31,16 @@ TABLE_COLUMNS = [  # (header, metric key, format)
 
 
 METRIC_LABELS = {"throughput_req_s": "throughput (requests/s)", "throughput_tok_s": "throughput (generated tokens/s)"}
+
+
+def _pyplot():
+    """matplotlib's pyplot (Agg), imported on first use: the metrics table needs no matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def run_label(summary: dict[str, Any]) -> str:
@@ -61,6 +67,7 @@ def _cdf(ax, values: Sequence[float], label: str) -> None:
 
 
 def _cdf_figure(path: str, series: dict[str, Sequence[float]], xlabel: str, slo_s: float | None = None) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, values in series.items():
         _cdf(ax, values, label)
@@ -146,6 +153,7 @@ def _draw(ax, summaries: Sequence[dict[str, Any]], metric: str) -> None:
 def plot_sweep(out_dir: str, summaries: Sequence[dict[str, Any]], metric: str = "throughput_req_s") -> str:
     """`sweep_<metric>.png`: against adapters.n (log x) when swept, else bars grouped by setting."""
     path = os.path.join(out_dir, f"sweep_{metric}.png")
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     _draw(ax, summaries, metric)
     fig.tight_layout()
@@ -156,6 +164,7 @@ def plot_sweep(out_dir: str, summaries: Sequence[dict[str, Any]], metric: str = 
 
 def plot_throughput(path: str, summaries: Sequence[dict[str, Any]], title: str = "") -> str:
     """One PNG, two panels: requests/s and generated tokens/s of `summaries` (as `plot_sweep` draws them)."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric in zip(axes, ("throughput_req_s", "throughput_tok_s")):
         _draw(ax, summaries, metric)
