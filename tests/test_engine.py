@@ -27,7 +27,8 @@ def hf_greedy(model, prompt, n):
 @pytest.mark.parametrize("impl", ["reference", "pallas"])
 def test_mixed_stream_with_preemption_matches_peft(setup, tiny_model_dirs, tmp_path_factory,  # noqa: F811
                                                    impl):
-    """`impl` for attention and LoRA: the jnp references, or the Pallas kernels (interpret mode)."""
+    """`impl` for attention and LoRA: the jnp references, or the Pallas kernels (interpret mode: the
+    chunk-attention kernel in steps with prompt chunks, the decode kernel in decode-only steps)."""
     cfg, _, hf_base, peft_models, adapters = setup
     names = list(ADAPTERS)
     root = tmp_path_factory.getbasetemp()
@@ -35,7 +36,7 @@ def test_mixed_stream_with_preemption_matches_peft(setup, tiny_model_dirs, tmp_p
     # The adapters need 61 pages of the 56 (they swap), KV runs short: requests get preempted.
     engine = Engine.from_pretrained(tiny_model_dirs["llama3_gqa"], adapters=dirs, dtype="float32",
                                     num_pages=56, page_size=4, lora_chunk=16, max_num_seqs=4,
-                                    max_batch_tokens=24, max_model_len=48, attention_impl=impl, lora_impl=impl)
+                                    max_batch_tokens=16, max_model_len=48, attention_impl=impl, lora_impl=impl)
     rng = np.random.default_rng(0)
     lens = [5, 17, 9, 1, 12, 20, 3, 8]
     new = [14, 20, 10, 16, 12, 20, 15, 10]

@@ -44,10 +44,11 @@ def _bucket(n: int, lo: int = 1) -> int:
     return 1 << (max(n, lo) - 1).bit_length()
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "layout", "attention_impl"), donate_argnames=("pool",))
+@functools.partial(jax.jit, static_argnames=("cfg", "layout", "attention_impl", "prefill"), donate_argnames=("pool",))
 def _step(params, pool, tokens_T, pos_T, seq_T, page_table, logits_index_R, lora, sampling, cfg, layout,
-          attention_impl):
-    cache = PagedKVCache(pool, page_table, seq_T[None], layout, attention_impl)
+          attention_impl, prefill=False):
+    """`prefill`: some sequence runs a chunk of > 1 token (attention by chunks, `PagedKVCache`)."""
+    cache = PagedKVCache(pool, page_table, seq_T[None], layout, attention_impl, prefill)
     logits_1xRxV, cache = forward(params, cfg, tokens_T[None], pos_T[None], cache, lora, logits_index_R[None])
     return sample_batch(logits_1xRxV[0], sampling), cache.pool
 
@@ -341,10 +342,12 @@ class Engine:
         lora = self.store.batch_lora(names, slot, R, self.config.lora_impl) if names else None
         sampling = SamplingBatch.from_params([r.sampling for r, _ in plan], [r.key_data for r, _ in plan],
                                              [len(r.output) for r, _ in plan], size=R)
+        # Chunks go to the chunk-attention kernel (the jnp reference has one path: no extra compile).
+        prefill = self.config.attention_impl == "pallas" and any(n > 1 for _, n in plan)
         sampled, self.pool = _step(
             self.params, self.pool, jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seq), jnp.asarray(page_table),
             jnp.asarray(logits_index), lora, sampling, cfg=self.cfg, layout=self.layout,
-            attention_impl=self.config.attention_impl,
+            attention_impl=self.config.attention_impl, prefill=prefill,
         )
         return np.asarray(sampled)
 
