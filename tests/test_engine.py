@@ -183,6 +183,22 @@ def test_adapter_clustering_caps_adapters_per_step_and_keeps_outputs():
     assert plans and all(len(p) <= 1 for p in plans)
 
 
+def test_prefetching_queued_adapters_keeps_outputs():
+    """Two sequences at a time: queued requests' adapters are staged ahead and used; same tokens as
+    without prefetching."""
+    prompts = random_prompts(250, [4, 9, 2, 7, 5, 3], seed=7)
+    adapters = ["a0", "a1", "a2", "a0", None, "a1"]
+    sp = SamplingParams(max_new_tokens=4)
+    off = tiny_engine(max_num_seqs=2, max_batch_tokens=16, prefetch_adapters=0)
+    want = [o.token_ids for o in off.generate(prompts, adapters, sp)]
+    assert off.store.stats["prefetch_hits"] == 0
+    on = tiny_engine(max_num_seqs=2, max_batch_tokens=16, max_resident_adapters=2)  # adapters swap in and out
+    assert [o.token_ids for o in on.generate(prompts, adapters, sp)] == want
+    assert on.store.stats["prefetch_hits"] > 0 and on.store.stats["evictions"] > 0 and not on.store._staged
+    with pytest.raises(ValueError, match="prefetch_adapters"):
+        tiny_engine(prefetch_adapters=-1)
+
+
 def test_string_prompts_with_the_model_folders_tokenizer(tmp_path, tiny_model_dirs):
     import shutil
 

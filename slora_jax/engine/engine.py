@@ -202,6 +202,7 @@ class Engine:
             self._finish(r, "abort")
             events.append(TokenEvent(r.id, None, "abort"))
         plan = self._schedule(now, events)
+        self._prefetch(now)
         if not plan:
             return events
         sampled = self._run(plan)
@@ -266,6 +267,19 @@ class Engine:
             budget -= n
         self._preempted_now.clear()
         return plan
+
+    def _prefetch(self, now: float) -> None:
+        """Stage the adapters of the first queued requests (in the scheduler's order), so their
+        packing and host-to-device copies overlap the steps they wait through."""
+        names: list[str] = []
+        if self.config.prefetch_adapters:
+            waiting = [r for r in self._requests.values() if r.status is Status.WAITING]
+            for r in self.scheduler.order([], waiting, now, self.store.is_resident):
+                if len(names) == self.config.prefetch_adapters:
+                    break
+                if r.adapter is not None and not self.store.is_resident(r.adapter) and r.adapter not in names:
+                    names.append(r.adapter)
+        self.store.prefetch_only(names)
 
     def _reserve(self, need: int, req: Request, was_waiting: bool, order: list[Request], planned: set[int]) -> bool:
         """Make `need` pages free for `req`: evict idle adapters, then (for a running request)
