@@ -3,9 +3,10 @@
 Two kernels share one page layout and one online-softmax loop:
 
 - `paged_decode_attention`: one query token per sequence (decode).
-- `paged_prefill_attention`: a chunk of `S` query tokens per sequence, each attending
-  causally (by position) to everything already in the sequence's pages (chunked prefill;
-  the chunk's own K/V must be written to the pages first).
+- the chunk kernel: chunks of query tokens, each attending causally (by position) to
+  everything already in its sequence's pages (chunked prefill; the chunk's own K/V must
+  be written to the pages first). `paged_prefill_attention` launches it on a `[B, S]`
+  batch, `paged_ragged_attention` on a flat batch of chunks of any lengths.
 
 Contract
 --------
@@ -28,6 +29,11 @@ Prefill chunk:
   q        `[B, S, N, D]`;  q_pos `[B, S]` int32, each query's position (-1: padding,
            output 0). Query `s` attends to tokens `0 .. q_pos[b, s]`.
   returns  `[B, S, N, D]` in q's dtype.
+Ragged prefill chunks (`paged_ragged_attention`, the engine's mixed batches):
+  q        `[T, N, D]`;  seq `[T]` int32, the page-table row of each token;  q_pos `[T]`
+           int32 as above. Each row's tokens are contiguous (a *run*), at most `max_runs`
+           runs in all, padding included.
+  returns  `[T, N, D]` in q's dtype.
 Scores, softmax and accumulation are fp32; `p` is cast to V's dtype for the PV dot.
 
 Work
@@ -43,9 +49,14 @@ fill the GPU by splitting the context) every split writes fp32 partials
 normalised output itself. Each split covers an equal share of *its own* sequence's
 blocks, so ragged lengths stay balanced inside a sequence.
 
-Prefill grid `(B, K, cdiv(S * G, block_m))`: rows are (query, group-head) pairs, so
-GQA heads share each K/V tile; a program loops over token blocks up to the largest
-position among its rows and masks `t > q_pos` per row.
+Prefill chunks run one kernel on a flat `[T]` batch of queries, grid `(tiles, K)`: a
+*run* is a stretch of consecutive tokens of one sequence (a prefill chunk, or a lone
+decode token), its rows are (query, group-head) pairs so GQA heads share each K/V tile,
+and a tile is `block_m` rows of one run (`regular_tiles` for a `[B, S]` batch,
+`ragged_tiles` for a ragged one, computed from the per-token sequence ids on the
+device, so the grid depends only on `T` and the number of page-table rows). A program
+loops over token blocks up to the largest position among its rows and masks
+`t > q_pos` per row.
 
 Reference: `slora_jax.ops.attention.paged_attention_reference` (gathers the pages with
 `gather_pages` below, then runs the dense `attention_reference`).
@@ -267,32 +278,66 @@ def paged_decode_attention(q_BxNxD, k_pages, v_pages, page_table_BxM, lengths_B,
     return o_BxNxD.astype(q_BxNxD.dtype)
 
 
-# ----------------------------------------------------------------------------- prefill chunk
+# ----------------------------------------------------------------------------- prefill chunks
+
+# A tile (runs, rows and tiles: module doc) is four int32:
+TILE_FIELDS = 4  # (first token of the run, first row of the tile, run length in tokens, page-table row)
 
 
-def _prefill_kernel(layer_ref, q_pos_ref, page_table_ref, q_ref, k_ref, v_ref, o_ref, *, S: int, G: int,
-                    D: int, block_m: int, block_t: int, page_size: int, max_pages: int,
-                    scale_log2: float):
-    b = pl.program_id(0)
+def regular_tiles(B: int, S: int, G: int, block_m: int) -> jax.Array:
+    """Tiles `[B * cdiv(S * G, block_m), 4]` of a `[B, S]` batch flattened: run b is row b."""
+    per = pl.cdiv(S * G, block_m)
+    b_I = jnp.repeat(jnp.arange(B, dtype=jnp.int32), per)
+    j_I = jnp.tile(jnp.arange(per, dtype=jnp.int32), B)
+    return jnp.stack([b_I * S, j_I * block_m, jnp.full_like(b_I, S), b_I], axis=1)
+
+
+def ragged_tiles(seq_T: jax.Array, max_runs: int, G: int, block_m: int) -> jax.Array:
+    """Tiles `[cdiv(T * G, block_m) + max_runs, 4]` of a ragged batch, `seq_T` the page-table row
+    of each token; runs are maximal stretches of equal `seq_T`. Trailing tiles past the last run
+    have length 0 (their programs return at once). Runs past `max_runs` get no tile."""
+    T = seq_T.shape[0]
+    t_T = jnp.arange(T, dtype=jnp.int32)
+    new_T = jnp.concatenate([jnp.ones((1,), bool), seq_T[1:] != seq_T[:-1]])
+    run_T = jnp.cumsum(new_T.astype(jnp.int32)) - 1
+    first_X = jnp.full((max_runs,), T, jnp.int32).at[run_T].min(t_T, mode="drop")
+    len_X = jnp.zeros((max_runs,), jnp.int32).at[run_T].add(1, mode="drop")
+    seq_X = jnp.zeros((max_runs,), jnp.int32).at[run_T].max(seq_T.astype(jnp.int32), mode="drop")
+    tiles_X = (len_X * G + block_m - 1) // block_m
+    end_X = jnp.cumsum(tiles_X)  # one past each run's last tile
+    # Each run wastes less than one tile, so this many tiles always cover every run.
+    i_I = jnp.arange(pl.cdiv(T * G, block_m) + max_runs, dtype=jnp.int32)
+    run_I = jnp.sum(end_X[None, :] <= i_I[:, None], axis=1, dtype=jnp.int32)  # == max_runs: past the end
+    ok_I = run_I < max_runs
+    run_I = jnp.minimum(run_I, max_runs - 1)
+    row0_I = (i_I - end_X[run_I] + tiles_X[run_I]) * block_m
+    return jnp.stack([first_X[run_I], row0_I, jnp.where(ok_I, len_X[run_I], 0), seq_X[run_I]], axis=1)
+
+
+def _chunk_kernel(layer_ref, tiles_ref, q_pos_ref, page_table_ref, q_ref, k_ref, v_ref, o_ref, *, T: int,
+                  G: int, D: int, block_m: int, block_t: int, page_size: int, max_pages: int, scale_log2: float):
+    i = pl.program_id(0)
     h = pl.program_id(1)
-    mb = pl.program_id(2)
     layer = layer_ref[0]
+    first = tiles_ref[TILE_FIELDS * i]
+    row0 = tiles_ref[TILE_FIELDS * i + 1]
+    n_tok = tiles_ref[TILE_FIELDS * i + 2]
+    b = tiles_ref[TILE_FIELDS * i + 3]
 
-    r_M = mb * block_m + _iota(block_m)
-    row_ok_M = r_M < S * G
-    # Rows past the chunk point one past the last query: masked on the GPU, dropped by interpret.
-    s_M = jnp.where(row_ok_M, r_M // G, S)
+    r_M = row0 + _iota(block_m)
+    row_ok_M = r_M < n_tok * G
+    # Rows past the run point one past the last token: masked on the GPU, dropped by interpret mode.
+    t_M = jnp.where(row_ok_M, first + r_M // G, T)
     head_M = h * G + r_M % G
-    pos_M = plgpu.load(q_pos_ref.at[jnp.full((block_m,), b, jnp.int32), s_M], mask=row_ok_M, other=-1)
+    pos_M = plgpu.load(q_pos_ref.at[t_M], mask=row_ok_M, other=-1)
     tok_end = jnp.max(pos_M) + 1  # 0 when every row is padding: no blocks
 
     shape = (block_m, D)
-    b_MxD = jnp.full(shape, b, jnp.int32)
-    s_MxD = jnp.broadcast_to(s_M[:, None], shape)
+    t_MxD = jnp.broadcast_to(t_M[:, None], shape)
     head_MxD = jnp.broadcast_to(head_M[:, None], shape)
     d_MxD = jnp.broadcast_to(_iota(D)[None, :], shape)
     mask_MxD = jnp.broadcast_to(row_ok_M[:, None], shape)
-    q_MxD = plgpu.load(q_ref.at[b_MxD, s_MxD, head_MxD, d_MxD], mask=mask_MxD, other=0)
+    q_MxD = plgpu.load(q_ref.at[t_MxD, head_MxD, d_MxD], mask=mask_MxD, other=0)
 
     def body(j, carry):
         t_T, k_TxD, v_TxD = _kv_block(k_ref, v_ref, page_table_ref, b, layer, h, j * block_t, tok_end,
@@ -302,7 +347,33 @@ def _prefill_kernel(layer_ref, q_pos_ref, page_table_ref, q_ref, k_ref, v_ref, o
 
     acc_MxD, _, l_M = lax.fori_loop(0, pl.cdiv(tok_end, block_t), body, _init_carry(block_m, D))
     o_MxD = _normalise(acc_MxD, l_M).astype(o_ref.dtype)
-    plgpu.store(o_ref.at[b_MxD, s_MxD, head_MxD, d_MxD], o_MxD, mask=mask_MxD)
+    plgpu.store(o_ref.at[t_MxD, head_MxD, d_MxD], o_MxD, mask=mask_MxD)
+
+
+def _chunk_attention(q_TxNxD, k_pages, v_pages, page_table_RxM, q_pos_T, tiles_Ix4, layer, *, block_m: int,
+                     block_t: int, num_warps: int, num_stages: int, interpret: bool | None):
+    k5, v5, layer_1 = _as_5d(k_pages, v_pages, layer)
+    T, N, D = q_TxNxD.shape
+    P, K, Dk = k5.shape[-3:]
+    if Dk != D or N % K:
+        raise ValueError(f"q heads/dim {N, D} do not match pool heads/dim {K, Dk}")
+    _check(P, D, block_t)
+    if block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
+    if interpret is None:
+        interpret = default_interpret()
+    kernel = functools.partial(
+        _chunk_kernel, T=T, G=N // K, D=D, block_m=block_m, block_t=block_t, page_size=P,
+        max_pages=page_table_RxM.shape[1], scale_log2=D**-0.5 * _LOG2E)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((T, N, D), q_TxNxD.dtype),
+        grid=(tiles_Ix4.shape[0], K),
+        compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="paged_chunk_attention",
+    )(layer_1, tiles_Ix4.reshape(-1).astype(jnp.int32), q_pos_T.astype(jnp.int32),
+      page_table_RxM.astype(jnp.int32), q_TxNxD, k5, v5)
 
 
 def paged_prefill_attention(q_BxSxNxD, k_pages, v_pages, page_table_BxM, q_pos_BxS, *, layer=None,
@@ -313,28 +384,33 @@ def paged_prefill_attention(q_BxSxNxD, k_pages, v_pages, page_table_BxM, q_pos_B
     `block_m` (rows = query x group-head pairs per program) defaults to `S * G` rounded up
     to a power of two, between 16 and 64.
     """
-    k5, v5, layer_1 = _as_5d(k_pages, v_pages, layer)
     B, S, N, D = q_BxSxNxD.shape
-    P, K, Dk = k5.shape[-3:]
-    M = page_table_BxM.shape[1]
-    if Dk != D or N % K:
-        raise ValueError(f"q heads/dim {N, D} do not match pool heads/dim {K, Dk}")
-    _check(P, D, block_t)
-    G = N // K
+    G = N // k_pages.shape[-2]
     if block_m is None:
         block_m = min(64, max(16, _next_pow2(S * G)))
-    if block_m < 16 or block_m & (block_m - 1):
-        raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
-    if interpret is None:
-        interpret = default_interpret()
-    kernel = functools.partial(
-        _prefill_kernel, S=S, G=G, D=D, block_m=block_m, block_t=block_t, page_size=P, max_pages=M,
-        scale_log2=D**-0.5 * _LOG2E)
-    return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((B, S, N, D), q_BxSxNxD.dtype),
-        grid=(B, K, pl.cdiv(S * G, block_m)),
-        compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name="paged_prefill_attention",
-    )(layer_1, q_pos_BxS.astype(jnp.int32), page_table_BxM.astype(jnp.int32), q_BxSxNxD, k5, v5)
+    o_TxNxD = _chunk_attention(
+        q_BxSxNxD.reshape(B * S, N, D), k_pages, v_pages, page_table_BxM, q_pos_BxS.reshape(B * S),
+        regular_tiles(B, S, G, block_m), layer, block_m=block_m, block_t=block_t, num_warps=num_warps,
+        num_stages=num_stages, interpret=interpret)
+    return o_TxNxD.reshape(B, S, N, D)
+
+
+def paged_ragged_attention(q_TxNxD, k_pages, v_pages, page_table_RxM, seq_T, q_pos_T, *, layer=None,
+                           max_runs: int | None = None, block_m: int = 64, block_t: int = 32,
+                           num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None):
+    """Causal attention of a ragged flat batch of queries over their sequences' pages; `[T, N, D]`.
+
+    Token `t` is a query of page-table row `seq_T[t]` at position `q_pos_T[t]` (-1: padding,
+    output 0), attending to tokens `0 .. q_pos_T[t]` of that row. The batch must consist of at
+    most `max_runs` runs of consecutive tokens sharing a row (default `R + 1`: each row's tokens
+    contiguous, plus trailing padding); tokens of further runs are left uncomputed. Each run is
+    processed as a prefill chunk: its queries share every K/V tile they read.
+    """
+    T, N, _ = q_TxNxD.shape
+    G = N // k_pages.shape[-2]
+    if max_runs is None:
+        max_runs = min(T, page_table_RxM.shape[0] + 1)
+    tiles_Ix4 = ragged_tiles(seq_T, max_runs, G, block_m)
+    return _chunk_attention(q_TxNxD, k_pages, v_pages, page_table_RxM, q_pos_T, tiles_Ix4, layer,
+                            block_m=block_m, block_t=block_t, num_warps=num_warps, num_stages=num_stages,
+                            interpret=interpret)

@@ -239,6 +239,7 @@ class EngineConfig:
     max_lora_rank: int = 64  # unified_memory=False: every slot's rank
     host_adapter_budget_bytes: int = 8 << 30
     max_resident_adapters: int = 1024
+    prefetch_adapters: int = 4  # adapters of the first queued requests staged ahead (packed, copied); 0: off
     seed: int = 0  # for requests without a seed of their own
 
     def __post_init__(self):
@@ -246,6 +247,8 @@ class EngineConfig:
                      "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefetch_adapters < 0:
+            raise ValueError(f"EngineConfig.prefetch_adapters must be >= 0, got {self.prefetch_adapters}")
         if self.attention_impl not in ("auto", "pallas", "reference"):
             raise ValueError(
                 f"EngineConfig.attention_impl must be 'auto', 'pallas' or 'reference', got {self.attention_impl!r}")

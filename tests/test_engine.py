@@ -27,7 +27,8 @@ def hf_greedy(model, prompt, n):
 @pytest.mark.parametrize("impl", ["reference", "pallas"])
 def test_mixed_stream_with_preemption_matches_peft(setup, tiny_model_dirs, tmp_path_factory,  # noqa: F811
                                                    impl):
-    """`impl` for attention and LoRA: the jnp references, or the Pallas kernels (interpret mode)."""
+    """`impl` for attention and LoRA: the jnp references, or the Pallas kernels (interpret mode: the
+    chunk-attention kernel in steps with prompt chunks, the decode kernel in decode-only steps)."""
     cfg, _, hf_base, peft_models, adapters = setup
     names = list(ADAPTERS)
     root = tmp_path_factory.getbasetemp()
@@ -35,7 +36,7 @@ def test_mixed_stream_with_preemption_matches_peft(setup, tiny_model_dirs, tmp_p
     # The adapters need 61 pages of the 56 (they swap), KV runs short: requests get preempted.
     engine = Engine.from_pretrained(tiny_model_dirs["llama3_gqa"], adapters=dirs, dtype="float32",
                                     num_pages=56, page_size=4, lora_chunk=16, max_num_seqs=4,
-                                    max_batch_tokens=24, max_model_len=48, attention_impl=impl, lora_impl=impl)
+                                    max_batch_tokens=16, max_model_len=48, attention_impl=impl, lora_impl=impl)
     rng = np.random.default_rng(0)
     lens = [5, 17, 9, 1, 12, 20, 3, 8]
     new = [14, 20, 10, 16, 12, 20, 15, 10]
@@ -211,6 +212,22 @@ def test_adapter_clustering_caps_adapters_per_step_and_keeps_outputs():
     got = [o.token_ids for o in engine.generate(prompts, adapters, SamplingParams(max_new_tokens=6))]
     assert got == want
     assert plans and all(len(p) <= 1 for p in plans)
+
+
+def test_prefetching_queued_adapters_keeps_outputs():
+    """Two sequences at a time: queued requests' adapters are staged ahead and used; same tokens as
+    without prefetching."""
+    prompts = random_prompts(250, [4, 9, 2, 7, 5, 3], seed=7)
+    adapters = ["a0", "a1", "a2", "a0", None, "a1"]
+    sp = SamplingParams(max_new_tokens=4)
+    off = tiny_engine(max_num_seqs=2, max_batch_tokens=16, prefetch_adapters=0)
+    want = [o.token_ids for o in off.generate(prompts, adapters, sp)]
+    assert off.store.stats["prefetch_hits"] == 0
+    on = tiny_engine(max_num_seqs=2, max_batch_tokens=16, max_resident_adapters=2)  # adapters swap in and out
+    assert [o.token_ids for o in on.generate(prompts, adapters, sp)] == want
+    assert on.store.stats["prefetch_hits"] > 0 and on.store.stats["evictions"] > 0 and not on.store._staged
+    with pytest.raises(ValueError, match="prefetch_adapters"):
+        tiny_engine(prefetch_adapters=-1)
 
 
 def test_string_prompts_with_the_model_folders_tokenizer(tmp_path, tiny_model_dirs):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.paged_attention import default_decode_splits, gather_pages, paged_decode_attention
+from pallas_kernels.paged_attention import default_decode_splits, gather_pages, paged_decode_attention, ragged_tiles
 from slora_jax.config import preset
 from slora_jax.model import forward, init_random_params
 from slora_jax.model.cache import DenseKVCache
@@ -25,6 +25,7 @@ from slora_jax.ops.attention import (
     attention_reference,
     paged_attention,
     paged_attention_reference,
+    paged_ragged_attention,
     write_kv_pages,
 )
 
@@ -104,6 +105,62 @@ def test_prefill_chunk_matches_dense_reference(B, S, N, K, D, P, M, dtype):
     assert rel_err(out, ref) < TOL[dtype]
     pad = np.asarray(q_pos) < 0
     np.testing.assert_array_equal(np.asarray(out, np.float32)[pad], 0.0)
+
+
+# N, K, D, P, dtype, combined (the unified pool's 6-D K/V view with a layer index)
+RAGGED_CASES = [
+    pytest.param(6, 2, 16, 8, jnp.bfloat16, False, id="gqa3-P8-bf16"),
+    pytest.param(4, 4, 32, 16, jnp.float32, True, id="mha-P16-fp32-combined-pool"),
+]
+
+
+@pytest.mark.parametrize("N,K,D,P,dtype,combined", RAGGED_CASES)
+def test_ragged_chunks_match_dense_reference(N, K, D, P, dtype, combined):
+    """The engine's flat batch: prefill chunks and decode tokens of several sequences, in any
+    row order, a chunk spanning several tiles and pages, padding inside a chunk and at the end."""
+    rng = np.random.default_rng(N * P)
+    R, M = 5, 4
+    k_pages, v_pages, page_table = random_pool(rng, B=R, M=M, P=P, K=K, D=D, dtype=dtype)
+    T_max = M * P
+    # (row, first position, chunk length); row 3 is unused
+    chunks = [(2, 0, 11), (0, T_max - 1, 1), (4, P - 3, 6), (1, rng.integers(0, T_max - 3), 3), (3, 0, 0)]
+    seq = np.concatenate([np.full(n, r) for r, _, n in chunks] + [np.zeros(4, int)]).astype(np.int32)
+    pos = np.concatenate([np.arange(p0, p0 + n) for _, p0, n in chunks] + [np.full(4, -1)]).astype(np.int32)
+    pos[13] = -1  # padding inside row 4's chunk
+    T = len(seq)
+    q = jnp.asarray(rng.standard_normal((T, N, D)), dtype)
+    if combined:  # [L, num_pages, 2, P, K, D], layer 1 of 2
+        pool = jnp.stack([jnp.stack([k_pages, v_pages], axis=1)] * 2).at[0].multiply(-1.0)
+        out = paged_ragged_attention(q, pool, None, page_table, jnp.asarray(seq), jnp.asarray(pos), layer=1,
+                                     block_m=16, block_t=16)
+    else:
+        out = paged_ragged_attention(q, k_pages, v_pages, page_table, jnp.asarray(seq), jnp.asarray(pos),
+                                     block_m=16, block_t=16)
+    assert out.shape == (T, N, D) and out.dtype == dtype
+    ref = dense_reference(q[:, None], k_pages, v_pages, page_table[seq], jnp.asarray(pos)[:, None])[:, 0]
+    assert rel_err(out, ref) < TOL[dtype]
+    np.testing.assert_array_equal(np.asarray(out, np.float32)[pos < 0], 0.0)
+
+
+def test_ragged_tiles_cover_every_token_once():
+    """Random run layouts: the tiles give each (token, group-head) row to exactly one program,
+    with the token's own page-table row."""
+    rng = np.random.default_rng(7)
+    T, R, block_m = 160, 5, 16  # fixed shapes: one compile per G
+    tiles_of = jax.jit(ragged_tiles, static_argnums=(1, 2, 3))
+    for i in range(20):
+        G = (1, 3)[i % 2]
+        lens = rng.integers(0, 32, R)
+        # rows in random order, then padding (row 0) up to T
+        seq = np.concatenate([np.full(n, r) for r, n in zip(rng.permutation(R), lens)])
+        seq = np.concatenate([seq, np.zeros(T - len(seq), int)]).astype(np.int32)
+        tiles = np.asarray(tiles_of(jnp.asarray(seq), R + 1, G, block_m))
+        hits = np.zeros(T * G, int)
+        for first, row0, n, row in tiles:
+            r = np.arange(row0, min(row0 + block_m, n * G))
+            hits[first * G + r] += 1
+            assert (seq[first + r // G] == row).all()
+        np.testing.assert_array_equal(hits, 1)
 
 
 def test_chunked_prefill_then_decode_equals_dense_cache():

@@ -112,9 +112,18 @@ def test_bad_adapters_fail_alone(tmp_path):
 
 
 def test_prefetch_stages_rows_without_taking_pages(tmp_path):
-    store, alloc, layout, _ = make_store(tmp_path, n=2)
+    store, alloc, layout, ads = make_store(tmp_path, n=3)
     free = alloc.num_free
     store.prefetch("a1")
     assert alloc.num_free == free and not store.is_resident("a1")
     pool = store.load(create_pool(layout, jnp.float32), "a1")
-    assert store.is_resident("a1") and store.stats["disk_loads"] == 1
+    assert store.is_resident("a1") and store.stats["disk_loads"] == 1 and store.stats["prefetch_hits"] == 1
+    got = gather_slots(pool, layout, CFG, [(store.resident("a1").placement, store.resident("a1").pages)])
+    want = pack_slots([ads[1]], CFG, jnp.float32)
+    np.testing.assert_allclose(np.asarray(got["v"].b), np.asarray(want["v"].b), rtol=1e-6)
+    # prefetch_only keeps exactly the names asked for (resident ones need nothing), skipping bad ones
+    store.add(random_adapter(CFG, 256, ("q", "k", "v", "o", "gate", "up", "down"), name="huge"))
+    store.prefetch_only(["a0", "huge", "a2", "a1"])  # "huge" needs more than the whole pool: skipped
+    assert set(store._staged) == {"a0", "a2"}
+    store.prefetch_only(["a2"])
+    assert set(store._staged) == {"a2"} and alloc.num_free == free - len(store.resident("a1").pages)

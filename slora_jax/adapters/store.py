@@ -7,16 +7,19 @@
   evicted LRU when pages are needed (by another adapter, or by the KV cache
   through `evict_idle`).
 
-Loading into the pool is `jax.device_put` of the adapter's rows (asynchronous)
-plus the donated `write_adapter` scatter; `prefetch` starts the host read and
-the host-to-device copy early, so they overlap the device work of the steps
-before the adapter is needed. Bad input (a corrupt file, an adapter larger than
-the whole pool) raises `AdapterError` for that adapter and changes nothing else.
+Loading into the pool is packing the adapter's rows on the host, `jax.device_put`
+of them (asynchronous) and the donated `write_adapter` scatter. Packing and
+copying run on a background thread: `prefetch` (the engine calls it for the
+adapters of queued requests) starts them early, so they overlap the steps run
+before the adapter is needed, and `load` waits only for what is left. Bad input
+(a corrupt file, an adapter larger than the whole pool) raises `AdapterError`
+for that adapter and changes nothing else.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -64,9 +67,11 @@ class AdapterStore:
         self._paths: dict[str, str] = {}
         self._host: collections.OrderedDict[str, LoraAdapter] = collections.OrderedDict()  # LRU order
         self._resident: collections.OrderedDict[str, Resident] = collections.OrderedDict()  # LRU order
-        self._staged: dict[str, tuple[AdapterPlacement, jax.Array]] = {}  # prefetched rows on device
+        # prefetched: the placement, and the rows on the device once the staging thread has packed and sent them
+        self._staged: dict[str, tuple[AdapterPlacement, concurrent.futures.Future]] = {}
+        self._stager: concurrent.futures.ThreadPoolExecutor | None = None  # started on first use
         self._free_slots = list(range(max_resident - 1, -1, -1))
-        self.stats = collections.Counter()  # disk_loads, host_hits, pool_loads, pool_hits, evictions
+        self.stats = collections.Counter()  # disk_loads, host_hits, pool_loads, pool_hits, prefetch_hits, evictions
         self._table_pages, self._r_max = 1, 8  # batch shape bounds that only grow (few compiles)
         self._targeted: set[str] = set()
 
@@ -120,13 +125,33 @@ class AdapterStore:
         return self._resident[name]
 
     def prefetch(self, name: str) -> None:
-        """Start reading `name` and copying its rows to the device, without taking pages."""
+        """Start packing `name`'s rows and copying them to the device, without taking pages.
+
+        The host read (if not in host memory yet) happens here; packing and the copy on the
+        staging thread (they only read the immutable `LoraAdapter`).
+        """
         if name in self._resident or name in self._staged:
             return
         adapter = self.host(name)
         placement = self._placement(adapter)
-        rows = adapter_rows(adapter, placement, self.cfg, self.layout, self.dtype)
-        self._staged[name] = (placement, jax.device_put(rows))  # asynchronous copy
+        if self._stager is None:
+            self._stager = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="adapter-stager")
+        self._staged[name] = (placement, self._stager.submit(self._stage, adapter, placement))
+
+    def _stage(self, adapter: LoraAdapter, placement: AdapterPlacement) -> jax.Array:
+        return jax.device_put(adapter_rows(adapter, placement, self.cfg, self.layout, self.dtype))  # async copy
+
+    def prefetch_only(self, names: list[str]) -> None:
+        """Keep exactly `names` staged (the adapters of the next queued requests): start the
+        missing ones, drop the staged rows of others. An adapter that cannot be staged
+        (corrupt, too large) is skipped; its error comes when a request loads it."""
+        for name in set(self._staged) - set(names):
+            del self._staged[name]
+        for name in names:
+            try:
+                self.prefetch(name)
+            except AdapterError:
+                pass
 
     def load(self, pool: jax.Array, name: str) -> jax.Array:
         """Make `name` resident (evicting idle adapters LRU if pages are short); returns the pool.
@@ -139,12 +164,15 @@ class AdapterStore:
             self._resident.move_to_end(name)
             self.stats["pool_hits"] += 1
             return pool
+        if name in self._staged:
+            self.stats["prefetch_hits"] += 1
         self.prefetch(name)
-        placement, rows = self._staged[name]
+        placement, staged = self._staged[name]
         need = placement.num_pages
         while not self._free_slots or not self.allocator.can_alloc(need):
             if self._evict_one_idle() is None:
                 raise OutOfPages(need, self.allocator.num_free, self.allocator.num_pages)
+        rows = staged.result()
         pages = self.allocator.alloc(need, ("adapter", name), "adapter")
         del self._staged[name]
         pool = write_adapter(pool, rows, jnp.asarray(pages), self.layout)
@@ -279,6 +307,9 @@ class SlotAdapterStore(AdapterStore):
         self._used_elems[name] = sum(m.rank * (m.a.shape[0] + m.b.shape[1]) for m in adapter.modules.values())
         self.stats["pool_loads"] += 1
         return pool
+
+    def prefetch(self, name: str) -> None:
+        pass  # the ablation loads synchronously (no staging into fixed slots)
 
     def evict_idle(self, pages_needed: int) -> int:
         return 0  # adapters hold no pool pages here: evicting one frees nothing for the KV cache

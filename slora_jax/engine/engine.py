@@ -47,13 +47,17 @@ def _bucket(n: int, lo: int = 1) -> int:
     return 1 << (max(n, lo) - 1).bit_length()
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "cfg", "layout", "attention_impl"), donate_argnames=("pool",))
-def _step(params, pool, prev_sampled_R, buf_N, dev, spec, cfg, layout, attention_impl):
-    """One engine step on the device: the batch arrives as one packed buffer (`StepBatch`)."""
+@functools.partial(jax.jit, static_argnames=("spec", "cfg", "layout", "attention_impl", "prefill"),
+                   donate_argnames=("pool",))
+def _step(params, pool, prev_sampled_R, buf_N, dev, spec, cfg, layout, attention_impl, prefill=False):
+    """One engine step on the device: the batch arrives as one packed buffer (`StepBatch`).
+
+    `prefill`: some sequence runs a chunk of > 1 token (attention by chunks, `PagedKVCache`).
+    """
     b: StepBatch = unpack(buf_N, dev, spec)
     # Decode tokens sampled by the step still in flight come from its device output, not the host.
     tokens_T = jnp.where(b.src_row_T >= 0, prev_sampled_R[jnp.maximum(b.src_row_T, 0)], b.tokens_T)
-    cache = PagedKVCache(pool, b.page_table, b.seq_T[None], layout, attention_impl)
+    cache = PagedKVCache(pool, b.page_table, b.seq_T[None], layout, attention_impl, prefill)
     logits_1xRxV, cache = forward(params, cfg, tokens_T[None], b.pos_T[None], cache, b.lora, b.logits_index_R[None])
     return sample_batch(logits_1xRxV[0], b.sampling), cache.pool
 
@@ -243,6 +247,7 @@ class Engine:
             events.append(TokenEvent(r.id, None, "abort"))
         plan = self._schedule(now, events)
         previous, self._inflight = self._inflight, (self._run(plan) if plan else None)
+        self._prefetch(now)  # after the dispatch: packing and copies run while the device works
         if previous is not None:
             self._collect(previous, events)
         if not self.config.overlap_steps and self._inflight is not None:
@@ -320,6 +325,19 @@ class Engine:
         n = len(req.output) + req.inflight
         return req.inflight > 0 and (n >= req.sampling.max_new_tokens
                                      or len(req.prompt) + n >= self.config.max_model_len)
+
+    def _prefetch(self, now: float) -> None:
+        """Stage the adapters of the first queued requests (in the scheduler's order), so their
+        packing and host-to-device copies overlap the steps they wait through."""
+        names: list[str] = []
+        if self.config.prefetch_adapters:
+            waiting = [r for r in self._requests.values() if r.status is Status.WAITING]
+            for r in self.scheduler.order([], waiting, now, self.store.is_resident):
+                if len(names) == self.config.prefetch_adapters:
+                    break
+                if r.adapter is not None and not self.store.is_resident(r.adapter) and r.adapter not in names:
+                    names.append(r.adapter)
+        self.store.prefetch_only(names)
 
     def _reserve(self, need: int, req: Request, was_waiting: bool, order: list[Request], planned: set[int]) -> bool:
         """Make `need` pages free for `req`: evict idle adapters, then (for a running request)
@@ -410,8 +428,10 @@ class Engine:
         batch = StepBatch(tokens, src_row, pos, seq, page_table, logits_index, lora, sampling)
         buf, dev, spec = pack(batch)
         prev_sampled = prev.sampled_R if prev is not None else _no_samples(R)
+        # Chunks go to the chunk-attention kernel (the jnp reference has one path: no extra compile).
+        prefill = self.config.attention_impl == "pallas" and any(n > 1 for _, n in plan)
         sampled, self.pool = _step(self.params, self.pool, prev_sampled, buf, dev, spec=spec, cfg=self.cfg,
-                                   layout=self.layout, attention_impl=self.config.attention_impl)
+                                   layout=self.layout, attention_impl=self.config.attention_impl, prefill=prefill)
         return _InFlight(sampled, rows, {req.id: row for row, req in rows})
 
     def memory_report(self) -> dict[str, float]:

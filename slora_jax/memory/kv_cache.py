@@ -6,10 +6,12 @@ page table. `seq_ids [B, S]` gives the row of every token of the forward, so
 one forward can mix sequences freely: the engine runs prefill chunks and
 decode tokens of many sequences as one ragged `[1, T]` batch.
 
-Attention runs `ops.attention.paged_attention` on the pool in place, each
-token as a query of its own sequence (so any mix of prefill chunks and decodes
-works): `attention_impl="pallas"` is the Pallas decode kernel, `"reference"`
-the jnp path (pages gathered to a contiguous cache).
+Attention reads the pool in place. `attention_impl="pallas"`: with `prefill`
+set, the Pallas chunk kernel (`ops.attention.paged_ragged_attention`), which
+needs each sequence's tokens contiguous in the flattened batch and reads each
+K/V tile once per chunk; otherwise every token is a query of its own for the
+decode kernel (any layout; the right choice when every sequence has one new
+token). `"reference"`: the jnp path (pages gathered to a contiguous cache).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from slora_jax.memory.pool import PoolLayout
-from slora_jax.ops.attention import paged_attention
+from slora_jax.ops.attention import paged_attention, paged_ragged_attention
 
 
 @flax.struct.dataclass
@@ -29,6 +31,7 @@ class PagedKVCache:
     seq_ids: jax.Array  # [B, S] int32, page-table row of each token of the forward
     layout: PoolLayout = flax.struct.field(pytree_node=False)
     attention_impl: str = flax.struct.field(pytree_node=False, default="reference")
+    prefill: bool = flax.struct.field(pytree_node=False, default=False)  # some sequence has a chunk of > 1 token
 
     @classmethod
     def batched(cls, pool: jax.Array, page_table: jax.Array, layout: PoolLayout, seq_len: int,
@@ -36,7 +39,7 @@ class PagedKVCache:
         """Row b of a `[B, S]` forward is sequence b of the page table."""
         B = page_table.shape[0]
         seq_ids = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, seq_len))
-        return cls(pool, page_table, seq_ids, layout, attention_impl)
+        return cls(pool, page_table, seq_ids, layout, attention_impl, prefill=seq_len > 1)
 
     def _kv(self) -> jax.Array:
         lo = self.layout
@@ -53,6 +56,11 @@ class PagedKVCache:
 
     def attend(self, layer: jax.Array, q_BxSxNxD: jax.Array, pos_BxS: jax.Array) -> jax.Array:
         B, S, N, D = q_BxSxNxD.shape
+        if self.prefill:
+            o_TxNxD = paged_ragged_attention(q_BxSxNxD.reshape(B * S, N, D), self._kv(), None, self.page_table,
+                                             self.seq_ids.reshape(B * S), pos_BxS.reshape(B * S), layer=layer,
+                                             impl=self.attention_impl)
+            return o_TxNxD.reshape(B, S, N, D)
         pages_TxM = self.page_table[self.seq_ids.reshape(B * S)]
         o_Tx1xNxD = paged_attention(q_BxSxNxD.reshape(B * S, 1, N, D), self._kv(), None, pages_TxM,
                                     pos_BxS.reshape(B * S, 1), layer=layer, impl=self.attention_impl)

@@ -6,8 +6,9 @@ causally to cached key slots `0 .. q_pos[b, s]` (its own K/V already written).
 A query with position -1 is padding: its output is zero.
 
 The paged ops below read the cache from pool pages through per-sequence page tables
-(`paged_attention`, kernels in `pallas_kernels.paged_attention`), write new tokens into
-pages (`write_kv_pages`), and keep a gather-then-dense reference
+(`paged_attention` for a `[B, S]` batch, `paged_ragged_attention` for a flat batch of
+chunks of any lengths; kernels in `pallas_kernels.paged_attention`), write new tokens
+into pages (`write_kv_pages`), and keep a gather-then-dense reference
 (`paged_attention_reference`).
 """
 
@@ -16,7 +17,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.paged_attention import gather_pages, paged_decode_attention, paged_prefill_attention
+from pallas_kernels.paged_attention import (
+    gather_pages,
+    paged_decode_attention,
+    paged_prefill_attention,
+    paged_ragged_attention as _ragged_kernel,
+)
 
 
 def attention_reference(
@@ -139,3 +145,34 @@ def paged_attention(
         return o_BxNxD[:, None]
     return paged_prefill_attention(q_BxSxNxD, k_pages, v_pages, page_table_BxM, q_pos_BxS, layer=layer,
                                    interpret=interpret, **kernel_options)
+
+
+def paged_ragged_attention(
+    q_TxNxD: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    page_table_RxM: jax.Array,
+    seq_T: jax.Array,
+    q_pos_T: jax.Array,
+    *,
+    layer=None,
+    impl: str = "pallas",
+    interpret: bool | None = None,
+    **kernel_options,
+) -> jax.Array:
+    """`paged_attention` of a flat batch: token `t` is a query of page-table row `seq_T[t]` at
+    position `q_pos_T[t]` (-1: padding); returns `[T, N, D]`.
+
+    Chunks and decode tokens of many sequences mix freely, as long as each row's tokens are
+    contiguous (see `pallas_kernels.paged_attention`): the Pallas chunk kernel then reads each
+    K/V tile once for a whole chunk. `impl="reference"` treats every token as a sequence of
+    its own (`paged_attention_reference`, no layout condition).
+    """
+    T, N, D = q_TxNxD.shape
+    if impl == "reference":
+        return paged_attention_reference(q_TxNxD[:, None], k_pages, v_pages, page_table_RxM[seq_T],
+                                         q_pos_T[:, None], layer=layer)[:, 0]
+    if impl != "pallas":
+        raise ValueError(f"impl must be one of {PAGED_IMPLS}, got {impl!r}")
+    return _ragged_kernel(q_TxNxD, k_pages, v_pages, page_table_RxM, seq_T, q_pos_T, layer=layer,
+                          interpret=interpret, **kernel_options)
