@@ -35,7 +35,9 @@ class LoraInputs(NamedTuple):
     """The LoRA part of a forward: adapter weights in dense slots and each token's slot.
 
     weights: projection name -> `SlotWeights` stacked over layers (`a: [L, S, in, R]`);
-      projections no resident adapter targets are simply absent.
+      projections no resident adapter targets are simply absent. With per-layer
+      params (`unstack_layers`) it may also be a list of such dicts, one per layer
+      (`a: [S, in, R]`, each its own buffer).
     slot_ids: int32 `[B, S]` adapter slot of each token, -1 for the base model.
 
     Any other LoRA source (e.g. adapters read from the pool's pages) plugs into
@@ -46,7 +48,7 @@ class LoraInputs(NamedTuple):
     slot_ids: jax.Array
 
     def per_layer(self):
-        """Pytree with a leading layer axis, sliced by the layer scan (or None)."""
+        """Pytree with a leading layer axis, sliced per layer, or a list of per-layer trees (or None)."""
         return self.weights
 
     def layer_fn(self, layer: jax.Array, layer_weights, cache_now) -> LoraFn:
@@ -176,11 +178,18 @@ def decoder_stack(
         # Per-layer trees (`unstack_layers`): a Python loop, each layer's weights their own
         # buffers. Under `scan`, XLA on a GPU copies every layer's weight slice out of the
         # stacked arrays before its matmuls (a whole extra pass over the weights a step).
+        # LoRA weights may come per layer too (a list): a slice of stacked ones is a copy
+        # wherever a kernel (a custom call) takes it as an operand.
         carry = (h_BxSxH, cache)
         for i, params_i in enumerate(layer_params):
-            w_i = None if lora_w is None else jax.tree.map(lambda a, i=i: a[i], lora_w)
+            if lora_w is None or isinstance(lora_w, (list, tuple)):
+                w_i = None if lora_w is None else lora_w[i]
+            else:
+                w_i = jax.tree.map(lambda a, i=i: a[i], lora_w)
             carry, _ = body(carry, (jnp.int32(i), params_i, w_i))
         return carry
+    if isinstance(lora_w, (list, tuple)):
+        raise ValueError("per-layer LoRA weights (a list) need per-layer params (model.unstack_layers)")
     xs = (jnp.arange(cfg.num_hidden_layers), layer_params, lora_w)
     (h_BxSxH, cache), _ = jax.lax.scan(body, (h_BxSxH, cache), xs)
     return h_BxSxH, cache
