@@ -50,6 +50,7 @@ not divided: the split pays off from rank 16 * tp up.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +67,7 @@ from slora_jax.parallel.sharding import COLUMN_PARALLEL, ROW_PARALLEL
 TP_LORA_IMPLS = ("reference", "pallas")
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["slot_T", "meta"], meta_fields=["impl"])
 @dataclasses.dataclass(frozen=True)
 class GatheredLora:
     """The two halves of gathered LoRA on one device's shards: `impl="reference"` (jnp, each
@@ -122,6 +124,7 @@ def row_parallel_lora(y_TxH: jax.Array, x_TxIl: jax.Array, w: SlotWeights | None
     return lax.psum(y_TxH, TP_AXIS)
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["weights", "gathered"], meta_fields=["strategy"])
 @dataclasses.dataclass(frozen=True)
 class ShardedProjections:
     """The `lora` argument of `decoder_stack` on one device of the TP forward.

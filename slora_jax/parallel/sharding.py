@@ -280,6 +280,13 @@ def pack_slots(adapters, cfg: LlamaConfig, mesh: Mesh, strategy: str = "slora", 
     return shard_lora_weights(pack_slots_host(adapters, cfg, max_rank), mesh, strategy, dtype, rank_block)
 
 
+@functools.lru_cache(maxsize=None)
+def _lora_drawer(ranks: tuple[int, ...], h_in: int, h_out: int, R: int, dtype, shardings: SlotWeights):
+    """One layer's random `SlotWeights`, jitted into `shardings` (one compile per projection shape)."""
+    draw = functools.partial(random_slot_weights, ranks=ranks, h_in=h_in, h_out=h_out, dtype=dtype, max_rank=R)
+    return jax.jit(draw, out_shardings=shardings)
+
+
 def init_random_lora(key: jax.Array, cfg: LlamaConfig, ranks: Sequence[int], projections: Sequence[str],
                      mesh: Mesh, strategy: str = "slora", dtype=jnp.bfloat16, rank_block: int = 16,
                      unstacked: bool = False):
@@ -288,25 +295,34 @@ def init_random_lora(key: jax.Array, cfg: LlamaConfig, ranks: Sequence[int], pro
     Slot `s` has rank `ranks[s]` on every layer of each projection in `projections`
     (`ops.lora.random_slot_weights` per layer); `R` is the max rank padded by
     `padded_rank` (default: each device's rank columns a multiple of 16, as the
-    Pallas kernels take them). `unstacked`: a list of per-layer dicts
-    (`unstack_lora`) instead of `[L, ...]`-stacked weights.
+    Pallas kernels take them). Stacked `[L, ...]` weights, or with `unstacked` a
+    list of per-layer dicts, each layer drawn into its own buffers (other draws).
     """
     check_strategy(strategy)
     tp = tp_size(mesh)
     check_tp(cfg, tp)
     L = cfg.num_hidden_layers
+    dtype = jnp.dtype(dtype)
+    layers = [{} for _ in range(L)]
     out = {}
     for n, proj in enumerate(projections):
         h_in, h_out = cfg.projection_shape(proj)
         R = padded_rank(proj, max(ranks), tp, strategy, rank_block)
+        k = jax.random.fold_in(key, n)
+        if unstacked:
+            draw = _lora_drawer(tuple(int(r) for r in ranks), h_in, h_out, R, dtype,
+                                named(mesh, lora_spec(proj, strategy, stacked=False)))
+            for i in range(L):
+                layers[i][proj] = draw(jax.random.fold_in(k, i))
+            continue
 
         def draw(k, h_in=h_in, h_out=h_out, R=R):  # [L, S, ...], one layer at a time (bounded temporaries)
             one = functools.partial(random_slot_weights, ranks=ranks, h_in=h_in, h_out=h_out, dtype=dtype,
                                     max_rank=R)
             return lax.map(one, jax.random.split(k, L))
 
-        out[proj] = jax.jit(draw, out_shardings=named(mesh, lora_spec(proj, strategy)))(jax.random.fold_in(key, n))
-    return unstack_lora(out, mesh, strategy) if unstacked else out
+        out[proj] = jax.jit(draw, out_shardings=named(mesh, lora_spec(proj, strategy)))(k)
+    return layers if unstacked else out
 
 
 def dense_kv_cache(cfg: LlamaConfig, batch: int, max_len: int, mesh: Mesh, dtype=jnp.bfloat16) -> DenseKVCache:
