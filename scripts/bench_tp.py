@@ -365,7 +365,8 @@ def main():
     run = Run({"benchmark": "tensor_parallel_decode", "models": {n: dataclasses.asdict(c) for n, c, _ in plan},
                "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
                "jax_version": jax.__version__, "command": "python scripts/bench_tp.py " + " ".join(sys.argv[1:]),
-               "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+               "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                                            text=True).stdout.strip(),
                "lora_impl": args.lora_impl, "measured_ceilings": ceilings},
               os.path.join(args.out, f"tp_decode_{jax.devices()[0].platform}.json"))
     estimates: dict = {}

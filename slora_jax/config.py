@@ -17,6 +17,9 @@ from slora_jax.errors import CheckpointError
 # The seven projections a LoRA adapter may target, in a fixed order.
 PROJECTIONS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 
+# LoRA under tensor parallelism (slora_jax.parallel): S-LoRA's partition, or A replicated (the ablation).
+TP_LORA_STRATEGIES: tuple[str, ...] = ("slora", "replicated_a")
+
 # Hugging Face module name of each projection inside a decoder layer.
 HF_MODULE_NAMES: dict[str, str] = {
     "q": "self_attn.q_proj",
@@ -236,9 +239,12 @@ class EngineConfig:
     host_adapter_budget_bytes: int = 8 << 30
     max_resident_adapters: int = 1024
     seed: int = 0  # for requests without a seed of their own
+    tp: int = 1  # tensor-parallel size (devices of one mesh axis); > 1 needs unified_memory=False for now
+    tp_lora_strategy: str = "slora"  # tp > 1: one of TP_LORA_STRATEGIES
 
     def __post_init__(self):
-        for name in ("num_pages", "page_size", "lora_chunk", "max_num_seqs", "max_batch_tokens", "max_model_len"):
+        for name in ("num_pages", "page_size", "lora_chunk", "max_num_seqs", "max_batch_tokens", "max_model_len",
+                     "tp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.attention_impl not in ("auto", "pallas", "reference"):
@@ -249,6 +255,9 @@ class EngineConfig:
         lora_impls = ("auto", "pallas", "reference", "gather_bmm", "onehot", "ragged_dot", "padded_bmm")
         if self.lora_impl not in lora_impls:  # "loop" needs concrete metadata, not a jitted step
             raise ValueError(f"EngineConfig.lora_impl must be one of {lora_impls}, got {self.lora_impl!r}")
+        if self.tp_lora_strategy not in TP_LORA_STRATEGIES:
+            raise ValueError(
+                f"EngineConfig.tp_lora_strategy must be one of {TP_LORA_STRATEGIES}, got {self.tp_lora_strategy!r}")
         if self.max_batch_tokens < self.max_num_seqs:
             raise ValueError(
                 f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_num_seqs ({self.max_num_seqs})"

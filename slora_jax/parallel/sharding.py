@@ -50,7 +50,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from slora_jax.compat import shard_map
-from slora_jax.config import PROJECTIONS, LlamaConfig
+from slora_jax.config import PROJECTIONS, TP_LORA_STRATEGIES, LlamaConfig
 from slora_jax.memory.kv_cache import PagedKVCache
 from slora_jax.memory.pool import PoolLayout
 from slora_jax.model import checkpoint, llama
@@ -61,7 +61,7 @@ from slora_jax.parallel.mesh import TP_AXIS, check_tp, tp_size
 
 COLUMN_PARALLEL = ("q", "k", "v", "gate", "up")
 ROW_PARALLEL = ("o", "down")
-LORA_STRATEGIES = ("slora", "replicated_a")
+LORA_STRATEGIES = TP_LORA_STRATEGIES
 
 _COL = P(None, TP_AXIS)  # one layer's [in, out] on out
 _ROW = P(TP_AXIS, None)  # one layer's [in, out] on in
@@ -164,27 +164,27 @@ def _splitter(num_layers: int, sharding: NamedSharding):
     return jax.jit(lambda a: [a[i] for i in range(num_layers)], out_shardings=[sharding] * num_layers)
 
 
-def _split_layers(stacked, per_layer_specs, mesh: Mesh) -> list:
+def _split_layers(stacked, per_layer_specs, mesh: Mesh, donate: bool = True) -> list:
     """A list of per-layer trees from a tree of `[L, ...]` leaves placed on `mesh`, leaf by leaf,
-    each stacked leaf deleted once split: the peak is the model plus one leaf."""
+    each stacked leaf deleted once split (`donate`): the peak is the model plus one leaf."""
     leaves, treedef = jax.tree.flatten(stacked)
     specs = treedef.flatten_up_to(per_layer_specs)
     num_layers = leaves[0].shape[0]
     split = []
     for leaf, spec in zip(leaves, specs):
         split.append(_splitter(num_layers, NamedSharding(mesh, spec))(leaf))
-        if isinstance(leaf, jax.Array):
+        if donate and isinstance(leaf, jax.Array):
             leaf.delete()
     return [treedef.unflatten([s[layer] for s in split]) for layer in range(num_layers)]
 
 
-def unstack_layers(params: Params, cfg: LlamaConfig, mesh: Mesh) -> Params:
+def unstack_layers(params: Params, cfg: LlamaConfig, mesh: Mesh, donate: bool = True) -> Params:
     """`model.unstack_layers` for params placed on `mesh` (stacked `param_specs`): each layer's
     shards become their own buffers, so the TP forward runs its layers as a Python loop
-    (under `scan`, XLA on a GPU copies every layer's weights each step). Consumes the stacked
-    layers (each is deleted once split): do not use `params` afterwards."""
+    (under `scan`, XLA on a GPU copies every layer's weights each step). `donate`: each
+    stacked leaf is deleted once split (do not use `params` afterwards); else both stay."""
     per_layer = param_specs(cfg, unstacked=True)["layers"][0]
-    return {**params, "layers": _split_layers(params["layers"], per_layer, mesh)}
+    return {**params, "layers": _split_layers(params["layers"], per_layer, mesh, donate)}
 
 
 def unstack_lora(weights: dict[str, SlotWeights], mesh: Mesh, strategy: str) -> list[dict[str, SlotWeights]]:
