@@ -15,7 +15,8 @@ at position `context - 1`; KV split by KV heads: the unified pool read by the
 Pallas paged kernel on a GPU, a dense cache with jnp attention elsewhere) timed
 for the base model, then for each `--ranks` with `--adapters` random adapters of
 that rank on `--projections`, every row on its own adapter (distinct
-popularity), under each `--strategies`. LoRA runs the Pallas split SGMV kernels
+popularity), under each `--strategies` (at TP 1 they are the same program:
+the first only, which the checks compare every TP size's strategies with). LoRA runs the Pallas split SGMV kernels
 per shard on a GPU (`--lora-impl`, default), the gathered jnp path elsewhere.
 Each model is freed before the next.
 
@@ -242,7 +243,9 @@ def run_config(args, name: str, cfg, tp: int, run: Run, budget: Budget, bw_GBps:
     unstacked = args.layers == "unrolled"
     common = {"preset": name, "tp": tp, "batch": B, "context": ctx, "dtype": args.dtype, "attention": args.attention,
               "layers": args.layers}
-    cases = [None] + [(r, s) for r in args.ranks for s in args.strategies]
+    # At TP 1 the strategies are the same program (nothing split, no collective): run the first only.
+    strategies = args.strategies if tp > 1 else args.strategies[:1]
+    cases = [None] + [(r, s) for r in args.ranks for s in strategies]
     label = lambda case: "base" if case is None else f"r{case[0]} {case[1]}"
 
     # A new model's first case costs its weight init too: the last model's, scaled by layer count.
@@ -322,7 +325,7 @@ def checks(rows: list[dict]) -> dict:
             if b1 and bt:  # target >= 1.7 at TP 2 (13B, batch 64)
                 out[f"{name}_tp{tp}_over_tp1_base_throughput"] = bt["tokens_per_s"] / b1["tokens_per_s"]
         for what in sorted({r["case"]["what"] for r in rows if r["case"]["preset"] == name} - {"base"}):
-            r1 = get(name, 1, what)
+            r1 = get(name, 1, what) or get(name, 1, what.split()[0] + " slora")  # TP 1: one strategy
             for tp in (2, 4, 8):
                 rt = get(name, tp, what)
                 if r1 and rt:  # target <= 1.2
