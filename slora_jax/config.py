@@ -17,6 +17,9 @@ from slora_jax.errors import CheckpointError
 # The seven projections a LoRA adapter may target, in a fixed order.
 PROJECTIONS: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 
+# LoRA under tensor parallelism (slora_jax.parallel): S-LoRA's partition, or A replicated (the ablation).
+TP_LORA_STRATEGIES: tuple[str, ...] = ("slora", "replicated_a")
+
 # Hugging Face module name of each projection inside a decoder layer.
 HF_MODULE_NAMES: dict[str, str] = {
     "q": "self_attn.q_proj",
@@ -241,10 +244,12 @@ class EngineConfig:
     max_resident_adapters: int = 1024
     prefetch_adapters: int = 4  # adapters of the first queued requests staged ahead (packed, copied); 0: off
     seed: int = 0  # for requests without a seed of their own
+    tp: int = 1  # tensor-parallel size (devices of one mesh axis); > 1 needs unified_memory=False for now
+    tp_lora_strategy: str = "slora"  # tp > 1: one of TP_LORA_STRATEGIES
 
     def __post_init__(self):
         for name in ("num_pages", "page_size", "lora_chunk", "max_num_seqs", "max_batch_tokens", "min_batch_tokens",
-                     "max_model_len"):
+                     "max_model_len", "tp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.prefetch_adapters < 0:
@@ -260,6 +265,9 @@ class EngineConfig:
         if self.min_batch_tokens > self.max_batch_tokens:
             raise ValueError(f"EngineConfig.min_batch_tokens ({self.min_batch_tokens}) must be <= max_batch_tokens "
                              f"({self.max_batch_tokens})")
+        if self.tp_lora_strategy not in TP_LORA_STRATEGIES:
+            raise ValueError(
+                f"EngineConfig.tp_lora_strategy must be one of {TP_LORA_STRATEGIES}, got {self.tp_lora_strategy!r}")
         if self.max_batch_tokens < self.max_num_seqs:
             raise ValueError(
                 f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_num_seqs ({self.max_num_seqs})"

@@ -78,11 +78,13 @@ def setup(tmp_path_factory):
                 base_logits=np.asarray(base_logits), ref_tokens=ref_tokens, ref_steps=ref_steps)
 
 
-def tp_model(s, tp: int, strategy: str):
-    """Mesh, params and adapter slots loaded straight into their shards."""
+def tp_model(s, tp: int, strategy: str, unstacked: bool = False):
+    """Mesh, params and adapter slots loaded straight into their shards (`unstacked`: per-layer
+    buffers, params and LoRA weights both, so the layers run as a Python loop)."""
     mesh = parallel.make_mesh(s["cfg"], tp)
-    cfg, params = parallel.load_checkpoint(s["dir"], mesh, dtype=jnp.float32)
-    return mesh, params, parallel.pack_slots(s["adapters"], cfg, mesh, strategy)
+    cfg, params = parallel.load_checkpoint(s["dir"], mesh, dtype=jnp.float32, unstacked=unstacked)
+    weights = parallel.pack_slots(s["adapters"], cfg, mesh, strategy)
+    return mesh, params, parallel.unstack_lora(weights, mesh, strategy) if unstacked else weights
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +110,19 @@ def test_adapters_change_the_output(setup):
 
 
 @pytest.mark.parametrize("strategy", parallel.LORA_STRATEGIES)
-@pytest.mark.parametrize("tp", [1, 2, 4])
-def test_tp_greedy_matches_single_device(setup, tp, strategy):
-    """Same greedy tokens, and the same logits at every step (prefill's last token, each decode)."""
+@pytest.mark.parametrize("tp, unstacked", [(1, False), (2, True), (4, False)])
+def test_tp_greedy_matches_single_device(setup, tp, unstacked, strategy):
+    """Same greedy tokens, and the same logits at every step (prefill's last token, each decode);
+    layers stacked (a scan) or per-layer buffers (a Python loop)."""
     cfg = setup["cfg"]
-    mesh, params, weights = tp_model(setup, tp, strategy)
-    tokens, steps = recorded_greedy(functools.partial(parallel.prefill, params, cfg, mesh=mesh, strategy=strategy),
-                                    functools.partial(parallel.decode_step, params, cfg, mesh=mesh,
-                                                      strategy=strategy), cfg, setup["prompts"], weights)
+    mesh, params, weights = tp_model(setup, tp, strategy, unstacked)
+    if unstacked:
+        assert isinstance(params["layers"], list) and isinstance(weights, list)
+        assert params["layers"][0]["q"]["kernel"].sharding.spec == P(None, "tp")
+    kw = dict(mesh=mesh, strategy=strategy)
+    tokens, steps = recorded_greedy(functools.partial(parallel.prefill, params, cfg, **kw),
+                                    functools.partial(parallel.decode_step, params, cfg, **kw), cfg,
+                                    setup["prompts"], weights)
     assert tokens == setup["ref_tokens"]
     assert len(steps) == len(setup["ref_steps"]) == MAX_NEW
     for t, (got, want) in enumerate(zip(steps, setup["ref_steps"])):
@@ -242,3 +249,8 @@ def test_random_init_draws_each_shard():
     assert q0.shape == (cfg.num_hidden_layers, cfg.hidden_size, cfg.q_size // 2) and not np.allclose(q0, q1)
     assert abs(float(np.std(np.asarray(params["lm_head"]["kernel"]))) - 0.02) < 1e-3
     assert np.all(np.asarray(params["layers"]["mlp_norm"]["scale"]) == 1)
+    per_layer = parallel.init_random_params(cfg, jax.random.key(0), mesh, jnp.float32, unstacked=True)
+    assert len(per_layer["layers"]) == cfg.num_hidden_layers
+    for i, layer in enumerate(per_layer["layers"]):  # the same draws, each layer its own buffers
+        np.testing.assert_array_equal(np.asarray(layer["o"]["kernel"]), np.asarray(params["layers"]["o"]["kernel"][i]))
+        assert layer["o"]["kernel"].sharding.spec == P("tp", None)

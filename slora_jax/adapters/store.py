@@ -270,15 +270,9 @@ class SlotAdapterStore(AdapterStore):
                  host_budget_bytes: int = 8 << 30, dtype=jnp.bfloat16):
         super().__init__(cfg, layout=None, allocator=None, host_budget_bytes=host_budget_bytes, dtype=dtype,
                          max_resident=max_loras)
-        self.max_rank, self.projections = max_rank, tuple(projections)
+        self.max_loras, self.max_rank, self.projections = max_loras, max_rank, tuple(projections)
         self._used_elems: dict[str, int] = {}
-        L = cfg.num_hidden_layers
-        self.weights = {
-            p: SlotWeights(jnp.zeros((L, max_loras, cfg.projection_shape(p)[0], max_rank), self.dtype),
-                           jnp.zeros((L, max_loras, max_rank, cfg.projection_shape(p)[1]), self.dtype),
-                           jnp.zeros((L, max_loras), jnp.int32))
-            for p in self.projections
-        }
+        self.weights = {p: self._zero_slots(p) for p in self.projections}
 
     def load(self, pool: jax.Array, name: str) -> jax.Array:
         if name in self._resident:
@@ -302,7 +296,7 @@ class SlotAdapterStore(AdapterStore):
                 h_in, h_out = self.cfg.projection_shape(p)
                 new[p] = SlotWeights(jnp.zeros((L, 1, h_in, self.max_rank), self.dtype),
                                      jnp.zeros((L, 1, self.max_rank, h_out), self.dtype), jnp.zeros((L, 1), jnp.int32))
-        self.weights = _write_slot(self.weights, new, jnp.int32(slot))
+        self.weights = self._write_slot(new, slot)
         self._resident[name] = Resident(slot, None, np.zeros(0, np.int32))
         self._used_elems[name] = sum(m.rank * (m.a.shape[0] + m.b.shape[1]) for m in adapter.modules.values())
         self.stats["pool_loads"] += 1
@@ -310,6 +304,16 @@ class SlotAdapterStore(AdapterStore):
 
     def prefetch(self, name: str) -> None:
         pass  # the ablation loads synchronously (no staging into fixed slots)
+
+    def _zero_slots(self, proj: str) -> SlotWeights:
+        """Zeroed `[L, max_loras, ...]` slots of one projection (placement: `_write_slot` keeps it)."""
+        (h_in, h_out), L = self.cfg.projection_shape(proj), self.cfg.num_hidden_layers
+        return SlotWeights(jnp.zeros((L, self.max_loras, h_in, self.max_rank), self.dtype),
+                           jnp.zeros((L, self.max_loras, self.max_rank, h_out), self.dtype),
+                           jnp.zeros((L, self.max_loras), jnp.int32))
+
+    def _write_slot(self, new: dict[str, SlotWeights], slot: int) -> dict[str, SlotWeights]:
+        return _write_slot(self.weights, new, jnp.int32(slot))
 
     def evict_idle(self, pages_needed: int) -> int:
         return 0  # adapters hold no pool pages here: evicting one frees nothing for the KV cache

@@ -40,6 +40,7 @@ from slora_jax.memory.allocator import OutOfPages, PageAllocator
 from slora_jax.memory.kv_cache import PagedKVCache
 from slora_jax.memory.pool import PoolLayout, create_pool
 from slora_jax.model import forward, init_random_params, load_checkpoint, unstack_layers
+from slora_jax.parallel import serving
 
 
 def _bucket(n: int, lo: int = 1) -> int:
@@ -47,18 +48,20 @@ def _bucket(n: int, lo: int = 1) -> int:
     return 1 << (max(n, lo) - 1).bit_length()
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "cfg", "layout", "attention_impl", "prefill"),
+@functools.partial(jax.jit, static_argnames=("spec", "cfg", "layout", "attention_impl", "prefill", "forward_fn"),
                    donate_argnames=("pool",))
-def _step(params, pool, prev_sampled_R, buf_N, dev, spec, cfg, layout, attention_impl, prefill=False):
+def _step(params, pool, prev_sampled_R, buf_N, dev, spec, cfg, layout, attention_impl, prefill=False,
+          forward_fn=forward):
     """One engine step on the device: the batch arrives as one packed buffer (`StepBatch`).
 
     `prefill`: some sequence runs a chunk of > 1 token (attention by chunks, `PagedKVCache`).
+    `forward_fn`: `model.forward`, or under tensor parallelism `TensorParallel.forward`.
     """
     b: StepBatch = unpack(buf_N, dev, spec)
     # Decode tokens sampled by the step still in flight come from its device output, not the host.
     tokens_T = jnp.where(b.src_row_T >= 0, prev_sampled_R[jnp.maximum(b.src_row_T, 0)], b.tokens_T)
     cache = PagedKVCache(pool, b.page_table, b.seq_T[None], layout, attention_impl, prefill)
-    logits_1xRxV, cache = forward(params, cfg, tokens_T[None], b.pos_T[None], cache, b.lora, b.logits_index_R[None])
+    logits_1xRxV, cache = forward_fn(params, cfg, tokens_T[None], b.pos_T[None], cache, b.lora, b.logits_index_R[None])
     return sample_batch(logits_1xRxV[0], b.sampling), cache.pool
 
 
@@ -107,14 +110,20 @@ class Engine:
     def __init__(self, cfg: LlamaConfig, params, engine_config: EngineConfig | None = None, tokenizer=None,
                  clock: Callable[[], float] = time.monotonic):
         ec = self.config = _resolve_impls(engine_config or EngineConfig(), cfg)
-        if ec.layer_loop == "unrolled" and not isinstance(params["layers"], (list, tuple)):
+        tp = serving.TensorParallel(cfg, ec) if ec.tp > 1 else None  # mesh, shards, the step's forward
+        if tp is not None:
+            params = tp.place_params(params)
+        elif ec.layer_loop == "unrolled" and not isinstance(params["layers"], (list, tuple)):
             params = unstack_layers(params)
         self.cfg, self.params, self.tokenizer, self.clock = cfg, params, tokenizer, clock
         self.dtype = params["embed"]["embedding"].dtype
         self.layout = PoolLayout.for_model(cfg, ec.num_pages, ec.page_size, ec.lora_chunk)
-        self.pool = create_pool(self.layout, self.dtype)
+        self.pool = create_pool(self.layout, self.dtype) if tp is None else tp.create_pool(self.layout, self.dtype)
         self.allocator = PageAllocator(ec.num_pages)
-        if ec.unified_memory:
+        self._step = _step if tp is None else functools.partial(_step, forward_fn=tp.forward)
+        if tp is not None:
+            self.store = tp.adapter_store(ec, self.dtype)
+        elif ec.unified_memory:
             self.store = AdapterStore(cfg, self.layout, self.allocator, ec.host_adapter_budget_bytes, self.dtype,
                                       ec.max_resident_adapters)
         else:
@@ -137,18 +146,21 @@ class Engine:
                         dtype: str = "bfloat16", seed: int = 0, **config_overrides) -> "Engine":
         """An engine for a Hugging Face model folder or a named random-weight preset (`PRESETS`)."""
         tokenizer = None
-        if os.path.isdir(model):
-            cfg, params = load_checkpoint(model, dtype=jnp.dtype(dtype))
+        ec, dtype = EngineConfig().replace(**config_overrides), jnp.dtype(dtype)
+        if os.path.isdir(model):  # under TP: each leaf straight into its shards
+            cfg, params = (load_checkpoint(model, dtype=dtype) if ec.tp == 1
+                           else serving.load_checkpoint(model, ec, dtype))
             if any(os.path.exists(os.path.join(model, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
                 import transformers
 
                 tokenizer = transformers.AutoTokenizer.from_pretrained(model)
         elif model in PRESETS:
             cfg = PRESETS[model]
-            params = init_random_params(cfg, jax.random.key(seed), jnp.dtype(dtype))
+            params = (init_random_params(cfg, jax.random.key(seed), dtype) if ec.tp == 1
+                      else serving.init_random_params(cfg, ec, dtype, seed))
         else:
             raise ValueError(f"{model!r} is neither a model folder nor a preset ({sorted(PRESETS)})")
-        engine = cls(cfg, params, EngineConfig().replace(**config_overrides), tokenizer)
+        engine = cls(cfg, params, ec, tokenizer)
         for name, src in (adapters or {}).items():
             engine.add_adapter(name, src)
         return engine
@@ -430,8 +442,9 @@ class Engine:
         prev_sampled = prev.sampled_R if prev is not None else _no_samples(R)
         # Chunks go to the chunk-attention kernel (the jnp reference has one path: no extra compile).
         prefill = self.config.attention_impl == "pallas" and any(n > 1 for _, n in plan)
-        sampled, self.pool = _step(self.params, self.pool, prev_sampled, buf, dev, spec=spec, cfg=self.cfg,
-                                   layout=self.layout, attention_impl=self.config.attention_impl, prefill=prefill)
+        sampled, self.pool = self._step(self.params, self.pool, prev_sampled, buf, dev, spec=spec, cfg=self.cfg,
+                                        layout=self.layout, attention_impl=self.config.attention_impl,
+                                        prefill=prefill)
         return _InFlight(sampled, rows, {req.id: row for row, req in rows})
 
     def memory_report(self) -> dict[str, float]:

@@ -35,7 +35,9 @@ class LoraInputs(NamedTuple):
     """The LoRA part of a forward: adapter weights in dense slots and each token's slot.
 
     weights: projection name -> `SlotWeights` stacked over layers (`a: [L, S, in, R]`);
-      projections no resident adapter targets are simply absent.
+      projections no resident adapter targets are simply absent. With per-layer
+      params (`unstack_layers`) it may also be a list of such dicts, one per layer
+      (`a: [S, in, R]`, each its own buffer).
     slot_ids: int32 `[B, S]` adapter slot of each token, -1 for the base model.
 
     Any other LoRA source (e.g. adapters read from the pool's pages) plugs into
@@ -46,7 +48,7 @@ class LoraInputs(NamedTuple):
     slot_ids: jax.Array
 
     def per_layer(self):
-        """Pytree with a leading layer axis, sliced by the layer scan (or None)."""
+        """Pytree with a leading layer axis, sliced per layer, or a list of per-layer trees (or None)."""
         return self.weights
 
     def layer_fn(self, layer: jax.Array, layer_weights, cache_now) -> LoraFn:
@@ -153,37 +155,51 @@ def decoder_stack(
     on each device's shards with a per-device `cfg` (its share of the heads and
     of the MLP width) and a `lora` object whose hook also does the all-reduces.
     """
-    dtype = h_BxSxH.dtype
     rope = rope_tables(cfg, jnp.maximum(pos_BxS, 0))
-    layer = DecoderLayer(cfg, dtype)
-
-    def body(carry, xs):
-        h_BxSxH, cache = carry
-        i, layer_params, lora_w = xs
-
-        live = [cache]  # the cache as of now: before this layer's K/V write, then after it
-
-        def attend(q_BxSxNxD, k_BxSxKxD, v_BxSxKxD):
-            live[0] = live[0].write(i, k_BxSxKxD, v_BxSxKxD, pos_BxS)
-            return live[0].attend(i, q_BxSxNxD, pos_BxS), live[0]
-
-        lora_fn = no_lora if lora is None else lora.layer_fn(i, lora_w, lambda: live[0])
-        h_BxSxH, cache = layer.apply({"params": layer_params}, h_BxSxH, rope, attend, lora_fn)
-        return (h_BxSxH, cache), None
-
     lora_w = None if lora is None else lora.per_layer()
     if isinstance(layer_params, (list, tuple)):
         # Per-layer trees (`unstack_layers`): a Python loop, each layer's weights their own
         # buffers. Under `scan`, XLA on a GPU copies every layer's weight slice out of the
         # stacked arrays before its matmuls (a whole extra pass over the weights a step).
+        # LoRA weights may come per layer too (a list): a slice of stacked ones is a copy
+        # wherever a kernel (a custom call) takes it as an operand.
         carry = (h_BxSxH, cache)
         for i, params_i in enumerate(layer_params):
-            w_i = None if lora_w is None else jax.tree.map(lambda a, i=i: a[i], lora_w)
-            carry, _ = body(carry, (jnp.int32(i), params_i, w_i))
+            if lora_w is None or isinstance(lora_w, (list, tuple)):
+                w_i = None if lora_w is None else lora_w[i]
+            else:
+                w_i = jax.tree.map(lambda a, i=i: a[i], lora_w)
+            carry = _decoder_layer_jit(carry, jnp.int32(i), params_i, w_i, lora, rope, pos_BxS, cfg=cfg)
         return carry
+    if isinstance(lora_w, (list, tuple)):
+        raise ValueError("per-layer LoRA weights (a list) need per-layer params (model.unstack_layers)")
+
+    def body(carry, xs):
+        return _decoder_layer(carry, *xs, lora, rope, pos_BxS, cfg=cfg), None
+
     xs = (jnp.arange(cfg.num_hidden_layers), layer_params, lora_w)
     (h_BxSxH, cache), _ = jax.lax.scan(body, (h_BxSxH, cache), xs)
     return h_BxSxH, cache
+
+
+def _decoder_layer(carry, i, layer_params, lora_w, lora, rope, pos_BxS, *, cfg: LlamaConfig):
+    """Decoder layer `i` on `carry = (h [B, S, H], cache)`; `lora_w` its slice of `lora.per_layer()`."""
+    h_BxSxH, cache = carry
+    live = [cache]  # the cache as of now: before this layer's K/V write, then after it
+
+    def attend(q_BxSxNxD, k_BxSxKxD, v_BxSxKxD):
+        live[0] = live[0].write(i, k_BxSxKxD, v_BxSxKxD, pos_BxS)
+        return live[0].attend(i, q_BxSxNxD, pos_BxS), live[0]
+
+    lora_fn = no_lora if lora is None else lora.layer_fn(i, lora_w, lambda: live[0])
+    return DecoderLayer(cfg, h_BxSxH.dtype).apply({"params": layer_params}, h_BxSxH, rope, attend, lora_fn)
+
+
+# The Python layer loop calls this: every layer has the same argument shapes, so the layer
+# is traced and lowered once (kernels included) and called L times; XLA inlines the calls,
+# so each layer still reads its own weight buffers. Tracing and lowering every layer anew
+# took ~40 s for a 40-layer model with LoRA kernels (13B at TP 4, lowered for a GPU).
+_decoder_layer_jit = jax.jit(_decoder_layer, static_argnames=("cfg",))
 
 
 def final_logits(params: Params, cfg: LlamaConfig, h_BxSxH: jax.Array,

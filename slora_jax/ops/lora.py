@@ -558,7 +558,8 @@ def expand(y_TxO: jax.Array, v_TxR: jax.Array, w: Weights, meta: LoraMeta, *, im
     if impl != "pallas":
         raise ValueError(f"expand impl must be 'pallas' or 'reference', got {impl!r}")
     cfg = config or KernelConfig()
-    wp = _pad_rank(w, cfg.expand_block_r)
+    pad = -w.b.shape[1] % cfg.expand_block_r  # B's R: A's may differ (a rank-split A under TP)
+    wp = w._replace(b=jnp.pad(w.b, ((0, 0), (0, pad), (0, 0)))) if pad else w
     v_TxR = jnp.pad(v_TxR.astype(jnp.float32), ((0, 0), (0, wp.b.shape[1] - v_TxR.shape[1])))
     return _pallas_expand(y_TxO, v_TxR[None], wp, meta, cfg)
 

@@ -3,6 +3,7 @@ LoRA over a 1-D `tp` mesh, the forward under `jax.shard_map`, and loaders that p
 checkpoints and adapters straight into their shards."""
 
 from slora_jax.parallel.mesh import TP_AXIS, check_tp, local_config, make_mesh, tp_size
+from slora_jax.parallel.lora import TP_LORA_IMPLS
 from slora_jax.parallel.model import decode_step, forward, forward_jit, greedy_generate, prefill
 from slora_jax.parallel.sharding import (
     LORA_STRATEGIES,
@@ -12,15 +13,19 @@ from slora_jax.parallel.sharding import (
     init_random_params,
     load_checkpoint,
     pack_slots,
+    padded_rank,
     paged_kv_cache,
     param_specs,
     shard_lora_weights,
     shard_params,
+    unstack_layers,
+    unstack_lora,
 )
 
 __all__ = [
     "LORA_STRATEGIES",
     "TP_AXIS",
+    "TP_LORA_IMPLS",
     "check_tp",
     "create_pool",
     "decode_step",
@@ -34,10 +39,13 @@ __all__ = [
     "local_config",
     "make_mesh",
     "pack_slots",
+    "padded_rank",
     "paged_kv_cache",
     "param_specs",
     "prefill",
     "shard_lora_weights",
     "shard_params",
     "tp_size",
+    "unstack_layers",
+    "unstack_lora",
 ]

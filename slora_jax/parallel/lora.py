@@ -36,11 +36,21 @@ column-parallel A is split in `R/tp` columns (R padded to a multiple of tp by
 `sharding.shard_lora_weights`), so device i sees slot s at local rank
 `clip(r_s - i*R/tp, 0, R/tp)`; a slot of rank 3 at R/tp = 2 has local ranks
 2, 1, 0, 0 on four devices.
+
+Both halves run per shard either as jnp (`reference`: every token's weights
+gathered, `[T, I, R]` materialized) or as the Pallas split SGMV pair
+(`pallas`: `ops.lora.shrink` / `expand`, each segment's adapter read once). The
+kernels work in 16-column rank blocks, so a shard's `R` (`R/tp` for a split A)
+should be a multiple of 16 (`sharding.padded_rank(..., rank_block=16)`), or it is
+padded, a copy, every step. A split A of a small rank then sits on few devices
+(rank 16 at tp 4: R = 64, all 16 columns on device 0), so its shrink reads are
+not divided: the split pays off from rank 16 * tp up.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -49,44 +59,72 @@ from jax import lax
 from pallas_kernels.sgmv_expand import expand_reference
 from pallas_kernels.sgmv_shrink import shrink_reference
 from slora_jax.model.layers import LoraFn
-from slora_jax.ops.lora import SlotWeights
+from slora_jax.ops import lora as lora_ops
+from slora_jax.ops.lora import LoraMeta, SlotWeights
 from slora_jax.parallel.mesh import TP_AXIS
 from slora_jax.parallel.sharding import COLUMN_PARALLEL, ROW_PARALLEL
 
+TP_LORA_IMPLS = ("reference", "pallas")
 
-def column_parallel_lora(y_TxOl: jax.Array, x_TxI: jax.Array, w: SlotWeights, slot_T: jax.Array,
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["slot_T", "meta"], meta_fields=["impl"])
+@dataclasses.dataclass(frozen=True)
+class GatheredLora:
+    """The two halves of gathered LoRA on one device's shards: `impl="reference"` (jnp, each
+    token's weights gathered) or `"pallas"` (the split SGMV pair `ops.lora.shrink`/`expand`,
+    reading each segment's adapter once; needs `meta`, the step's `LoraMeta`, which holds no
+    ranks and so serves every shard)."""
+
+    slot_T: jax.Array  # [T] int32, -1: no adapter
+    impl: str = "reference"
+    meta: LoraMeta | None = None
+
+    def shrink(self, x_TxI: jax.Array, w: SlotWeights) -> jax.Array:
+        """`[T, R]` fp32, zero past each token's rank and for slot -1."""
+        if self.impl == "pallas":
+            return lora_ops.shrink(x_TxI, w, self.meta, impl="pallas")
+        return shrink_reference(x_TxI, w.a, w.ranks, self.slot_T)
+
+    def expand(self, y_TxO: jax.Array, v_TxR: jax.Array, w: SlotWeights) -> jax.Array:
+        if self.impl == "pallas":
+            return lora_ops.expand(y_TxO, v_TxR, w, self.meta, impl="pallas")
+        return expand_reference(y_TxO, v_TxR, w.b, w.ranks, self.slot_T)
+
+
+def column_parallel_lora(y_TxOl: jax.Array, x_TxI: jax.Array, w: SlotWeights, g: GatheredLora,
                          strategy: str) -> jax.Array:
     """`y + (x @ A[slot]) @ B[slot]` for this device's output columns (see the module docstring)."""
     if strategy == "slora":
         Rl = w.a.shape[-1]  # this device's rank columns
         i = lax.axis_index(TP_AXIS)
-        local_ranks_S = jnp.clip(w.ranks - i * Rl, 0, Rl)
+        local = w._replace(ranks=jnp.clip(w.ranks - i * Rl, 0, Rl))
         # The expand casts v to B's dtype anyway: gather it in that dtype (half the bytes in bf16).
-        v_TxRl = shrink_reference(x_TxI, w.a, local_ranks_S, slot_T).astype(w.b.dtype)
+        v_TxRl = g.shrink(x_TxI, local).astype(w.b.dtype)
         v_TxR = lax.all_gather(v_TxRl, TP_AXIS, axis=1, tiled=True)
     else:
-        v_TxR = shrink_reference(x_TxI, w.a, w.ranks, slot_T)
-    return expand_reference(y_TxOl, v_TxR, w.b, w.ranks, slot_T)
+        v_TxR = g.shrink(x_TxI, w)
+    return g.expand(y_TxOl, v_TxR, w)
 
 
-def row_parallel_lora(y_TxH: jax.Array, x_TxIl: jax.Array, w: SlotWeights | None, slot_T: jax.Array | None,
+def row_parallel_lora(y_TxH: jax.Array, x_TxIl: jax.Array, w: SlotWeights | None, g: GatheredLora | None,
                       strategy: str) -> jax.Array:
     """The block's all-reduce of the partial base output `y`, with the LoRA term added (module docstring)."""
     if w is None:
         return lax.psum(y_TxH, TP_AXIS)
-    v_part_TxR = shrink_reference(x_TxIl, w.a, w.ranks, slot_T)  # partial sum over this input slice
+    v_part_TxR = g.shrink(x_TxIl, w)  # partial sum over this input slice
     if strategy == "slora":
         v_TxR = lax.psum(v_part_TxR, TP_AXIS)
         Hl = w.b.shape[-1]
         start = lax.axis_index(TP_AXIS) * Hl
         y_TxHl = lax.dynamic_slice_in_dim(y_TxH, start, Hl, axis=1)
-        y_TxHl = expand_reference(y_TxHl, v_TxR, w.b, w.ranks, slot_T)
+        y_TxHl = g.expand(y_TxHl, v_TxR, w)
         y_TxH = lax.dynamic_update_slice_in_dim(y_TxH, y_TxHl, start, axis=1)
     else:
-        y_TxH = expand_reference(y_TxH, v_part_TxR, w.b, w.ranks, slot_T)
+        y_TxH = g.expand(y_TxH, v_part_TxR, w)
     return lax.psum(y_TxH, TP_AXIS)
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["weights", "gathered"], meta_fields=["strategy"])
 @dataclasses.dataclass(frozen=True)
 class ShardedProjections:
     """The `lora` argument of `decoder_stack` on one device of the TP forward.
@@ -96,11 +134,12 @@ class ShardedProjections:
     block all-reduce, so it is passed even when no adapter is present.
 
     weights: projection -> this device's `SlotWeights` shards, `[L, ...]`-stacked
-      (possibly empty); slot_ids: int32 `[B, S]` (-1: no adapter) or None.
+      (possibly empty), or a list of such dicts, one per layer; gathered: the
+      step's token slots and LoRA implementation, or None (no adapter this step).
     """
 
-    weights: dict[str, SlotWeights]
-    slot_ids: jax.Array | None
+    weights: dict[str, SlotWeights] | list[dict[str, SlotWeights]]
+    gathered: GatheredLora | None
     strategy: str
 
     def per_layer(self):
@@ -108,13 +147,13 @@ class ShardedProjections:
 
     def layer_fn(self, layer: jax.Array, layer_weights, cache) -> LoraFn:
         del layer, cache
-        slot_T = None if self.slot_ids is None else self.slot_ids.reshape(-1)
+        g = self.gathered
 
         def epilogue(proj: str, y: jax.Array, x: jax.Array) -> jax.Array:
-            w = layer_weights.get(proj) if slot_T is not None else None
+            w = layer_weights.get(proj) if g is not None else None
             if proj in ROW_PARALLEL:
-                return row_parallel_lora(y, x, w, slot_T, self.strategy)
+                return row_parallel_lora(y, x, w, g, self.strategy)
             assert proj in COLUMN_PARALLEL, proj
-            return y if w is None else column_parallel_lora(y, x, w, slot_T, self.strategy)
+            return y if w is None else column_parallel_lora(y, x, w, g, self.strategy)
 
         return epilogue
