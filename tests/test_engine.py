@@ -119,7 +119,7 @@ def test_overlapped_steps_give_the_synchronous_tokens():
         st = e.allocator.stats()
         assert st.kv == 0 and st.free + st.adapter == st.total and not e.has_unfinished()
 
-    e = tiny_engine(overlap_steps=True)
+    e = engines[True]  # (reused: its steps are compiled)
     rid = e.submit([5, 6, 7], "a1", SamplingParams(max_new_tokens=3, ignore_eos=True))
     assert e.step() == []  # prefill dispatched, nothing read yet
     got = [ev.token for ev in e.step()]  # decode 1 dispatched, the prefill's token read
