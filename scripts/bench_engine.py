@@ -17,7 +17,10 @@
    read once, at the copy bandwidth measured in this run as in bench_kernels.py).
    Each runs with overlapped steps (the default: step t+1 dispatched before
    step t's tokens are read) and synchronously (`overlap_steps=False`: the
-   host work of a step and the device's add up). A profile of a few
+   host work of a step and the device's add up). `dispatch_ms`: the median host
+   time inside the call of the jitted step (the launch of its kernels, when the
+   runtime launches them on the calling thread; `--tag` and `XLA_FLAGS` compare
+   launch settings such as command buffers). A profile of a few
    decode steps (when the JAX profiler writes a Perfetto trace) gives the device
    time by kernel.
 """
@@ -35,6 +38,8 @@ import time
 
 import jax
 import numpy as np
+
+nan = float("nan")
 
 import slora_jax.engine.engine as engine_mod
 from bench_kernels import measure_ceilings  # same ceilings as the kernel benchmark
@@ -69,10 +74,14 @@ class StepRecorder:
     def __init__(self):
         self.inner = engine_mod._step
         self.last = None
+        self.dispatch_s: list[float] = []  # host time inside each call (tracing cache hit, launch)
 
     def __call__(self, *args, **kw):
         self.last = (args, kw)
-        return self.inner(*args, **kw)
+        t = time.perf_counter()
+        out = self.inner(*args, **kw)
+        self.dispatch_s.append(time.perf_counter() - t)
+        return out
 
 
 def rerun(rec: StepRecorder, engine: Engine, reps: int) -> float:
@@ -143,8 +152,11 @@ def run_batch(engine: Engine, batch: int, prompt_len: int, new: int, adapters: l
     return times
 
 
+RUNS = {"base": (False, True), "base_sync": (False, False), "lora": (True, True), "lora_sync": (True, False)}
+
+
 def bench_7b(bw_GBps: float, batch: int, n_adapters: int, prompt_len: int, new: int, rank: int,
-             model: str = "llama-7b", lora_chunk: int = 128, out_dir: str = ".") -> dict:
+             model: str = "llama-7b", lora_chunk: int = 128, out_dir: str = ".", labels=tuple(RUNS)) -> dict:
     cfg = preset(model)
     params = jax.block_until_ready(init_random_params(cfg, jax.random.key(0)))
     ec = EngineConfig(num_pages=2048, page_size=16, lora_chunk=lora_chunk, max_model_len=prompt_len + new + 16,
@@ -160,8 +172,8 @@ def bench_7b(bw_GBps: float, batch: int, n_adapters: int, prompt_len: int, new: 
     rec = StepRecorder()
     engine_mod._step = rec
     try:
-        for label, with_lora, overlap in (("base", False, True), ("base_sync", False, False),
-                                          ("lora", True, True), ("lora_sync", True, False)):
+        for label in labels:
+            with_lora, overlap = RUNS[label]
             engine = Engine(cfg, params, ec.replace(overlap_steps=overlap))
             names = [None] * batch
             if with_lora:
@@ -169,7 +181,9 @@ def bench_7b(bw_GBps: float, batch: int, n_adapters: int, prompt_len: int, new: 
                     engine.add_adapter(f"a{i}", random_adapter(cfg, rank, ("q", "k", "v", "o"), seed=i, name=f"a{i}"))
                 names = [f"a{i}" for i in draw]
             run_batch(engine, batch, prompt_len, 4, names, seed=0)  # warm-up: compiles the buckets
+            rec.dispatch_s.clear()
             times = run_batch(engine, batch, prompt_len, new, names, seed=1)
+            dispatch = float(np.median(rec.dispatch_s[-len(times):])) if times else nan
             rerun(rec, engine, 2)
             dev_s = rerun(rec, engine, 20)
             adapter_bytes = (out["distinct_adapters_in_batch"] if with_lora else 0) * cfg.num_hidden_layers * 4 \
@@ -177,7 +191,7 @@ def bench_7b(bw_GBps: float, batch: int, n_adapters: int, prompt_len: int, new: 
             floor_s = (weight_bytes + kv_bytes + adapter_bytes) / (bw_GBps * 1e9)
             med = float(np.median(times))
             row = {"decode_steps": len(times), "median_step_ms": med * 1e3, "device_step_ms": dev_s * 1e3,
-                   "host_overhead_ms": (med - dev_s) * 1e3, "floor_ms": floor_s * 1e3,
+                   "host_overhead_ms": (med - dev_s) * 1e3, "dispatch_ms": dispatch * 1e3, "floor_ms": floor_s * 1e3,
                    "floor_ratio_device": floor_s / dev_s, "floor_ratio_wall": floor_s / med,
                    "tokens_per_s": batch / med, "pool_pages_used": engine.memory_report()["pages_adapter"]}
             row["profile"] = profile_kernels(lambda: rerun(rec, engine, 1))
@@ -187,8 +201,9 @@ def bench_7b(bw_GBps: float, batch: int, n_adapters: int, prompt_len: int, new: 
             del engine
     finally:
         engine_mod._step = rec.inner
-    out["lora_step_over_base_device"] = out["lora"]["device_step_ms"] / out["base"]["device_step_ms"]
-    out["lora_step_over_base_wall"] = out["lora"]["median_step_ms"] / out["base"]["median_step_ms"]
+    if "lora" in out and "base" in out:
+        out["lora_step_over_base_device"] = out["lora"]["device_step_ms"] / out["base"]["device_step_ms"]
+        out["lora_step_over_base_wall"] = out["lora"]["median_step_ms"] / out["base"]["median_step_ms"]
     return out
 
 
@@ -202,10 +217,13 @@ def main():
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--model", default="llama-7b", help="a preset (tiny: a CPU smoke run)")
     ap.add_argument("--lora-chunk", type=int, default=128)
+    ap.add_argument("--labels", default=",".join(RUNS), help=f"runs, a subset of {','.join(RUNS)}")
+    ap.add_argument("--tag", default="", help="suffix of the JSON name (engine{tag}.json), e.g. for XLA_FLAGS variants")
     args = ap.parse_args()
     res = {"benchmark": "engine", "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
            "command": "python scripts/bench_engine.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                                    if k in ("batch", "adapters", "rank", "new", "model", "lora_chunk")),
+           "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()}
     res["measured_ceilings"] = measure_ceilings(small=jax.default_backend() == "cpu")
     bw = res["measured_ceilings"]["copy_GBps"]
@@ -214,16 +232,21 @@ def main():
         res["tiny_pallas_vs_reference"] = tiny_check()
         print("tiny", res["tiny_pallas_vs_reference"], flush=True)
     os.makedirs(args.out, exist_ok=True)
+    labels = [x for x in args.labels.split(",") if x]
+    if bad := set(labels) - set(RUNS):
+        ap.error(f"unknown --labels {sorted(bad)}; choose from {list(RUNS)}")
     res["llama_7b"] = bench_7b(bw, args.batch, args.adapters, 128, args.new, args.rank, args.model,
-                               args.lora_chunk, args.out)
+                               args.lora_chunk, args.out, labels)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "engine.json"), "w") as f:
+    with open(os.path.join(args.out, f"engine{args.tag}.json"), "w") as f:
         json.dump(res, f, indent=2)
     r = res["llama_7b"]
-    print(f"\n{'':9} {'wall ms':>8} {'device ms':>9} {'host ms':>8} {'floor ms':>8} {'floor/dev':>9} {'tok/s':>8}")
-    for k in ("base", "base_sync", "lora", "lora_sync"):
+    print(f"\n{'':9} {'wall ms':>8} {'device ms':>9} {'host ms':>8} {'dispatch':>8} {'floor ms':>8} {'floor/dev':>9} "
+          f"{'tok/s':>8}")
+    for k in labels:
         x = r[k]
         print(f"{k:9} {x['median_step_ms']:8.2f} {x['device_step_ms']:9.2f} {x['host_overhead_ms']:8.2f} "
+              f"{x['dispatch_ms']:8.2f} "
               f"{x['floor_ms']:8.2f} {x['floor_ratio_device']:9.2f} {x['tokens_per_s']:8.0f}")
         for t in (x.get("profile") or {}).get("top", [])[:8]:
             print(f"    {t['us']:9.1f} us  {t['name']}")

@@ -6,6 +6,8 @@ same few shapes ([B, V] = [6, 32], N draws, batches padded to 8 rows), so the
 sampler compiles only a handful of times.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -377,7 +379,33 @@ def test_mixed_batch_under_jit_compiles_once():
         for r, q in enumerate(params):
             if not q.greedy:
                 assert ref_probs(logits[r], q.temperature, q.top_k, q.top_p)[out[r]] > 0, (r, q)
-    assert sizes[0] == sizes[-1]  # no recompilation for new parameter values
+    assert sizes[0] == sizes[-1]  # no recompilation for new parameter values (all three mixes filter)
+
+
+MIXES = {
+    "greedy": [SamplingParams(), SamplingParams(temperature=1e-7, top_p=0.5)],
+    "unfiltered": [SamplingParams(), SamplingParams(temperature=0.7, seed=2)],
+    "filtered": [SamplingParams(temperature=0.9, seed=3), SamplingParams(temperature=1.1, top_k=3)],
+}
+
+
+@pytest.mark.parametrize("expect", list(MIXES))
+def test_host_mode_same_tokens_and_no_device_branch(expect):
+    """The host-chosen path gives the tokens of the device-chosen one, and the jitted
+    sampler then has no conditional (on a GPU, a device-chosen branch syncs the host)."""
+    params = MIXES[expect]
+    kd = [request_key_data(q.seed, i) for i, q in enumerate(params)]
+    batch = SamplingBatch.from_params(params, kd, [3, 5], size=PAD)
+    assert batch.mode == expect
+    logits = random_logits(40, PAD)
+    keys = step_keys(batch.key_data, batch.token_index)
+    on_device = sample(logits, batch.temperature, batch.top_k, batch.top_p, keys)
+    np.testing.assert_array_equal(np.asarray(sample_batch_jit(logits, batch)), np.asarray(on_device))
+    assert "case" not in jax.jit(sample_batch).lower(logits, batch).as_text()
+    unchosen = dataclasses.replace(batch, mode=None)
+    assert "case" in jax.jit(sample_batch).lower(logits, unchosen).as_text()
+    with pytest.raises(ValueError, match="mode"):
+        sample(logits, batch.temperature, batch.top_k, batch.top_p, keys, mode="beam")
 
 
 def test_sampling_batch_padding_and_errors():

@@ -16,10 +16,10 @@ takes (all greedy / temperature only / filtered), only on its own parameters.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import numbers
-from dataclasses import dataclass
 from typing import Sequence
 
 import jax
@@ -45,7 +45,7 @@ def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How one request samples and when it stops.
 
@@ -159,12 +159,30 @@ def _gumbel_BxV(keys_B: jax.Array, V: int) -> jax.Array:
     return jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys_B)
 
 
+SAMPLING_MODES = ("greedy", "unfiltered", "filtered")
+
+
+def sampling_mode(temperature_B, top_k_B, top_p_B) -> str:
+    """The path a batch needs, decided on the host: "greedy" (every row), "unfiltered"
+    (temperature only) or "filtered" (some sampled row has top-k or top-p).
+
+    A top_k at or above the vocabulary counts as a filter here (the host does not know V);
+    that only sends the batch down the sorted path, which gives the same tokens.
+    """
+    greedy_B = np.asarray(temperature_B) < MIN_TEMPERATURE
+    if greedy_B.all():
+        return "greedy"
+    filters_B = ~greedy_B & ((np.asarray(top_k_B) > 0) | (np.asarray(top_p_B) < 1.0))
+    return "filtered" if filters_B.any() else "unfiltered"
+
+
 def sample(
     logits_BxV: jax.Array,
     temperature_B: jax.Array,
     top_k_B: jax.Array,
     top_p_B: jax.Array,
     keys_B: jax.Array,
+    mode: str | None = None,
 ) -> jax.Array:
     """Next token of every row: int32 [B]. Pure and jittable; shapes are static.
 
@@ -176,8 +194,14 @@ def sample(
     uint32 key data [B, K], e.g. from `step_keys`.
 
     One stable sort of the logits per row, only when some sampled row filters;
-    an all-greedy batch does no sort and draws no noise.
+    an all-greedy batch does no sort and draws no noise. `mode` (static, one of
+    `SAMPLING_MODES`, from `sampling_mode` on the host) picks that path at trace
+    time; None picks it on the device with `lax.switch`, which on a GPU makes
+    the host wait for the device at that point of the computation (XLA reads
+    the branch index back), so a serving loop should pass `mode`.
     """
+    if mode is not None and mode not in SAMPLING_MODES:
+        raise ValueError(f"mode must be one of {SAMPLING_MODES} or None, got {mode!r}")
     logits_BxV = jnp.asarray(logits_BxV, jnp.float32)
     B, V = logits_BxV.shape
     keys_B = as_keys(keys_B)
@@ -211,8 +235,12 @@ def sample(
         rank_B = jnp.argmax(jnp.where(keep_BxV, scaled_BxV + noise_BxV, -jnp.inf), axis=-1)
         return jnp.take_along_axis(idx_BxV, rank_B[:, None], axis=1)[:, 0]
 
-    branch = jnp.where(jnp.all(is_greedy_B), 0, jnp.where(jnp.any(filters_B), 2, 1))
-    sampled_B = lax.switch(branch, (all_greedy, unfiltered, filtered))
+    paths = (all_greedy, unfiltered, filtered)
+    if mode is None:
+        branch = jnp.where(jnp.all(is_greedy_B), 0, jnp.where(jnp.any(filters_B), 2, 1))
+        sampled_B = lax.switch(branch, paths)
+    else:
+        sampled_B = paths[SAMPLING_MODES.index(mode)]()
     return jnp.where(is_greedy_B, greedy_B, sampled_B)
 
 
@@ -227,13 +255,14 @@ def _key_data_shape() -> tuple[int, ...]:
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["temperature", "top_k", "top_p", "key_data", "token_index"],
-    meta_fields=[],
+    meta_fields=["mode"],
 )
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class SamplingBatch:
     """The sampler's per-row inputs for one step, padded to a bucket size (a pytree).
 
-    Padding rows are greedy; their tokens are to be ignored.
+    Padding rows are greedy; their tokens are to be ignored. `mode` (static: a jitted
+    step compiles once per mode met) is the sampler path the rows need.
     """
 
     temperature: np.ndarray  # [B] float32
@@ -241,6 +270,7 @@ class SamplingBatch:
     top_p: np.ndarray  # [B] float32
     key_data: np.ndarray  # [B, K] uint32, each row's request key (`request_key_data`)
     token_index: np.ndarray  # [B] int32, tokens the row's request has generated so far
+    mode: str = "filtered"  # `sampling_mode` of the rows; the sorted path serves every row
 
     @classmethod
     def from_params(
@@ -271,10 +301,10 @@ class SamplingBatch:
             batch.top_p[:n] = [p.top_p for p in params]
             batch.key_data[:n] = np.stack([np.asarray(k, np.uint32) for k in key_data])
             batch.token_index[:n] = token_index
-        return batch
+        return dataclasses.replace(batch, mode=sampling_mode(batch.temperature, batch.top_k, batch.top_p))
 
 
 def sample_batch(logits_BxV: jax.Array, batch: SamplingBatch) -> jax.Array:
     """`sample` with a `SamplingBatch` (inside the jitted step): int32 [B]."""
     return sample(logits_BxV, batch.temperature, batch.top_k, batch.top_p,
-                  step_keys(batch.key_data, batch.token_index))
+                  step_keys(batch.key_data, batch.token_index), batch.mode)
