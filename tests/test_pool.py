@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slora_jax.adapters import LoraModule, pack_slots, random_adapter
+from slora_jax.adapters import LoraAdapter, LoraModule, pack_slots, random_adapter
 from slora_jax.config import preset
 from slora_jax.memory.allocator import PageAllocator
 from slora_jax.memory.kv_cache import PagedKVCache
@@ -84,6 +86,55 @@ def test_adapters_round_trip_through_pages(chunk):
     for proj in want:
         np.testing.assert_allclose(np.asarray(got[proj].a), np.asarray(want[proj].a), rtol=1e-6)
         np.testing.assert_allclose(np.asarray(got[proj].b), np.asarray(want[proj].b), rtol=1e-6)
+
+
+def reference_adapter_rows(adapter, placement, cfg, layout, dtype) -> np.ndarray:
+    """The first `adapter_rows` (float32 buffers, zero-padded per module, one cast at the end):
+    the fast one must equal it bit for bit."""
+    c = layout.lora_chunk
+    rows = np.zeros((cfg.num_hidden_layers, placement.num_pages * layout.rows_per_page, c), np.float32)
+    for (layer, proj), m in adapter.modules.items():
+        p = placement.projections[proj]
+        for first, m_rxW in ((p.a_row, m.a.T), (p.b_row, m.b.astype(np.float32) * np.float32(m.scale))):
+            n = -(-m_rxW.shape[1] // c)
+            padded_RxW = np.zeros((p.rank, n * c), np.float32)
+            padded_RxW[: m.rank, : m_rxW.shape[1]] = m_rxW
+            rows[layer, first : first + n * p.rank] = padded_RxW.reshape(p.rank, n, c).transpose(1, 0, 2).reshape(-1, c)
+    return rows.astype(jnp.dtype(dtype))
+
+
+def mixed_adapter(cfg, projections, seed) -> LoraAdapter:
+    """Per module: a random rank, scale, source dtype and memory order; some layers untargeted."""
+    rng = np.random.default_rng(seed)
+    modules = {}
+    for proj in projections:
+        h_in, h_out = cfg.projection_shape(proj)
+        for layer in range(cfg.num_hidden_layers):
+            if rng.random() < 0.3:
+                continue
+            r = int(rng.integers(1, 20))
+            dt = (np.float32, np.float64, np.float16)[int(rng.integers(3))]
+            order = "CF"[int(rng.integers(2))]
+            a = np.asarray(rng.standard_normal((h_in, r)), dt, order=order)
+            b = np.asarray(rng.standard_normal((r, h_out)), dt, order=order)
+            modules[(layer, proj)] = LoraModule(a, b, float(rng.uniform(0.1, 4)))
+    return LoraAdapter(f"mixed{seed}", None, modules, {})
+
+
+# chunk 48: widths 32 (k, v: no whole chunk), 64 and 128 (a partial last chunk)
+@pytest.mark.parametrize("chunk,page_size", [(16, 4), (48, 3), (64, 4)])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_adapter_rows_equal_the_reference_bit_for_bit(chunk, page_size, dtype):
+    cfg = dataclasses.replace(CFG, num_hidden_layers=5)
+    layout = PoolLayout.for_model(cfg, num_pages=64, page_size=page_size, lora_chunk=chunk)
+    for seed, projections in enumerate([("q", "k", "v", "o"), ("k", "v", "gate", "down"), ("up", "q")]):
+        ad = mixed_adapter(cfg, projections, seed)
+        placement = place_adapter(ad, cfg, layout)
+        want = reference_adapter_rows(ad, placement, cfg, layout, dtype)
+        np.full(want.nbytes, 0xFF, np.uint8)  # freed at once: adapter_rows' np.empty likely gets these bytes
+        got = adapter_rows(ad, placement, cfg, layout, dtype)  # so rows it fails to zero show
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
 
 
 def test_pages_freed_by_kv_hold_an_adapter():

@@ -11,7 +11,7 @@ from slora_jax.adapters.store import AdapterStore
 from slora_jax.config import preset
 from slora_jax.errors import AdapterError
 from slora_jax.memory.allocator import OutOfPages, PageAllocator
-from slora_jax.memory.pool import PoolLayout, create_pool, gather_slots, place_adapter
+from slora_jax.memory.pool import PoolLayout, adapter_rows, create_pool, gather_slots, place_adapter
 
 CFG = preset("tiny")
 LAYOUT = PoolLayout.for_model(CFG, num_pages=64, page_size=16, lora_chunk=64)  # 32 rows of 64 per page
@@ -55,6 +55,45 @@ def test_host_tier_is_lru_under_its_byte_budget(tmp_path):
     assert store.stats["disk_loads"] == 3 and store.stats["host_hits"] == 2
     store.host("a1")
     assert store.stats["disk_loads"] == 4
+
+
+def assert_resident_equal(store, pool, layout, name, adapter):
+    got = gather_slots(pool, layout, CFG, [(store.resident(name).placement, store.resident(name).pages)])
+    want = pack_slots([adapter], CFG, jnp.float32)
+    for proj in want:
+        np.testing.assert_array_equal(np.asarray(got[proj].a), np.asarray(want[proj].a))
+        np.testing.assert_array_equal(np.asarray(got[proj].b), np.asarray(want[proj].b))
+
+
+def test_evicted_adapters_load_again_from_their_packed_rows(tmp_path):
+    per = place_adapter(random_adapter(CFG, 8, ("q", "v", "down")), CFG, LAYOUT).num_pages
+    store, _, layout, ads = make_store(tmp_path, num_pages=per)  # room for one adapter
+    pool = create_pool(layout, jnp.float32)
+    pool = store.load(pool, "a0")
+    assert store._host["a0"].adapter is None  # the packed rows are all a load needs
+    store.fetch("a0")  # what a request's submission asks: in host memory, and known to be valid
+    assert store.stats["disk_loads"] == 1
+    pool = store.load(pool, "a1")  # evicts a0
+    pool = store.load(pool, "a0")  # no disk read, no packing
+    assert store.stats["disk_loads"] == 2 and store.stats["packed_hits"] == 1 and store.stats["evictions"] == 2
+    assert_resident_equal(store, pool, layout, "a0", ads[0])
+
+
+def test_packed_rows_count_in_the_host_budget(tmp_path):
+    placement = place_adapter(random_adapter(CFG, 8, ("q", "v", "down")), CFG, LAYOUT)
+    rows_bytes = adapter_rows(random_adapter(CFG, 8, ("q", "v", "down")), placement, CFG, LAYOUT, jnp.float32).nbytes
+    store, _, layout, ads = make_store(tmp_path, host_budget=rows_bytes, num_pages=placement.num_pages)
+    pool = create_pool(layout, jnp.float32)
+    for name in ["a0", "a1", "a0"]:  # a1 pushes a0's rows out of host memory
+        pool = store.load(pool, name)
+    assert store.stats["disk_loads"] == 3 and store.stats["packed_hits"] == 0
+    # An in-memory adapter stays in host memory (only its rows are dropped) and packs again.
+    mem = random_adapter(CFG, 8, ("q", "v", "down"), seed=9, name="mem")
+    store.add(mem)
+    for name in ["mem", "a0", "mem"]:
+        pool = store.load(pool, name)
+    assert store.stats["packed_hits"] == 0 and store._host["mem"].rows is None
+    assert_resident_equal(store, pool, layout, "mem", mem)
 
 
 def test_pinned_adapters_are_never_evicted(tmp_path):

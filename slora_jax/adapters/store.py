@@ -1,19 +1,23 @@
 """The tiered adapter store: disk -> host memory -> pages of the unified pool.
 
 - **Disk**: registered PEFT folders (memory-mapped when read; thousands of them).
-- **Host**: loaded `LoraAdapter`s, kept LRU under a byte budget.
+- **Host**: per adapter, the `LoraAdapter` as read, and its rows once packed for the
+  pool (all a load needs: a disk-backed adapter's `LoraAdapter` is dropped then, as
+  disk can give it again), kept LRU under a byte budget. An adapter added in memory
+  keeps its `LoraAdapter` whatever the budget; only its rows can be dropped.
 - **Resident**: adapters whose rows are in pool pages, each with a slot id.
   In-use adapters are pinned by refcount and never evicted; idle ones are
   evicted LRU when pages are needed (by another adapter, or by the KV cache
   through `evict_idle`).
 
-Loading into the pool is packing the adapter's rows on the host, `jax.device_put`
-of them (asynchronous) and the donated `write_adapter` scatter. Packing and
-copying run on a background thread: `prefetch` (the engine calls it for the
-adapters of queued requests) starts them early, so they overlap the steps run
-before the adapter is needed, and `load` waits only for what is left. Bad input
-(a corrupt file, an adapter larger than the whole pool) raises `AdapterError`
-for that adapter and changes nothing else.
+Loading into the pool is packing the adapter's rows on the host (skipped while the
+host tier keeps them from an earlier load), `jax.device_put` of them
+(asynchronous) and the donated `write_adapter` scatter. Packing and copying run on
+a background thread: `prefetch` (the engine calls it for the adapters of queued
+requests) starts them early, so they overlap the steps run before the adapter is
+needed, and `load` waits only for what is left. Bad input (a corrupt file, an
+adapter larger than the whole pool) raises `AdapterError` for that adapter and
+changes nothing else.
 """
 
 from __future__ import annotations
@@ -51,6 +55,19 @@ def _pow2(n: int, lo: int = 1) -> int:
 
 
 @dataclasses.dataclass
+class HostEntry:
+    """What host memory holds of one adapter."""
+
+    adapter: LoraAdapter | None  # as read; None once packed, for an adapter that disk can give again
+    placement: AdapterPlacement | None = None
+    rows: np.ndarray | None = None  # `adapter_rows` in the store's dtype, with `placement`
+
+    @property
+    def nbytes(self) -> int:
+        return (0 if self.adapter is None else self.adapter.nbytes) + (0 if self.rows is None else self.rows.nbytes)
+
+
+@dataclasses.dataclass
 class Resident:
     slot: int
     placement: AdapterPlacement
@@ -65,13 +82,14 @@ class AdapterStore:
         self.dtype = jnp.dtype(dtype)
         self.host_budget_bytes = host_budget_bytes
         self._paths: dict[str, str] = {}
-        self._host: collections.OrderedDict[str, LoraAdapter] = collections.OrderedDict()  # LRU order
+        self._host: collections.OrderedDict[str, HostEntry] = collections.OrderedDict()  # LRU order
         self._resident: collections.OrderedDict[str, Resident] = collections.OrderedDict()  # LRU order
-        # prefetched: the placement, and the rows on the device once the staging thread has packed and sent them
+        # prefetched: the placement, and (host rows, device rows) once the staging thread has packed and sent them
         self._staged: dict[str, tuple[AdapterPlacement, concurrent.futures.Future]] = {}
         self._stager: concurrent.futures.ThreadPoolExecutor | None = None  # started on first use
         self._free_slots = list(range(max_resident - 1, -1, -1))
-        self.stats = collections.Counter()  # disk_loads, host_hits, pool_loads, pool_hits, prefetch_hits, evictions
+        # disk_loads, host_hits, packed_hits, pool_loads, pool_hits, prefetch_hits, evictions
+        self.stats = collections.Counter()
         self._table_pages, self._r_max = 1, 8  # batch shape bounds that only grow (few compiles)
         self._targeted: set[str] = set()
 
@@ -86,7 +104,7 @@ class AdapterStore:
         """Put an in-memory adapter straight into the host tier (it is never evicted from it)."""
         if adapter.name in self._paths or adapter.name in self._host:
             raise ValueError(f"adapter name {adapter.name!r} is already registered")
-        self._host[adapter.name] = adapter
+        self._host[adapter.name] = HostEntry(adapter)
 
     def __contains__(self, name: str) -> bool:
         return name in self._paths or name in self._host
@@ -97,25 +115,51 @@ class AdapterStore:
 
     def host(self, name: str) -> LoraAdapter:
         """The adapter in host memory, read from disk if needed (LRU under the byte budget)."""
-        if name in self._host:
+        entry = self._host.get(name)
+        if entry is not None and entry.adapter is not None:
             self._host.move_to_end(name)
             self.stats["host_hits"] += 1
-            return self._host[name]
+            return entry.adapter
         if name not in self._paths:
             raise KeyError(f"unknown adapter {name!r}")
         adapter = load_adapter(self._paths[name], self.cfg, name=name)
         self.stats["disk_loads"] += 1
-        self._host[name] = adapter
+        if entry is None:
+            self._host[name] = HostEntry(adapter)
+        else:
+            entry.adapter = adapter
+            self._host.move_to_end(name)
         self._trim_host()
         return adapter
 
+    def fetch(self, name: str) -> None:
+        """Have `name` in host memory in some form (as read, or packed), reading (and so
+        validating) it from disk if it is in none; raises `AdapterError` for a bad adapter."""
+        if name in self._host:
+            self._host.move_to_end(name)
+        else:
+            self.host(name)
+
     def _trim_host(self) -> None:
-        used = sum(a.nbytes for a in self._host.values())
-        for name in list(self._host):
+        used = sum(e.nbytes for e in self._host.values())
+        for name, entry in list(self._host.items()):
             if used <= self.host_budget_bytes:
                 break
-            if name in self._paths:  # only disk-backed adapters can be dropped and re-read
-                used -= self._host.pop(name).nbytes
+            used -= entry.nbytes
+            if name in self._paths:  # disk can give it again
+                del self._host[name]
+            else:  # an in-memory adapter stays; its rows can be packed again
+                entry.placement = entry.rows = None
+                used += entry.nbytes
+
+    def _keep_rows(self, name: str, placement: AdapterPlacement, rows: np.ndarray) -> None:
+        """Keep `name`'s packed rows in the host tier, where they replace a disk-backed `LoraAdapter`."""
+        entry = self._host.setdefault(name, HostEntry(None))  # trimmed while its rows were packed: a new entry
+        entry.placement, entry.rows = placement, rows
+        if name in self._paths:
+            entry.adapter = None
+        self._host.move_to_end(name)
+        self._trim_host()
 
     # --------------------------------------------------------------- residency
     def is_resident(self, name: str) -> bool:
@@ -125,21 +169,32 @@ class AdapterStore:
         return self._resident[name]
 
     def prefetch(self, name: str) -> None:
-        """Start packing `name`'s rows and copying them to the device, without taking pages.
+        """Start packing `name`'s rows (unless the host tier has them) and copying them to the
+        device, without taking pages.
 
         The host read (if not in host memory yet) happens here; packing and the copy on the
-        staging thread (they only read the immutable `LoraAdapter`).
+        staging thread (they only read the immutable `LoraAdapter` or rows).
         """
         if name in self._resident or name in self._staged:
             return
-        adapter = self.host(name)
-        placement = self._placement(adapter)
+        entry = self._host.get(name)
+        if entry is not None and entry.rows is not None:
+            self._host.move_to_end(name)
+            self.stats["packed_hits"] += 1
+            placement, adapter, rows = entry.placement, None, entry.rows
+        else:
+            adapter, rows = self.host(name), None
+            placement = self._placement(adapter)
         if self._stager is None:
             self._stager = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="adapter-stager")
-        self._staged[name] = (placement, self._stager.submit(self._stage, adapter, placement))
+        self._staged[name] = (placement, self._stager.submit(self._stage, adapter, placement, rows))
 
-    def _stage(self, adapter: LoraAdapter, placement: AdapterPlacement) -> jax.Array:
-        return jax.device_put(adapter_rows(adapter, placement, self.cfg, self.layout, self.dtype))  # async copy
+    def _stage(self, adapter: LoraAdapter | None, placement: AdapterPlacement,
+               rows: np.ndarray | None) -> tuple[np.ndarray, jax.Array]:
+        """On the staging thread: pack `adapter`'s rows unless `rows` are given; start their copy."""
+        if rows is None:
+            rows = adapter_rows(adapter, placement, self.cfg, self.layout, self.dtype)
+        return rows, jax.device_put(rows)  # async copy
 
     def prefetch_only(self, names: list[str]) -> None:
         """Keep exactly `names` staged (the adapters of the next queued requests): start the
@@ -172,10 +227,11 @@ class AdapterStore:
         while not self._free_slots or not self.allocator.can_alloc(need):
             if self._evict_one_idle() is None:
                 raise OutOfPages(need, self.allocator.num_free, self.allocator.num_pages)
-        rows = staged.result()
+        rows, rows_dev = staged.result()
         pages = self.allocator.alloc(need, ("adapter", name), "adapter")
         del self._staged[name]
-        pool = write_adapter(pool, rows, jnp.asarray(pages), self.layout)
+        self._keep_rows(name, placement, rows)
+        pool = write_adapter(pool, rows_dev, jnp.asarray(pages), self.layout)
         self._resident[name] = Resident(self._free_slots.pop(), placement, pages)
         self.stats["pool_loads"] += 1
         return pool

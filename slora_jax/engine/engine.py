@@ -196,7 +196,7 @@ class Engine:
             if adapter not in self.store:
                 raise RequestError(f"unknown adapter {adapter!r}; add it with add_adapter() first")
             try:
-                self.store.host(adapter)  # read and validated against the base model once, then cached
+                self.store.fetch(adapter)  # read and validated against the base model once, then kept
             except AdapterError as e:
                 raise RequestError(f"adapter {adapter!r} cannot serve this model: {e}") from e
         rid = self._next_id

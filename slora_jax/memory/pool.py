@@ -125,31 +125,49 @@ def place_adapter(adapter: LoraAdapter, cfg: LlamaConfig, layout: PoolLayout) ->
     return AdapterPlacement(placed, row, pages, (pages * layout.rows_per_page - row) * c)
 
 
-def _chunk_major(m_RxW: np.ndarray, c: int) -> np.ndarray:
-    """`[r, W]` -> rows `[ceil(W/C) * r, C]`: chunk j's r rows are consecutive (W zero-padded)."""
-    r, w = m_RxW.shape
-    n = _chunks(w, c)
-    padded = np.zeros((r, n * c), m_RxW.dtype)
-    padded[:, :w] = m_RxW
-    return padded.reshape(r, n, c).transpose(1, 0, 2).reshape(n * r, c)
+def _put_chunk_major(dst_JxRxC: np.ndarray, m_rxW: np.ndarray) -> None:
+    """Copy `[r, W]` into chunk-major rows `[ceil(W/C), R, C]` (R >= r): chunk j's r rows are
+    consecutive; the rest of `dst` (ranks past r, the padding of a partial last chunk) is zeroed."""
+    n, _, c = dst_JxRxC.shape
+    r, w = m_rxW.shape
+    full = w // c  # whole chunks
+    dst_JxRxC[:full, :r] = m_rxW[:, : full * c].reshape(r, full, c).transpose(1, 0, 2)
+    if full < n:
+        dst_JxRxC[full, :r, : w - full * c] = m_rxW[:, full * c :]
+        dst_JxRxC[full, :r, w - full * c :] = 0
+    dst_JxRxC[:, r:] = 0
 
 
 def adapter_rows(adapter: LoraAdapter, placement: AdapterPlacement, cfg: LlamaConfig, layout: PoolLayout,
                  dtype=jnp.bfloat16) -> np.ndarray:
-    """Host array `[L, num_pages * rows_per_page, C]` of the adapter's rows, scale folded into B."""
-    c = layout.lora_chunk
-    rows = np.zeros((cfg.num_hidden_layers, placement.num_pages * layout.rows_per_page, c), np.float32)
-    for (layer, proj), m in adapter.modules.items():
-        p = placement.projections[proj]
+    """Host array `[L, num_pages * rows_per_page, C]` of the adapter's rows, scale folded into B.
+
+    Each module is rounded to `dtype` once (B is multiplied by its scale in float32
+    first) and copied straight into its chunk-major rows; only what no module fills
+    is zeroed. The casts run on whole contiguous modules and the copies on
+    same-width unsigned ints: numpy casts into strided bfloat16 views and copies
+    bfloat16 (an ml_dtypes type) element by element, several times slower.
+    """
+    c, L, dtype = layout.lora_chunk, cfg.num_hidden_layers, jnp.dtype(dtype)
+    bits = np.dtype(f"u{dtype.itemsize}")
+    rows_LxNxC = np.empty((L, placement.num_pages * layout.rows_per_page, c), dtype)
+    bits_LxNxC = rows_LxNxC.view(bits)
+    bits_LxNxC[:, placement.num_rows :] = 0  # the last page's unused rows
+    for proj, p in placement.projections.items():
         h_in, h_out = cfg.projection_shape(proj)
-        a_RxI = np.zeros((p.rank, h_in), np.float32)
-        a_RxI[: m.rank] = m.a.T
-        b_RxO = np.zeros((p.rank, h_out), np.float32)
-        b_RxO[: m.rank] = m.b.astype(np.float32) * np.float32(m.scale)
-        na, nb = _chunks(h_in, c) * p.rank, _chunks(h_out, c) * p.rank
-        rows[layer, p.a_row : p.a_row + na] = _chunk_major(a_RxI, c)
-        rows[layer, p.b_row : p.b_row + nb] = _chunk_major(b_RxO, c)
-    return rows.astype(jnp.dtype(dtype))
+        na, nb = _chunks(h_in, c), _chunks(h_out, c)
+        a_LxJxRxC = bits_LxNxC[:, p.a_row : p.a_row + na * p.rank].reshape(L, na, p.rank, c)
+        b_LxJxRxC = bits_LxNxC[:, p.b_row : p.b_row + nb * p.rank].reshape(L, nb, p.rank, c)
+        for layer in range(L):
+            m = adapter.modules.get((layer, proj))
+            if m is None:  # a layer the adapter does not target
+                a_LxJxRxC[layer] = b_LxJxRxC[layer] = 0
+                continue
+            a_IxR = m.a.astype(np.float32, copy=False).astype(dtype, copy=False)
+            b_RxO = (m.b.astype(np.float32, copy=False) * np.float32(m.scale)).astype(dtype, copy=False)
+            _put_chunk_major(a_LxJxRxC[layer], a_IxR.view(bits).T)
+            _put_chunk_major(b_LxJxRxC[layer], b_RxO.view(bits))
+    return rows_LxNxC
 
 
 def physical_rows(page_ids: jax.Array, rows_per_page: int) -> jax.Array:
