@@ -110,13 +110,15 @@ def profile_kernels(run, top: int = 12) -> dict | None:
         ev = ev["traceEvents"] if isinstance(ev, dict) else ev
         pids = {e["pid"]: e["args"].get("name", "") for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
         gpu = {p for p, n in pids.items() if "/device:GPU" in n or "GPU" in n and "host" not in n.lower()}
-        by = {}
+        by, calls = {}, {}
         for e in ev:
             if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e:
                 by[e["name"]] = by.get(e["name"], 0.0) + e["dur"]
+                calls[e["name"]] = calls.get(e["name"], 0) + 1
         total = sum(by.values())
         ranked = sorted(by.items(), key=lambda kv: -kv[1])[:top]
-        return {"device_us_total": total, "top": [{"name": n[:120], "us": u} for n, u in ranked]}
+        return {"device_us_total": total, "kernels": sum(calls.values()),
+                "top": [{"name": n[:120], "us": u, "calls": calls[n]} for n, u in ranked]}
     except Exception as e:  # noqa: BLE001 - the profile is extra information
         return {"error": f"{type(e).__name__}: {e}"[:300]}
 
@@ -249,7 +251,7 @@ def main():
               f"{x['dispatch_ms']:8.2f} "
               f"{x['floor_ms']:8.2f} {x['floor_ratio_device']:9.2f} {x['tokens_per_s']:8.0f}")
         for t in (x.get("profile") or {}).get("top", [])[:8]:
-            print(f"    {t['us']:9.1f} us  {t['name']}")
+            print(f"    {t['us']:9.1f} us {t['calls']:5d} calls  {t['name']}")
         print("   pool-sized copies:", len(x["pool_sized_copies"]), *x["pool_sized_copies"][:4], sep="\n    ")
 
 

@@ -243,13 +243,14 @@ class EngineConfig:
     host_adapter_budget_bytes: int = 8 << 30
     max_resident_adapters: int = 1024
     prefetch_adapters: int = 4  # adapters of the first queued requests staged ahead (packed, copied); 0: off
+    adapter_stage_threads: int = 4  # host threads packing and copying adapters (pool loads and prefetch)
     seed: int = 0  # for requests without a seed of their own
     tp: int = 1  # tensor-parallel size (devices of one mesh axis); > 1 needs unified_memory=False for now
     tp_lora_strategy: str = "slora"  # tp > 1: one of TP_LORA_STRATEGIES
 
     def __post_init__(self):
         for name in ("num_pages", "page_size", "lora_chunk", "max_num_seqs", "max_batch_tokens", "min_batch_tokens",
-                     "max_model_len", "tp"):
+                     "max_model_len", "tp", "adapter_stage_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.prefetch_adapters < 0:

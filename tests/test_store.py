@@ -17,10 +17,11 @@ CFG = preset("tiny")
 LAYOUT = PoolLayout.for_model(CFG, num_pages=64, page_size=16, lora_chunk=64)  # 32 rows of 64 per page
 
 
-def make_store(tmp_path, n=4, rank=8, host_budget=1 << 30, num_pages=None):
+def make_store(tmp_path, n=4, rank=8, host_budget=1 << 30, num_pages=None, stage_threads=1):
     layout = LAYOUT if num_pages is None else PoolLayout.for_model(CFG, num_pages, 16, 64)
     alloc = PageAllocator(layout.num_pages)
-    store = AdapterStore(CFG, layout, alloc, host_budget_bytes=host_budget, dtype=jnp.float32)
+    store = AdapterStore(CFG, layout, alloc, host_budget_bytes=host_budget, dtype=jnp.float32,
+                         stage_threads=stage_threads)
     ads = []
     for i in range(n):
         ad = random_adapter(CFG, rank, ("q", "v", "down"), seed=i, name=f"a{i}")
@@ -166,3 +167,14 @@ def test_prefetch_stages_rows_without_taking_pages(tmp_path):
     assert set(store._staged) == {"a0", "a2"}
     store.prefetch_only(["a2"])
     assert set(store._staged) == {"a2"} and alloc.num_free == free - len(store.resident("a1").pages)
+
+
+def test_several_staging_threads_pack_adapters_at_once(tmp_path):
+    store, alloc, layout, ads = make_store(tmp_path, n=4, stage_threads=3)
+    store.prefetch_only(["a3", "a1", "a0", "a2"])
+    pool = create_pool(layout, jnp.float32)
+    for name in ["a0", "a1", "a2", "a3"]:
+        pool = store.load(pool, name)
+    assert store.stats["prefetch_hits"] == 4 and store._stager._max_workers == 3
+    for i, ad in enumerate(ads):
+        assert_resident_equal(store, pool, layout, f"a{i}", ad)

@@ -77,8 +77,10 @@ class Resident:
 
 class AdapterStore:
     def __init__(self, cfg: LlamaConfig, layout: PoolLayout, allocator: PageAllocator,
-                 host_budget_bytes: int = 8 << 30, dtype=jnp.bfloat16, max_resident: int = 1024):
+                 host_budget_bytes: int = 8 << 30, dtype=jnp.bfloat16, max_resident: int = 1024,
+                 stage_threads: int = 1):
         self.cfg, self.layout, self.allocator = cfg, layout, allocator
+        self.stage_threads = stage_threads
         self.dtype = jnp.dtype(dtype)
         self.host_budget_bytes = host_budget_bytes
         self._paths: dict[str, str] = {}
@@ -186,7 +188,9 @@ class AdapterStore:
             adapter, rows = self.host(name), None
             placement = self._placement(adapter)
         if self._stager is None:
-            self._stager = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="adapter-stager")
+            # Several threads pack several adapters at once: numpy's casts and copies release the GIL.
+            self._stager = concurrent.futures.ThreadPoolExecutor(self.stage_threads,
+                                                                 thread_name_prefix="adapter-stager")
         self._staged[name] = (placement, self._stager.submit(self._stage, adapter, placement, rows))
 
     def _stage(self, adapter: LoraAdapter | None, placement: AdapterPlacement,
