@@ -119,6 +119,10 @@ def test_quickstart_config_end_to_end_with_every_system(tmp_path, capsys):
         tokens.append([r.token_ids for r in records])
     assert tokens[0] == tokens[1] == tokens[2]
     assert summaries[0]["memory"]["peak_pages_kv"] > 0 and summaries[0]["memory"]["peak_pages_adapter"] > 0
+    host_s = summaries[0]["run"]["host_s"]  # the engine's host time by phase, within the replay
+    assert {"schedule", "run", "dispatch", "collect", "wait", "adapter_load"} <= set(host_s)
+    assert 0 < host_s["dispatch"] <= host_s["run"] and host_s["wait"] <= host_s["collect"]
+    assert sum(host_s[k] for k in ("schedule", "run", "prefetch", "collect")) <= summaries[0]["run"]["replay_s"]
     assert os.path.exists(os.path.join(root, "sweep_throughput_req_s.png"))
     assert os.path.exists(os.path.join(root, "sweep_throughput_tok_s.png"))
     # the same random adapters are reused, not rewritten, by later runs

@@ -17,6 +17,7 @@ number of times.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import os
@@ -139,6 +140,9 @@ class Engine:
         self._preempted_now: set[int] = set()
         self._inflight: _InFlight | None = None  # the dispatched step whose tokens are not read yet
         self.num_steps = 0
+        # Host seconds spent by step() in each phase (cumulative): schedule (adapter_load inside it),
+        # run (batch building; dispatch inside it), prefetch, collect (wait for the device inside it).
+        self.host_seconds: collections.Counter = collections.Counter()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -257,21 +261,31 @@ class Engine:
         for r in self.scheduler.drop(waiting, now):
             self._finish(r, "abort")
             events.append(TokenEvent(r.id, None, "abort"))
+        hs, t0 = self.host_seconds, time.perf_counter()
         plan = self._schedule(now, events)
+        t1 = time.perf_counter()
         previous, self._inflight = self._inflight, (self._run(plan) if plan else None)
+        t2 = time.perf_counter()
         self._prefetch(now)  # after the dispatch: packing and copies run while the device works
+        t3 = time.perf_counter()
         if previous is not None:
             self._collect(previous, events)
         if not self.config.overlap_steps and self._inflight is not None:
             done, self._inflight = self._inflight, None
             self._collect(done, events)
+        hs["schedule"] += t1 - t0
+        hs["run"] += t2 - t1
+        hs["prefetch"] += t3 - t2
+        hs["collect"] += time.perf_counter() - t3
         if plan:
             self.num_steps += 1
         return events
 
     def _collect(self, inflight: "_InFlight", events: list[TokenEvent]) -> None:
         """Read a dispatched step's sampled tokens (waits for it); append them and check stop conditions."""
+        t = time.perf_counter()
         sampled = np.asarray(inflight.sampled_R)
+        self.host_seconds["wait"] += time.perf_counter() - t
         t = self.clock()
         for row, req in inflight.rows:
             req.inflight -= 1
@@ -368,6 +382,7 @@ class Engine:
     def _start(self, req: Request, events: list[TokenEvent]) -> bool:
         """Make `req` running: its adapter resident and pinned. False if it must wait (or failed)."""
         if req.adapter is not None:
+            t = time.perf_counter()
             try:
                 self.pool = self.store.load(self.pool, req.adapter)
             except OutOfPages:
@@ -377,6 +392,8 @@ class Engine:
                 self._finish(req, "error")
                 events.append(TokenEvent(req.id, None, "error"))
                 return False
+            finally:
+                self.host_seconds["adapter_load"] += time.perf_counter() - t
             self.store.pin(req.adapter)
         req.status = Status.RUNNING
         return True
@@ -442,9 +459,11 @@ class Engine:
         prev_sampled = prev.sampled_R if prev is not None else _no_samples(R)
         # Chunks go to the chunk-attention kernel (the jnp reference has one path: no extra compile).
         prefill = self.config.attention_impl == "pallas" and any(n > 1 for _, n in plan)
+        t = time.perf_counter()
         sampled, self.pool = self._step(self.params, self.pool, prev_sampled, buf, dev, spec=spec, cfg=self.cfg,
                                         layout=self.layout, attention_impl=self.config.attention_impl,
                                         prefill=prefill)
+        self.host_seconds["dispatch"] += time.perf_counter() - t
         return _InFlight(sampled, rows, {req.id: row for row, req in rows})
 
     def memory_report(self) -> dict[str, float]:

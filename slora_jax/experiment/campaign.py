@@ -137,7 +137,7 @@ def warm_engine(engine: Engine, exp: ExperimentConfig, trace: Sequence[TraceRequ
     adapter shape bounds (which only grow) reach their largest; with `exp.preload_adapters`, on every
     adapter the trace uses instead (they stay resident). Then, for each token bucket, one step of
     prompts filling it, on those adapters and, if the trace has base-model requests, on none (a batch
-    with no adapter is another shape).
+    with no adapter is another shape), each generating two tokens (prompt steps and a decode step).
     """
     ec = engine.config
     steps0 = engine.num_steps
@@ -153,7 +153,7 @@ def warm_engine(engine: Engine, exp: ExperimentConfig, trace: Sequence[TraceRequ
     kinds: list[list[str | None]] = [resident[-ec.max_num_seqs:]] if resident else []
     if not with_adapters or any(r.adapter is None for r in trace):
         kinds.append([None])
-    longest = ec.max_model_len - 1  # room for the one generated token
+    longest = ec.max_model_len - 2  # room for the two generated tokens
     for bucket in token_buckets(ec.min_batch_tokens, ec.max_batch_tokens):
         total = min(bucket, ec.max_batch_tokens)
         k = -(-total // longest)
@@ -161,7 +161,9 @@ def warm_engine(engine: Engine, exp: ExperimentConfig, trace: Sequence[TraceRequ
             continue  # no step can hold this many tokens
         lens = [total // k + (i < total % k) for i in range(k)]
         for adapters in kinds:
-            serve_requests(engine, [(n, adapters[i % len(adapters)]) for i, n in enumerate(lens)])
+            # Two tokens each: the prompt steps, then a decode-only step (attention without chunks,
+            # another compiled variant of the step).
+            serve_requests(engine, [(n, adapters[i % len(adapters)]) for i, n in enumerate(lens)], max_new_tokens=2)
     return engine.num_steps - steps0
 
 

@@ -354,10 +354,14 @@ def run_point(exp: ExperimentConfig, out_dir: str, point: dict[str, Any] | None 
             prepare(system, exp, trace, prompts, names)
         t_run = clock()
         steps_before = getattr(system, "num_steps", 0)
+        host_before = dict(getattr(system, "host_seconds", {}))
         records, memory = replay(system, trace, prompts, names, exp, clock, desc=exp.name)
         summary["run"].update(setup_s=t_warm - t_setup, warmup_s=t_run - t_warm, replay_s=clock() - t_run,
                               num_not_submitted=len(trace) - len(records),
                               num_steps=getattr(system, "num_steps", steps_before) - steps_before)
+        if hasattr(system, "host_seconds"):  # the engine's host time by phase during the replay
+            summary["run"]["host_s"] = {k: round(v - host_before.get(k, 0.0), 4)
+                                        for k, v in system.host_seconds.items()}
         summary["metrics"] = serving_metrics(records, exp.engine.slo_first_token_s)
         summary["memory"] = memory_summary(memory)
     except ConfigError:
