@@ -123,6 +123,7 @@ def test_quickstart_config_end_to_end_with_every_system(tmp_path, capsys):
     assert {"schedule", "run", "dispatch", "collect", "wait", "adapter_load"} <= set(host_s)
     assert 0 < host_s["dispatch"] <= host_s["run"] and host_s["wait"] <= host_s["collect"]
     assert sum(host_s[k] for k in ("schedule", "run", "prefetch", "collect")) <= summaries[0]["run"]["replay_s"]
+    assert summaries[0]["run"]["store"]["pool_hits"] > 0 and isinstance(summaries[0]["run"]["store_s"], dict)
     assert os.path.exists(os.path.join(root, "sweep_throughput_req_s.png"))
     assert os.path.exists(os.path.join(root, "sweep_throughput_tok_s.png"))
     # the same random adapters are reused, not rewritten, by later runs

@@ -27,6 +27,8 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -92,6 +94,10 @@ class AdapterStore:
         self._free_slots = list(range(max_resident - 1, -1, -1))
         # disk_loads, host_hits, packed_hits, pool_loads, pool_hits, prefetch_hits, evictions
         self.stats = collections.Counter()
+        # Host seconds: load's evict / wait_staged (for the staging thread) / write; the staging
+        # threads' stage_pack / stage_put (summed over threads, so they overlap the rest).
+        self.seconds: collections.Counter = collections.Counter()
+        self._seconds_lock = threading.Lock()
         self._table_pages, self._r_max = 1, 8  # batch shape bounds that only grow (few compiles)
         self._targeted: set[str] = set()
 
@@ -196,9 +202,15 @@ class AdapterStore:
     def _stage(self, adapter: LoraAdapter | None, placement: AdapterPlacement,
                rows: np.ndarray | None) -> tuple[np.ndarray, jax.Array]:
         """On the staging thread: pack `adapter`'s rows unless `rows` are given; start their copy."""
+        t0 = time.perf_counter()
         if rows is None:
             rows = adapter_rows(adapter, placement, self.cfg, self.layout, self.dtype)
-        return rows, jax.device_put(rows)  # async copy
+        t1 = time.perf_counter()
+        rows_dev = jax.device_put(rows)  # async copy
+        with self._seconds_lock:  # staging threads add up concurrently
+            self.seconds["stage_pack"] += t1 - t0
+            self.seconds["stage_put"] += time.perf_counter() - t1
+        return rows, rows_dev
 
     def prefetch_only(self, names: list[str]) -> None:
         """Keep exactly `names` staged (the adapters of the next queued requests): start the
@@ -228,14 +240,20 @@ class AdapterStore:
         self.prefetch(name)
         placement, staged = self._staged[name]
         need = placement.num_pages
+        t0 = time.perf_counter()
         while not self._free_slots or not self.allocator.can_alloc(need):
             if self._evict_one_idle() is None:
                 raise OutOfPages(need, self.allocator.num_free, self.allocator.num_pages)
+        t1 = time.perf_counter()
         rows, rows_dev = staged.result()
+        t2 = time.perf_counter()
         pages = self.allocator.alloc(need, ("adapter", name), "adapter")
         del self._staged[name]
         self._keep_rows(name, placement, rows)
         pool = write_adapter(pool, rows_dev, jnp.asarray(pages), self.layout)
+        self.seconds["evict"] += t1 - t0
+        self.seconds["wait_staged"] += t2 - t1
+        self.seconds["write"] += time.perf_counter() - t2
         self._resident[name] = Resident(self._free_slots.pop(), placement, pages)
         self.stats["pool_loads"] += 1
         return pool

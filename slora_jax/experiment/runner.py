@@ -355,6 +355,8 @@ def run_point(exp: ExperimentConfig, out_dir: str, point: dict[str, Any] | None 
         t_run = clock()
         steps_before = getattr(system, "num_steps", 0)
         host_before = dict(getattr(system, "host_seconds", {}))
+        store = getattr(system, "store", None)
+        store_before = (dict(store.stats), dict(store.seconds)) if hasattr(store, "seconds") else None
         records, memory = replay(system, trace, prompts, names, exp, clock, desc=exp.name)
         summary["run"].update(setup_s=t_warm - t_setup, warmup_s=t_run - t_warm, replay_s=clock() - t_run,
                               num_not_submitted=len(trace) - len(records),
@@ -362,6 +364,9 @@ def run_point(exp: ExperimentConfig, out_dir: str, point: dict[str, Any] | None 
         if hasattr(system, "host_seconds"):  # the engine's host time by phase during the replay
             summary["run"]["host_s"] = {k: round(v - host_before.get(k, 0.0), 4)
                                         for k, v in system.host_seconds.items()}
+        if store_before is not None:  # the adapter store's counters and host seconds during the replay
+            summary["run"]["store"] = {k: v - store_before[0].get(k, 0) for k, v in store.stats.items()}
+            summary["run"]["store_s"] = {k: round(v - store_before[1].get(k, 0.0), 4) for k, v in store.seconds.items()}
         summary["metrics"] = serving_metrics(records, exp.engine.slo_first_token_s)
         summary["memory"] = memory_summary(memory)
     except ConfigError:
