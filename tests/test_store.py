@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from slora_jax.adapters import pack_slots, random_adapter, save_peft_adapter
+from slora_jax.adapters.adapter import LoraAdapter
 from slora_jax.adapters.store import AdapterStore
 from slora_jax.config import preset
 from slora_jax.errors import AdapterError
@@ -178,3 +179,19 @@ def test_several_staging_threads_pack_adapters_at_once(tmp_path):
     assert store.stats["prefetch_hits"] == 4 and store._stager._max_workers == 3
     for i, ad in enumerate(ads):
         assert_resident_equal(store, pool, layout, f"a{i}", ad)
+
+
+def test_host_budget_check_measures_each_adapter_once(tmp_path, monkeypatch):
+    """Every load checks the host budget over all entries; an adapter's size (a walk over its
+    modules) is measured once, not on every check."""
+    store, alloc, layout, ads = make_store(tmp_path, n=4)
+    calls = []
+    size = LoraAdapter.nbytes.fget
+    monkeypatch.setattr(LoraAdapter, "nbytes", property(lambda a: calls.append(a.name) or size(a)))
+    for i in range(6):
+        store.add(random_adapter(CFG, 4, ("q",), seed=10 + i, name=f"m{i}"))
+    pool = create_pool(layout, jnp.float32)
+    for name in ["m0", "m1", "m2", "m3", "m4", "m5", "m0", "m1"]:
+        pool = store.load(pool, name)
+        store._evict_one_idle()
+    assert sorted(set(calls)) == [f"m{i}" for i in range(6)] and len(calls) == 6
