@@ -1,29 +1,43 @@
 """SGMV split pair on pool pages: shrink (split-K, fp32 partials) then expand, reading adapters in place.
 
+One launch of each serves a *group* of G projections that share their input x (q, k, v;
+or gate, up): one adapter page table, one H_in, per-projection ranks and rows, and G
+outputs of their own widths (GQA: k and v narrower than q). G = 1 is a single
+projection.
+
 Contract
 --------
 Inputs (T tokens in their original order, S adapters of the batch, NT tiles; tiles as in
 `sgmv_shrink`: `perm`, `tile_start`, `tile_end`, `tile_slot`):
   x      `[T, H_in]`, the weights' dtype; only rows of tiles are read.
   rows   `[num_rows, C]`: the pool as rows of C = lora_chunk elements (`slora_jax.memory.pool`).
-  pages  `[S * max_pages]` int32, each adapter's page table (row-major `[S, max_pages]`).
-  rank, a_row, b_row `[S]` int32: this projection's rank (0: not targeted) and first
-         virtual rows of A^T and B. Both are chunk-major: column chunk `j` (width C) is
-         `rank` consecutive virtual rows; virtual row `v` of adapter `s` is physical row
-         `pages[s, v // rows_per_page] * rows_per_page + v % rows_per_page`.
-Shrink output: `vpart [k_splits, T, R]` fp32, `v = vpart.sum(0)` (R = `r_block`, static,
-  a power of two >= 16 bounding the batch's ranks); only rows of tiles are written.
-Expand: `y [T, H_out]` aliased to the output; `y'[t] = f32(y[t]) + (v[t] as the weights'
-  dtype) @ B`, cast to y's dtype; rows outside every tile are neither read nor written.
+  pages  `[S, max_pages]` int32, each adapter's page table (shared by the group).
+  rank, a_row, b_row `[G, S]` int32: projection g's rank (0: not
+         targeted) and first virtual rows of A^T and B. Both are chunk-major: column chunk
+         `j` (width C) is `rank` consecutive virtual rows; virtual row `v` of adapter `s` is
+         physical row `pages[s, v // rows_per_page] * rows_per_page + v % rows_per_page`.
+Shrink output: `vpart [G, k_splits, T, R]` fp32, `v_g = vpart[g].sum(0)` (R = `r_block`,
+  static, a power of two >= 16 bounding every rank of the group); only rows of tiles are
+  written, and only for projections the tile's adapter targets.
+Expand: `y_g [T, H_out_g]` aliased to output g; `y_g'[t] = f32(y_g[t]) + (v_g[t] as the
+  weights' dtype) @ B_g`, cast to y's dtype; rows outside every tile, and rows whose
+  adapter has rank 0 on g, are neither read nor written.
+Reference: `paged_group_reference` (jnp, the pages read with `read_paged`).
 
-Work. Shrink: grid `(k_splits, NT)`, program `(s, tile)` takes `k_steps` consecutive
-K chunks, unrolled, so all its loads are in flight at once (a loop over chunks would
-pay one memory latency per step: the one-launch `sgmv_fused` is bound by that,
-benchmarks/NOTES_lora_kernels.md). Expand: grid `(n_blocks, NT)`, program `(n, tile)`
-sums the partials of its rows and adds `n_steps` chunks of `v @ B`, unrolled. The
-split is the fastest grid axis: a tile's programs run together and share x in L2.
-Padding tiles and rank-0 adapters return at once; rows past a tile and weight rows
-past an adapter's rank are masked (never read), so bytes follow each adapter's rank.
+Work. Shrink: grid `(k_splits * G, NT)`, program `(split * G + g, tile)` takes `k_steps`
+consecutive K chunks of projection g, unrolled, so all its loads are in flight at once
+(a loop over chunks would pay one memory latency per step: the one-launch `sgmv_fused`
+is bound by that, benchmarks/NOTES_lora_kernels.md). Expand: grid
+`(sum_g n_blocks_g, NT)`; the first axis is cut into static ranges, one per projection
+(a static `pl.when` branch each, so no program is spent past a narrow output), and
+program `(n, tile)` sums its projection's partials for its rows and adds `n_steps`
+chunks of `v @ B`, unrolled. The first axis is the fastest: a tile's programs run
+together and share x (shrink: a split's G programs read the same x chunk back to back)
+and its partials in L2. Padding tiles and rank-0 adapters return at once; rows past a
+tile and weight rows past an adapter's rank are masked (never read), so bytes follow
+each adapter's rank.
+
+`k_steps=None` picks K chunks per program with `default_k_steps`.
 
 Triton rules kept: block sizes are powers of two (`block_m`, R, C); every dot is 2-D
 with both sides >= 16.
@@ -39,6 +53,30 @@ from jax import lax
 
 from pallas_kernels.compat import compiler_params, default_interpret, pl, plgpu
 from pallas_kernels.sgmv_shrink import _iota, rows_at, tile_rows
+
+# `default_k_steps`: shrink programs aimed at (about 4 resident per SM on a 132-SM H100/H200)
+# and the bounds on K chunks per program.
+TARGET_PROGRAMS = 512
+MIN_K_STEPS = 4
+MAX_K_STEPS = 8
+
+
+def default_k_steps(n_in: int, programs_per_split: int) -> int:
+    """K chunks per shrink program: enough splits for ~`TARGET_PROGRAMS` programs, 4 to 8 chunks each.
+
+    `programs_per_split` = G x tiles (a static bound: the metadata's `active_tiles`).
+    Few tiles (one token, a few adapters) leave most SMs idle whatever the split; a
+    program's time is then its chain of dependent loads (tile -> adapter -> page ->
+    rows) plus its own chunks, so short programs (4 chunks, as measured in session 3)
+    are best and more splits would only add partials for the expand to sum. Many tiles
+    (64 distinct adapters x 3 projections) fill the GPU anyway; 8 chunks a program
+    halve the partials the expand re-reads (every expand program of a tile sums all
+    `k_splits` of them) and the programs to schedule. More unrolled chunks would hold
+    too many loads in registers (8 chunks of [16, 128] x and A blocks in bf16 are
+    64 KiB in flight, ~128 registers a thread at 4 warps).
+    """
+    splits = -(-TARGET_PROGRAMS // max(1, programs_per_split))
+    return max(1, min(n_in, max(MIN_K_STEPS, min(MAX_K_STEPS, -(-n_in // splits)))))
 
 
 def paged_row_ids(pages_ref, s, max_pages: int, v0, rank_ok_R, *, rows_per_page: int, block_r: int):
@@ -61,19 +99,21 @@ def paged_row_ids(pages_ref, s, max_pages: int, v0, rank_ok_R, *, rows_per_page:
     return jnp.where(rank_ok_R, phys_R, 0)
 
 
-def _tile_adapter(tile_slot_ref, rank_ref, tile):
+def _tile_adapter(tile_slot_ref, rank_ref, tile, g, n_adapters: int):
+    """The tile's adapter (clamped to 0 for padding) and its rank on projection `g` (0 for padding)."""
     slot = tile_slot_ref[tile]
     safe = jnp.maximum(slot, 0)
-    return safe, jnp.where(slot >= 0, rank_ref[safe], 0)
+    return safe, jnp.where(slot >= 0, rank_ref[g * n_adapters + safe], 0)
 
 
 def _shrink_kernel(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_ref, pages_ref, a_row_ref,
                    rows_ref, x_ref, vpart_ref, *, block_m: int, block_r: int, chunk: int, n_in: int,
-                   k_steps: int, rows_per_page: int, n_tokens: int, mixed: bool):
-    split = pl.program_id(0)
+                   k_steps: int, n_groups: int, n_adapters: int, rows_per_page: int, n_tokens: int, mixed: bool):
+    split = pl.program_id(0) // n_groups
+    g = pl.program_id(0) % n_groups
     tile = pl.program_id(1)
-    safe, rank = _tile_adapter(tile_slot_ref, rank_ref, tile)
-    max_pages = pages_ref.shape[0] // rank_ref.shape[0]
+    safe, rank = _tile_adapter(tile_slot_ref, rank_ref, tile, g, n_adapters)
+    max_pages = pages_ref.shape[0] // n_adapters
 
     @pl.when(rank > 0)
     def _():
@@ -81,7 +121,7 @@ def _shrink_kernel(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_r
                                      n_tokens=n_tokens)
         rank_ok_R = _iota(block_r) < rank
         precision = lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None  # fp32: no TF32
-        a_first = a_row_ref[safe]
+        a_first = a_row_ref[g * n_adapters + safe]
         acc_MxR = jnp.zeros((block_m, block_r), jnp.float32)
         for u in range(k_steps):  # unrolled: every chunk's loads issue together
             j_raw = split * k_steps + u
@@ -95,17 +135,17 @@ def _shrink_kernel(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_r
                                mask=jnp.broadcast_to((row_ok_M & ok)[:, None], (block_m, chunk)), other=0)
             acc_MxR += lax.dot_general(x_MxC, at_RxC, (((1,), (1,)), ((), ())), precision=precision,
                                        preferred_element_type=jnp.float32)
-        plgpu.store(rows_at(vpart_ref, (split,), rows_M, 0, block_r, mixed=mixed), acc_MxR,
+        plgpu.store(rows_at(vpart_ref, (g, split), rows_M, 0, block_r, mixed=mixed), acc_MxR,
                     mask=jnp.broadcast_to(row_ok_M[:, None], (block_m, block_r)))
 
 
-def _expand_kernel(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_ref, pages_ref, b_row_ref,
-                   rows_ref, vpart_ref, y_ref, o_ref, *, block_m: int, block_r: int, chunk: int, n_out: int,
-                   n_steps: int, k_splits: int, rows_per_page: int, n_tokens: int, mixed: bool):
-    nblk = pl.program_id(0)
-    tile = pl.program_id(1)
-    safe, rank = _tile_adapter(tile_slot_ref, rank_ref, tile)
-    max_pages = pages_ref.shape[0] // rank_ref.shape[0]
+def _expand_block(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_ref, pages_ref, b_row_ref,
+                  rows_ref, vpart_ref, y_ref, o_ref, nblk, tile, *, g: int, block_m: int, block_r: int, chunk: int,
+                  n_out: int, n_steps: int, k_splits: int, n_adapters: int, rows_per_page: int, n_tokens: int,
+                  mixed: bool):
+    """Program `(nblk, tile)` of projection `g` (static): `n_steps` chunks of `y_g += v_g @ B_g`."""
+    safe, rank = _tile_adapter(tile_slot_ref, rank_ref, tile, g, n_adapters)
+    max_pages = pages_ref.shape[0] // n_adapters
 
     @pl.when(rank > 0)
     def _():
@@ -116,10 +156,10 @@ def _expand_kernel(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_r
         vmask_MxR = row_ok_M[:, None] & rank_ok_R[None, :]
         v_MxR = jnp.zeros((block_m, block_r), jnp.float32)
         for s in range(k_splits):
-            v_MxR += plgpu.load(rows_at(vpart_ref, (s,), rows_M, 0, block_r, mixed=mixed), mask=vmask_MxR,
+            v_MxR += plgpu.load(rows_at(vpart_ref, (g, s), rows_M, 0, block_r, mixed=mixed), mask=vmask_MxR,
                                 other=0.0)
         v_MxR = v_MxR.astype(rows_ref.dtype)
-        b_first = b_row_ref[safe]
+        b_first = b_row_ref[g * n_adapters + safe]
         for u in range(n_steps):
             j_raw = nblk * n_steps + u
             ok = j_raw < n_out
@@ -135,6 +175,24 @@ def _expand_kernel(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_r
                         (y_MxC.astype(jnp.float32) + d_MxC).astype(y_MxC.dtype), mask=ymask_MxC)
 
 
+def _expand_kernel(*refs, n_out: tuple[int, ...], n_steps: tuple[int, ...], **static):
+    """Dispatch program `(n, tile)` to its projection: static block ranges `[first_g, first_g + n_blocks_g)`."""
+    G = len(n_out)
+    meta_refs, y_refs, o_refs = refs[:9], refs[9 : 9 + G], refs[9 + G :]
+    n = pl.program_id(0)
+    tile = pl.program_id(1)  # read here: interpret mode cannot discharge a program id inside a `pl.when`
+    first = 0
+    for g in range(G):
+        n_blocks = -(-n_out[g] // n_steps[g])
+        body = functools.partial(_expand_block, *meta_refs, y_refs[g], o_refs[g], n - first, tile, g=g,
+                                 n_out=n_out[g], n_steps=n_steps[g], **static)
+        if G == 1:
+            body()
+        else:
+            pl.when((n >= first) & (n < first + n_blocks))(body)
+        first += n_blocks
+
+
 def _check(block_m: int, block_r: int, chunk: int, h: int, name: str) -> None:
     for what, v in (("block_m", block_m), ("r_block", block_r), ("chunk C", chunk)):
         if v < 16 or v & (v - 1):
@@ -143,56 +201,110 @@ def _check(block_m: int, block_r: int, chunk: int, h: int, name: str) -> None:
         raise ValueError(f"{name}={h} must be a multiple of the pool's row width C={chunk}")
 
 
-def sgmv_shrink_paged(x_TxI, rows_NxC, pages_SxP, rank_S, a_row_S, perm_T, tile_start, tile_end, tile_slot, *,
-                      rows_per_page: int, r_block: int, block_m: int, k_steps: int = 4, num_warps: int = 4,
-                      num_stages: int = 1, interpret: bool | None = None, mixed_index: bool | None = None):
-    """Split-K shrink from pool pages; returns `vpart [k_splits, T, r_block]` fp32 (see module doc).
+def _modes(interpret: bool | None, mixed_index: bool | None) -> tuple[bool, bool]:
+    interpret = default_interpret() if interpret is None else interpret
+    return interpret, (not interpret) if mixed_index is None else mixed_index
 
-    `k_steps` K chunks per program; `k_splits = ceil(H_in / C / k_steps)`.
+
+def sgmv_shrink_paged_group(x_TxI, rows_NxC, pages_SxP, rank_GxS, a_row_GxS, perm_T, tile_start, tile_end,
+                            tile_slot, *, rows_per_page: int, r_block: int, block_m: int,
+                            k_steps: int | None = None, active_tiles: int | None = None, num_warps: int = 4,
+                            num_stages: int = 1, interpret: bool | None = None, mixed_index: bool | None = None):
+    """Split-K shrink of G projections sharing x; returns `vpart [G, k_splits, T, r_block]` fp32 (module doc).
+
+    `k_steps` K chunks per program (None: `default_k_steps` over G x `active_tiles`,
+    a static bound on the tiles holding rows, default NT); `k_splits = ceil(H_in / C / k_steps)`.
     """
     T, H_in = x_TxI.shape
+    G, S = rank_GxS.shape
     C = rows_NxC.shape[1]
     _check(block_m, r_block, C, H_in, "H_in")
     n_in = H_in // C
+    if k_steps is None:
+        k_steps = default_k_steps(n_in, G * (active_tiles or tile_slot.shape[0]))
     k_steps = max(1, min(k_steps, n_in))
     k_splits = -(-n_in // k_steps)
-    interpret = default_interpret() if interpret is None else interpret
-    mixed = (not interpret) if mixed_index is None else mixed_index
+    interpret, mixed = _modes(interpret, mixed_index)
     kernel = functools.partial(_shrink_kernel, block_m=block_m, block_r=r_block, chunk=C, n_in=n_in,
-                               k_steps=k_steps, rows_per_page=rows_per_page, n_tokens=T, mixed=mixed)
-    return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((k_splits, T, r_block), jnp.float32),
-        grid=(k_splits, tile_slot.shape[0]),
-        compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name="sgmv_shrink_paged",
-    )(perm_T, tile_start, tile_end, tile_slot, rank_S, pages_SxP.reshape(-1), a_row_S, rows_NxC, x_TxI)
-
-
-def sgmv_expand_paged(y_TxO, vpart_KxTxR, rows_NxC, pages_SxP, rank_S, b_row_S, perm_T, tile_start, tile_end,
-                      tile_slot, *, rows_per_page: int, block_m: int, n_steps: int = 2, num_warps: int = 4,
-                      num_stages: int = 1, interpret: bool | None = None, mixed_index: bool | None = None):
-    """Expand from pool pages into y in place (y's buffer is aliased); `n_steps` N chunks per program."""
-    T, H_out = y_TxO.shape
-    k_splits, _, R = vpart_KxTxR.shape
-    C = rows_NxC.shape[1]
-    _check(block_m, R, C, H_out, "H_out")
-    n_out = H_out // C
-    n_steps = max(1, min(n_steps, n_out))
-    interpret = default_interpret() if interpret is None else interpret
-    mixed = (not interpret) if mixed_index is None else mixed_index
-    kernel = functools.partial(_expand_kernel, block_m=block_m, block_r=R, chunk=C, n_out=n_out,
-                               n_steps=n_steps, k_splits=k_splits, rows_per_page=rows_per_page, n_tokens=T,
+                               k_steps=k_steps, n_groups=G, n_adapters=S, rows_per_page=rows_per_page, n_tokens=T,
                                mixed=mixed)
-    args = (perm_T, tile_start, tile_end, tile_slot, rank_S, pages_SxP.reshape(-1), b_row_S, rows_NxC,
-            vpart_KxTxR, y_TxO)
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct(y_TxO.shape, y_TxO.dtype),
-        grid=(-(-n_out // n_steps), tile_slot.shape[0]),
-        input_output_aliases={len(args) - 1: 0},
+        out_shape=jax.ShapeDtypeStruct((G, k_splits, T, r_block), jnp.float32),
+        grid=(k_splits * G, tile_slot.shape[0]),
         compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name="sgmv_expand_paged",
+        name=f"sgmv_shrink_paged_x{G}",
+    )(perm_T, tile_start, tile_end, tile_slot, rank_GxS.reshape(-1), pages_SxP.reshape(-1), a_row_GxS.reshape(-1),
+      rows_NxC, x_TxI)
+
+
+def sgmv_expand_paged_group(ys_TxO, vpart_GxKxTxR, rows_NxC, pages_SxP, rank_GxS, b_row_GxS, perm_T, tile_start,
+                            tile_end, tile_slot, *, rows_per_page: int, block_m: int, n_steps: int = 2,
+                            num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None,
+                            mixed_index: bool | None = None) -> tuple[jax.Array, ...]:
+    """Expand G projections into their outputs `ys_TxO` (a sequence, each aliased in place); returns them.
+
+    `n_steps` N chunks per program (fewer for an output narrower than that).
+    """
+    ys_TxO = tuple(ys_TxO)
+    G, k_splits, T, R = vpart_GxKxTxR.shape
+    C = rows_NxC.shape[1]
+    if len(ys_TxO) != G or rank_GxS.shape[0] != G:
+        raise ValueError(f"{len(ys_TxO)} outputs and {rank_GxS.shape[0]} rank rows for {G} partials")
+    for y in ys_TxO:
+        _check(block_m, R, C, y.shape[1], "H_out")
+    n_out = tuple(y.shape[1] // C for y in ys_TxO)
+    steps = tuple(max(1, min(n_steps, n)) for n in n_out)
+    interpret, mixed = _modes(interpret, mixed_index)
+    kernel = functools.partial(_expand_kernel, n_out=n_out, n_steps=steps, block_m=block_m, block_r=R, chunk=C,
+                               k_splits=k_splits, n_adapters=rank_GxS.shape[1], rows_per_page=rows_per_page,
+                               n_tokens=T, mixed=mixed)
+    args = (perm_T, tile_start, tile_end, tile_slot, rank_GxS.reshape(-1), pages_SxP.reshape(-1),
+            b_row_GxS.reshape(-1), rows_NxC, vpart_GxKxTxR, *ys_TxO)
+    return pl.pallas_call(
+        kernel,
+        out_shape=tuple(jax.ShapeDtypeStruct(y.shape, y.dtype) for y in ys_TxO),
+        grid=(sum(-(-n // s) for n, s in zip(n_out, steps)), tile_slot.shape[0]),
+        input_output_aliases={len(args) - G + g: g for g in range(G)},
+        compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"sgmv_expand_paged_x{G}",
     )(*args)
+
+
+# ----------------------------------------------------------------------------- jnp reference
+
+
+def read_paged(rows_NxC, pages_SxP, rank_S, first_S, width: int, *, rows_per_page: int, r_max: int):
+    """Dense `[S, r_max, width]` of each adapter's chunk-major matrix starting at virtual row `first_S`.
+
+    The jnp read of the page layout (a copy): zero past each adapter's rank and past `width`.
+    """
+    c = rows_NxC.shape[1]
+    n = -(-width // c)
+    i_R = jnp.arange(r_max)
+    v_SxNxR = first_S[:, None, None] + jnp.arange(n)[None, :, None] * rank_S[:, None, None] + i_R[None, None, :]
+    page_SxNxR = jnp.take_along_axis(pages_SxP, (v_SxNxR // rows_per_page).reshape(v_SxNxR.shape[0], -1), axis=1,
+                                     mode="clip").reshape(v_SxNxR.shape)
+    m_SxNxRxC = rows_NxC[page_SxNxR * rows_per_page + v_SxNxR % rows_per_page]
+    m_SxNxRxC = jnp.where((i_R[None, :] < rank_S[:, None])[:, None, :, None], m_SxNxRxC, 0)
+    return m_SxNxRxC.transpose(0, 2, 1, 3).reshape(-1, r_max, n * c)[:, :, :width]
+
+
+def paged_group_reference(ys_TxO, x_TxI, rows_NxC, pages_SxP, rank_GxS, a_row_GxS, b_row_GxS, slot_T, *,
+                          rows_per_page: int, r_max: int) -> tuple[jax.Array, ...]:
+    """jnp: `y_g + (x @ A_g[slot]) @ B_g[slot]` per token and projection (slot -1 unchanged), fp32 accumulate."""
+    has_T = slot_T >= 0
+    s_T = jnp.maximum(slot_T, 0)
+    out = []
+    for g, y_TxO in enumerate(ys_TxO):
+        read = functools.partial(read_paged, rows_NxC, pages_SxP, rank_GxS[g], rows_per_page=rows_per_page,
+                                 r_max=r_max)
+        at_SxRxI = read(a_row_GxS[g], x_TxI.shape[1])
+        b_SxRxO = read(b_row_GxS[g], y_TxO.shape[1])
+        v_TxR = jnp.einsum("ti,tri->tr", x_TxI, at_SxRxI[s_T], preferred_element_type=jnp.float32)
+        d_TxO = jnp.einsum("tr,tro->to", v_TxR.astype(b_SxRxO.dtype), b_SxRxO[s_T],
+                           preferred_element_type=jnp.float32)
+        out.append((y_TxO.astype(jnp.float32) + jnp.where(has_T[:, None], d_TxO, 0.0)).astype(y_TxO.dtype))
+    return tuple(out)

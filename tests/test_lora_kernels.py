@@ -13,10 +13,12 @@ from hypothesis import strategies as st
 
 from pallas_kernels.sgmv_expand import expand_reference, sgmv_expand
 from pallas_kernels.sgmv_shrink import sgmv_shrink, shrink_reference
+from pallas_kernels.sgmv_paged import MAX_K_STEPS, MIN_K_STEPS, default_k_steps, paged_group_reference
 from slora_jax.ops import (
     KernelConfig,
     PagedWeights,
     add_lora,
+    add_lora_group,
     build_lora_meta,
     expand,
     lora_reference,
@@ -31,6 +33,7 @@ CFG = KernelConfig(shrink_block_k=16, expand_block_n=16, chunk=16, unroll_k=2, f
                    paged_k_steps=3, paged_n_steps=1)  # pages: 2 K splits, the second with a masked tail
 SPLIT = dataclasses.replace(CFG, fused=False)  # the two-launch shrink + expand pair (the default)
 _add = jax.jit(add_lora, static_argnames=("impl", "config"))
+_add_group = jax.jit(add_lora_group, static_argnames=("impl", "config"))
 
 
 def rel_err(out, ref, base):
@@ -39,17 +42,23 @@ def rel_err(out, ref, base):
     return float(num / (jnp.linalg.norm(d_ref) + 1e-6))
 
 
+def paged_group_from_slots(ws, chunk: int, rows_per_page: int, rng: np.random.Generator) -> tuple[PagedWeights, ...]:
+    """Dense slots of G projections packed into one pool's pages (one page table per adapter):
+    shuffled page ids with gaps, garbage in every row no adapter owns."""
+    pws = PagedWeights.group_from_slots(ws, chunk=chunk, rows_per_page=rows_per_page,
+                                        page_ids=rng.permutation(33 * len(ws) * len(ws[0].ranks)))  # >= 32 pages
+    owned = np.zeros(pws[0].rows.shape[0], bool)  # each at rank 128
+    for w, pw in zip(ws, pws):
+        for s, n in enumerate(np.asarray(pw.pages)):
+            v = int(pw.a_row[s]) + np.arange((w.a.shape[1] + w.b.shape[2]) // chunk * int(w.ranks[s]))
+            owned[n[v // rows_per_page] * rows_per_page + v % rows_per_page] = True
+    garbage = jnp.asarray(rng.standard_normal(owned.shape + (chunk,)), pws[0].rows.dtype)
+    rows = jnp.where(jnp.asarray(owned)[:, None], pws[0].rows, garbage)
+    return tuple(dataclasses.replace(pw, rows=rows) for pw in pws)
+
+
 def paged_from_slots(w, chunk: int, rows_per_page: int, rng: np.random.Generator) -> PagedWeights:
-    """Dense slots packed into pool pages: shuffled page ids with gaps, garbage in every row no adapter owns."""
-    pw = PagedWeights.from_slots(w, chunk=chunk, rows_per_page=rows_per_page,
-                                 page_ids=rng.permutation(33 * len(w.ranks)))  # >= 32 pages each at rank 128
-    owned = np.zeros(pw.rows.shape[0], bool)
-    for s, n in enumerate(np.asarray(pw.pages)):
-        r = int(w.ranks[s])
-        v = np.arange((w.a.shape[1] + w.b.shape[2]) // chunk * r)
-        owned[n[v // rows_per_page] * rows_per_page + v % rows_per_page] = True
-    garbage = jnp.asarray(rng.standard_normal(pw.rows.shape), pw.rows.dtype)
-    return dataclasses.replace(pw, rows=jnp.where(jnp.asarray(owned)[:, None], pw.rows, garbage))
+    return paged_group_from_slots((w,), chunk, rows_per_page, rng)[0]
 
 
 def run_case(T, layout, ranks, dtype, seed, block_m=16, cfg=CFG, paged=False, rows_per_page=128):
@@ -128,6 +137,85 @@ def test_pallas_random_layouts_and_ranks(ranks, layout, seed):
         assert err < 1e-5, err
 
 
+# ----------------------------------------------------------------------------- grouped projections
+# q, k, v of a GQA model sharing x: outputs 64, 32, 32 wide (k, v narrower).
+GROUP_OUT = (H_IN, H_OUT, H_OUT)
+
+
+def run_group_case(T, layout, ranks_GxS, dtype, seed, block_m=16, cfg=SPLIT, rows_per_page=128, outs=GROUP_OUT):
+    """`add_lora_group` on one pool against `lora_reference` per projection (and the kernel file's
+    `paged_group_reference`, which reads the pages in jnp); the worst relative error."""
+    rng = np.random.default_rng(seed)
+    ws = [random_slot_weights(jax.random.key(seed + g), ranks, H_IN, o, dtype=dtype, max_rank=128)
+          for g, (ranks, o) in enumerate(zip(ranks_GxS, outs))]
+    slot_T = make_slots(layout, T, len(ranks_GxS[0]), rng)
+    meta = build_lora_meta(slot_T, block_m=block_m)
+    x = jnp.asarray(rng.standard_normal((T, H_IN)), dtype)
+    ys = tuple(jnp.asarray(rng.standard_normal((T, o)), dtype) for o in outs)
+    pws = paged_group_from_slots(ws, 16, rows_per_page, rng)
+    got = _add_group(ys, x, pws, meta, config=cfg)
+    stack = lambda field: jnp.stack([getattr(pw, field) for pw in pws])
+    from_pages = paged_group_reference(ys, x, pws[0].rows, pws[0].pages, stack("rank"), stack("a_row"),
+                                       stack("b_row"), jnp.asarray(slot_T), rows_per_page=rows_per_page, r_max=128)
+    errs = []
+    for g, (y, w, out) in enumerate(zip(ys, ws, got)):
+        untouched_T = (slot_T < 0) | (np.asarray(ranks_GxS[g])[np.maximum(slot_T, 0)] == 0)
+        np.testing.assert_array_equal(np.asarray(out)[untouched_T], np.asarray(y)[untouched_T])
+        want = lora_reference(y, x, w, jnp.asarray(slot_T))
+        errs += [rel_err(out, want, y), rel_err(from_pages[g], want, y)]
+    return max(errs)
+
+
+GROUP_RANKS = np.array([[16, 0, 8, 24, 4, 64, 1], [16, 8, 0, 24, 1, 64, 0], [0, 8, 8, 24, 4, 128, 0]])
+
+
+@pytest.mark.parametrize("T,layout,dtype,block_m,rows_per_page", [
+    (1, "distinct", jnp.float32, 16, 128),
+    (37, "mixed_none", jnp.bfloat16, 16, 24),  # pages smaller than a rank block
+    (64, "skewed", jnp.float32, 32, 128),
+])
+def test_paged_group_matches_reference(T, layout, dtype, block_m, rows_per_page):
+    """q, k, v in one launch pair: per-projection ranks (0: not targeted), GQA widths, empty tiles."""
+    err = run_group_case(T, layout, GROUP_RANKS, dtype, seed=T, block_m=block_m, rows_per_page=rows_per_page)
+    assert err < (1e-5 if dtype == jnp.float32 else 1e-2), err
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    ranks=st.lists(st.lists(st.sampled_from(RANKS + (0, 0)), min_size=S, max_size=S), min_size=3, max_size=3),
+    layout=st.sampled_from(("distinct", "identical", "uniform", "skewed", "mixed_none", "all_none")),
+    seed=st.integers(0, 2**16),
+)
+def test_paged_group_random_layouts_and_ranks(ranks, layout, seed):
+    """Same shapes every example (one interpret compile), random slots and per-projection ranks."""
+    assert run_group_case(48, layout, np.array(ranks), jnp.float32, seed=seed) < 1e-5
+
+
+def test_add_lora_group_falls_back_per_projection():
+    """Without the grouped launch (flag off; or dense slots) the op is one `add_lora` each."""
+    assert run_group_case(20, "skewed", GROUP_RANKS, jnp.float32, seed=9,
+                          cfg=dataclasses.replace(SPLIT, group_projections=False)) < 1e-5
+    rng = np.random.default_rng(3)
+    ws = [random_slot_weights(jax.random.key(g), r, H_IN, H_OUT, dtype=jnp.float32) for g, r in enumerate(GROUP_RANKS)]
+    slot_T = make_slots("uniform", 20, S, rng)
+    x = jnp.asarray(rng.standard_normal((20, H_IN)), jnp.float32)
+    ys = [jnp.asarray(rng.standard_normal((20, H_OUT)), jnp.float32)] * 3
+    got = _add_group(ys, x, ws, build_lora_meta(slot_T), impl="reference")
+    for y, w, out in zip(ys, ws, got):
+        np.testing.assert_allclose(out, lora_reference(y, x, w, jnp.asarray(slot_T)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("n_in,programs_per_split,want", [
+    (32, 1, MIN_K_STEPS),  # one tile (one token): short programs, the GPU is idle anyway
+    (32, 64, 4),  # 64 tiles, one projection: 8 splits of 4 chunks = 512 programs
+    (32, 192, MAX_K_STEPS),  # 64 tiles of q, k, v: fewer partials to re-read
+    (86, 4096, MAX_K_STEPS),  # 11008 / 128: capped, still 11 splits
+    (2, 1, 2),  # fewer chunks than the minimum: one split
+])
+def test_default_k_steps(n_in, programs_per_split, want):
+    assert default_k_steps(n_in, programs_per_split) == want
+
+
 def test_shrink_expand_kernels_alone():
     """Raw kernel contract: vpart summed over splits is the shrink; expand adds into y."""
     rng = np.random.default_rng(5)
@@ -184,17 +272,25 @@ def test_rank_not_multiple_of_block_is_padded():
 
 
 @pytest.mark.parametrize("mixed_index", [True, False])
-@pytest.mark.parametrize("weights,launches", [("dense", 1), ("paged", 1), ("dense_split", 2), ("paged_split", 2)])
+@pytest.mark.parametrize("weights,launches", [("dense", 1), ("paged", 1), ("dense_split", 2), ("paged_split", 2),
+                                               ("paged_group", 2)])
 def test_lowers_to_triton_for_gpu(mixed_index, weights, launches):
     """The Triton lowering (which interpret mode skips) accepts every kernel and both index forms."""
     T, H = 64, 256
     w = random_slot_weights(jax.random.key(0), [8, 16, 64, 24], H, 128)
-    if weights.startswith("paged"):
-        w = paged_from_slots(w, 64, 96, np.random.default_rng(0))
     meta = build_lora_meta(np.arange(T) % 5 - 1)
     x = jnp.zeros((T, H), jnp.bfloat16)
     y = jnp.zeros((T, 128), jnp.bfloat16)
-    cfg = KernelConfig(interpret=False, mixed_index=mixed_index, fused=not weights.endswith("split"))
+    cfg = KernelConfig(interpret=False, mixed_index=mixed_index, fused=not weights.endswith(("split", "group")))
+    if weights == "paged_group":  # q, k, v of GQA: 256 -> 256, 128, 128
+        wq = random_slot_weights(jax.random.key(1), [16, 0, 8, 24], H, H)
+        ws = paged_group_from_slots((wq, w, w), 64, 96, np.random.default_rng(0))
+        f = jax.jit(lambda y, x, ws, m: add_lora_group((jnp.zeros((T, H), y.dtype), y, y), x, ws, m, config=cfg))
+        text = f.trace(y, x, ws, meta).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("xla.gpu.triton") == launches
+        return
+    if weights.startswith("paged"):
+        w = paged_from_slots(w, 64, 96, np.random.default_rng(0))
     f = jax.jit(lambda y, x, w, m: add_lora(y, x, w, m, config=cfg))
     text = f.trace(y, x, w, meta).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == launches

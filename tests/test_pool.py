@@ -222,6 +222,38 @@ def test_model_with_adapters_in_pages_equals_dense_slots():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
 
 
+def test_model_grouped_lora_equals_reference():
+    """The Pallas split pair on pages with q/k/v and gate/up in one launch pair each (`layer_group_fn`)
+    gives the jnp path's logits, in 4 launch pairs a layer instead of 7."""
+    from slora_jax.memory.paged_lora import PagedLora
+    from slora_jax.ops import KernelConfig, build_lora_meta
+
+    params = init_random_params(CFG, jax.random.key(5), jnp.float32)
+    layout, alloc, pool, ads, entries = resident_adapters()
+    B, T = 3, 4
+    kv_pages = alloc.alloc(B * 1, "kv", "kv").reshape(B, 1)
+    slots = np.array([[1, 1, 0, -1], [2, 0, 0, 1], [-1, 2, 2, 1]], np.int32)
+    toks = jnp.asarray(np.random.default_rng(6).integers(0, CFG.vocab_size, (B, T)).astype(np.int32))
+    pos = jnp.asarray(np.arange(T)[None].repeat(B, 0).astype(np.int32))
+    cache = PagedKVCache.batched(pool, jnp.asarray(kv_pages), layout, T)
+    table = AdapterTable.build(entries, 4, 96)
+    meta = build_lora_meta(slots.reshape(-1), max_segments=4)
+
+    def lora(impl, **kernel):
+        return PagedLora(table, jnp.asarray(slots), layout, CFG, 16, ("q", "k", "v", "o", "gate", "up", "down"),
+                         meta, impl, KernelConfig(**kernel))
+
+    run = jax.jit(forward, static_argnums=1)
+    want, _ = run(params, CFG, toks, pos, cache, lora("reference"))
+    got, _ = run(params, CFG, toks, pos, cache, lora("pallas", interpret=True))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+    # Per scanned layer: q/k/v, o, gate/up, down -> 4 launch pairs grouped, 7 one projection at a time.
+    for group, pairs in ((True, 4), (False, 7)):
+        text = run.trace(params, CFG, toks, pos, cache, lora("pallas", interpret=False, group_projections=group)
+                         ).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("xla.gpu.triton") == 2 * pairs
+
+
 def test_capacity_report():
     from slora_jax.memory.pool import capacity
 

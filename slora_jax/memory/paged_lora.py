@@ -5,6 +5,9 @@ runs with them unchanged. With `impl="pallas"` each projection is one
 `ops.add_lora` launch that reads the adapters where they live (`PagedWeights`
 over the layer's pool rows, or the layer's `SlotWeights`), driven by the step's
 `LoraMeta` (built once on the host, shared by every projection and layer).
+With the split pair (`KernelConfig.fused` False, `group_projections` True),
+`PagedLora` also offers `layer_group_fn`: projections sharing x (q, k, v; gate,
+up) are one `ops.add_lora_group` shrink and expand launch instead of one pair each.
 `impl="reference"` is the jnp path (`PagedWeights.to_slots` then
 `lora_reference`); the baselines of `ops.IMPLS` run on the gathered slots.
 """
@@ -16,7 +19,7 @@ import jax
 
 from slora_jax.config import LlamaConfig
 from slora_jax.memory.pool import AdapterTable, PoolLayout, paged_weights
-from slora_jax.ops.lora import KernelConfig, LoraMeta, SlotWeights, add_lora, lora_reference
+from slora_jax.ops.lora import KernelConfig, LoraMeta, SlotWeights, add_lora, add_lora_group, lora_reference
 
 
 def _add(impl: str, kernel: KernelConfig | None, meta: LoraMeta | None, y_TxO, x_TxI, w, slot_T):
@@ -40,6 +43,12 @@ class PagedLora:
     def per_layer(self):
         return None
 
+    def _weights(self, layer: jax.Array, cache_now, proj: str):
+        # The whole pool as rows (a free reshape) with this layer's page ids: slicing out
+        # one layer would copy it.
+        return paged_weights(cache_now().pool, self.layout, self.table, proj, *self.cfg.projection_shape(proj),
+                             self.r_max, layer=layer)
+
     def layer_fn(self, layer: jax.Array, layer_weights, cache_now):
         del layer_weights
         slot_T = self.slot_ids.reshape(-1)
@@ -47,13 +56,30 @@ class PagedLora:
         def lora(proj: str, y_TxO: jax.Array, x_TxI: jax.Array) -> jax.Array:
             if proj not in self.projections:
                 return y_TxO
-            # The whole pool as rows (a free reshape) with this layer's page ids: slicing out
-            # one layer would copy it.
-            w = paged_weights(cache_now().pool, self.layout, self.table, proj, *self.cfg.projection_shape(proj),
-                              self.r_max, layer=layer)
-            return _add(self.impl, self.kernel, self.meta, y_TxO, x_TxI, w, slot_T)
+            return _add(self.impl, self.kernel, self.meta, y_TxO, x_TxI, self._weights(layer, cache_now, proj), slot_T)
 
         return lora
+
+    def layer_group_fn(self, layer: jax.Array, layer_weights, cache_now):
+        """One launch pair for projections sharing x, on the split pair only (else None: one call each)."""
+        del layer_weights
+        kernel = self.kernel or KernelConfig()
+        if self.impl != "pallas" or kernel.fused or not kernel.group_projections:
+            return None
+
+        def lora_group(projs: tuple[str, ...], ys_TxO: tuple[jax.Array, ...], x_TxI: jax.Array):
+            todo = [i for i, p in enumerate(projs) if p in self.projections]  # the others launch nothing
+            if not todo:
+                return ys_TxO
+            done = add_lora_group([ys_TxO[i] for i in todo], x_TxI,
+                                  [self._weights(layer, cache_now, projs[i]) for i in todo], self.meta,
+                                  config=kernel)
+            out = list(ys_TxO)
+            for i, y_TxO in zip(todo, done):
+                out[i] = y_TxO
+            return tuple(out)
+
+        return lora_group
 
 
 @flax.struct.dataclass

@@ -7,7 +7,9 @@ layer-stacked parameters, so the jitted step sees only pure functions.
 
 Attention is passed in as a callable `attend(q, k, v) -> (o, aux)` so that the
 layer knows nothing about where K/V live (dense cache, paged pool, or none).
-LoRA is passed in as a callable `lora(proj, y, x) -> y` for the same reason.
+LoRA is passed in as a callable `lora(proj, y, x) -> y` for the same reason, and
+optionally as `lora_group(projs, ys, x) -> ys` for projections that share x (q, k,
+v; gate, up), so a LoRA source can serve them with one launch.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ _kernel_init = nn.initializers.normal(stddev=0.02)
 
 AttendFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
 LoraFn = Callable[[str, jax.Array, jax.Array], jax.Array]
+LoraGroupFn = Callable[[tuple[str, ...], tuple[jax.Array, ...], jax.Array], tuple[jax.Array, ...]]
 
 
 def no_lora(proj: str, y: jax.Array, x: jax.Array) -> jax.Array:
@@ -105,19 +108,28 @@ class DecoderLayer(nn.Module):
         rope: tuple[jax.Array, jax.Array],
         attend: AttendFn,
         lora: LoraFn = no_lora,
+        lora_group: LoraGroupFn | None = None,
     ) -> tuple[jax.Array, Any]:
         cfg, pd = self.cfg, self.param_dtype
         B, S, H = h_BxSxH.shape
         N, K, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
+        def base(name: str, x_TxI: jax.Array) -> jax.Array:
+            return Projection(cfg.projection_shape(name)[1], pd, name=name)(x_TxI)
+
         def proj(name: str, x_TxI: jax.Array) -> jax.Array:
-            out = cfg.projection_shape(name)[1]
-            return lora(name, Projection(out, pd, name=name)(x_TxI), x_TxI)
+            return lora(name, base(name, x_TxI), x_TxI)
+
+        def projs(names: tuple[str, ...], x_TxI: jax.Array) -> tuple[jax.Array, ...]:
+            if lora_group is None:
+                return tuple(proj(n, x_TxI) for n in names)
+            return lora_group(names, tuple(base(n, x_TxI) for n in names), x_TxI)
 
         x_TxH = RMSNorm(cfg.rms_norm_eps, pd, name="attn_norm")(h_BxSxH).reshape(B * S, H)
-        q_BxSxNxD = proj("q", x_TxH).reshape(B, S, N, D)
-        k_BxSxKxD = proj("k", x_TxH).reshape(B, S, K, D)
-        v_BxSxKxD = proj("v", x_TxH).reshape(B, S, K, D)
+        q_TxO, k_TxO, v_TxO = projs(("q", "k", "v"), x_TxH)
+        q_BxSxNxD = q_TxO.reshape(B, S, N, D)
+        k_BxSxKxD = k_TxO.reshape(B, S, K, D)
+        v_BxSxKxD = v_TxO.reshape(B, S, K, D)
         cos, sin = rope
         q_BxSxNxD = apply_rope(q_BxSxNxD, cos, sin)
         k_BxSxKxD = apply_rope(k_BxSxKxD, cos, sin)
@@ -125,8 +137,7 @@ class DecoderLayer(nn.Module):
         h_BxSxH = h_BxSxH + proj("o", o_BxSxNxD.reshape(B * S, N * D)).reshape(B, S, H)
 
         x_TxH = RMSNorm(cfg.rms_norm_eps, pd, name="mlp_norm")(h_BxSxH).reshape(B * S, H)
-        g_TxF = proj("gate", x_TxH)
-        u_TxF = proj("up", x_TxH)
+        g_TxF, u_TxF = projs(("gate", "up"), x_TxH)
         m_TxF = (jax.nn.silu(g_TxF.astype(jnp.float32)) * u_TxF.astype(jnp.float32)).astype(x_TxH.dtype)
         h_BxSxH = h_BxSxH + proj("down", m_TxF).reshape(B, S, H)
         return h_BxSxH, aux

@@ -41,7 +41,10 @@ class LoraInputs(NamedTuple):
     slot_ids: int32 `[B, S]` adapter slot of each token, -1 for the base model.
 
     Any other LoRA source (e.g. adapters read from the pool's pages) plugs into
-    `forward` by offering the same two methods.
+    `forward` by offering the same two methods, and optionally a third,
+    `layer_group_fn(layer, layer_weights, cache_now) -> lora_group | None`: a hook
+    `lora_group(projs, ys, x) -> ys` for projections sharing x (q, k, v; gate, up),
+    used instead of one `lora` call each (`DecoderLayer`'s `lora_group`).
     """
 
     weights: dict[str, SlotWeights]
@@ -192,7 +195,10 @@ def _decoder_layer(carry, i, layer_params, lora_w, lora, rope, pos_BxS, *, cfg: 
         return live[0].attend(i, q_BxSxNxD, pos_BxS), live[0]
 
     lora_fn = no_lora if lora is None else lora.layer_fn(i, lora_w, lambda: live[0])
-    return DecoderLayer(cfg, h_BxSxH.dtype).apply({"params": layer_params}, h_BxSxH, rope, attend, lora_fn)
+    group_fn = getattr(lora, "layer_group_fn", None)
+    lora_group = None if group_fn is None else group_fn(i, lora_w, lambda: live[0])
+    return DecoderLayer(cfg, h_BxSxH.dtype).apply({"params": layer_params}, h_BxSxH, rope, attend, lora_fn,
+                                                  lora_group)
 
 
 # The Python layer loop calls this: every layer has the same argument shapes, so the layer

@@ -33,7 +33,7 @@ import numpy as np
 
 from pallas_kernels.sgmv_expand import expand_reference, sgmv_expand
 from pallas_kernels.sgmv_fused import sgmv_fused, sgmv_fused_paged
-from pallas_kernels.sgmv_paged import sgmv_expand_paged, sgmv_shrink_paged
+from pallas_kernels.sgmv_paged import read_paged, sgmv_expand_paged_group, sgmv_shrink_paged_group
 from pallas_kernels.sgmv_shrink import sgmv_shrink, shrink_reference
 
 
@@ -81,52 +81,61 @@ class PagedWeights:
         taken in order from `page_ids` (default `0, 1, ...`; pass a permutation to scatter
         them); the row store has `num_pages` pages (default: just enough), other rows zero.
         """
-        ranks = np.asarray(w.ranks)
-        S, h_in, _ = w.a.shape
-        h_out = w.b.shape[-1]
-        if h_in % chunk or h_out % chunk:
-            raise ValueError(f"H_in={h_in} and H_out={h_out} must be multiples of the chunk width {chunk}")
-        n_in, n_out = h_in // chunk, h_out // chunk
-        n_pages_S = np.maximum(1, -(-(n_in + n_out) * ranks // rows_per_page))
+        (pw,) = cls.group_from_slots((w,), chunk=chunk, rows_per_page=rows_per_page, num_pages=num_pages,
+                                     page_ids=page_ids)
+        return pw
+
+    @classmethod
+    def group_from_slots(cls, ws, *, chunk: int, rows_per_page: int, num_pages: int | None = None,
+                         page_ids=None) -> tuple["PagedWeights", ...]:
+        """`from_slots` for several projections of the same S adapters, in one row store.
+
+        Adapter `s` holds, for each projection `g` in turn, `A_g^T` then `B_g` at rank
+        `ws[g].ranks[s]` (as `memory.pool` lays out an adapter), in one run of pages: the
+        projections share `rows` and `pages` (what `add_lora_group` launches once for).
+        """
+        ranks_GxS = np.stack([np.asarray(w.ranks) for w in ws])
+        dims = [(w.a.shape[1], w.b.shape[-1]) for w in ws]
+        for h_in, h_out in dims:
+            if h_in % chunk or h_out % chunk:
+                raise ValueError(f"H_in={h_in} and H_out={h_out} must be multiples of the chunk width {chunk}")
+        n_GxS = np.array([(h_in + h_out) // chunk for h_in, h_out in dims])[:, None] * ranks_GxS
+        a_row_GxS = np.cumsum(n_GxS, axis=0) - n_GxS  # projection g starts after the rows of 0..g-1
+        b_row_GxS = a_row_GxS + np.array([h_in // chunk for h_in, _ in dims])[:, None] * ranks_GxS
+        n_pages_S = np.maximum(1, -(-n_GxS.sum(0) // rows_per_page))
         total = int(n_pages_S.sum())
         ids = np.arange(total) if page_ids is None else np.asarray(page_ids)[:total]
         if len(ids) < total:
             raise ValueError(f"the adapters need {total} pages, page_ids gives {len(ids)}")
         num_pages = int(num_pages or ids.max() + 1)
-        pages_SxP = np.zeros((S, int(n_pages_S.max())), np.int32)
+        pages_SxP = np.zeros((len(n_pages_S), int(n_pages_S.max())), np.int32)
         for s, first in enumerate(np.cumsum(n_pages_S) - n_pages_S):
             pages_SxP[s, : n_pages_S[s]] = ids[first : first + n_pages_S[s]]
-        rows = jnp.zeros((num_pages * rows_per_page, chunk), w.a.dtype)
-        for r in np.unique(ranks[ranks > 0]):
-            idx = np.flatnonzero(ranks == r)
-            g = len(idx)
-            at_GxNxC = w.a[idx][:, :, :r].transpose(0, 2, 1).reshape(g, r, n_in, chunk).transpose(0, 2, 1, 3)
-            b_GxNxC = w.b[idx][:, :r].reshape(g, r, n_out, chunk).transpose(0, 2, 1, 3)
-            m_GxVxC = jnp.concatenate([at_GxNxC.reshape(g, -1, chunk), b_GxNxC.reshape(g, -1, chunk)], axis=1)
-            v_V = np.arange(m_GxVxC.shape[1])
-            phys_GxV = pages_SxP[idx][:, v_V // rows_per_page] * rows_per_page + v_V % rows_per_page
-            rows = rows.at[phys_GxV.reshape(-1)].set(m_GxVxC.reshape(-1, chunk))
-        return cls(rows, jnp.asarray(pages_SxP), jnp.asarray(ranks, jnp.int32), jnp.zeros(S, jnp.int32),
-                   jnp.asarray(n_in * ranks, jnp.int32), rows_per_page, h_in, h_out,
-                   int(max(1, ranks.max(initial=1))))
+        rows = np.zeros((num_pages * rows_per_page, chunk), ws[0].a.dtype)  # numpy: no per-shape compiles
+        for w, ranks, a_row_S, (h_in, h_out) in zip(ws, ranks_GxS, a_row_GxS, dims):
+            n_in, n_out = h_in // chunk, h_out // chunk
+            a_SxIxR, b_SxRxO = np.asarray(w.a), np.asarray(w.b)
+            for r in np.unique(ranks[ranks > 0]):
+                idx = np.flatnonzero(ranks == r)  # the E adapters of rank r
+                e = len(idx)
+                at_ExNxC = a_SxIxR[idx][:, :, :r].transpose(0, 2, 1).reshape(e, r, n_in, chunk).transpose(0, 2, 1, 3)
+                b_ExNxC = b_SxRxO[idx][:, :r].reshape(e, r, n_out, chunk).transpose(0, 2, 1, 3)
+                m_ExVxC = np.concatenate([at_ExNxC.reshape(e, -1, chunk), b_ExNxC.reshape(e, -1, chunk)], axis=1)
+                v_ExV = a_row_S[idx][:, None] + np.arange(m_ExVxC.shape[1])[None, :]
+                phys_ExV = np.take_along_axis(pages_SxP[idx], v_ExV // rows_per_page, axis=1) * rows_per_page + (
+                    v_ExV % rows_per_page)
+                rows[phys_ExV.reshape(-1)] = m_ExVxC.reshape(-1, chunk)
+        rows = jnp.asarray(rows)
+        i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
+        return tuple(cls(rows, jnp.asarray(pages_SxP), i32(ranks), i32(a_row), i32(b_row), rows_per_page, h_in, h_out,
+                         int(max(1, ranks.max(initial=1))))
+                     for ranks, a_row, b_row, (h_in, h_out) in zip(ranks_GxS, a_row_GxS, b_row_GxS, dims))
 
     def to_slots(self) -> SlotWeights:
         """Gather into dense `SlotWeights` (`R = r_max`, zero past each rank): the jnp read, a copy."""
-        c, rpp = self.rows.shape[1], self.rows_per_page
-        i_R = jnp.arange(self.r_max)
-
-        def read(first_S: jax.Array, width: int) -> jax.Array:  # -> [S, r_max, width]
-            n = -(-width // c)
-            v_SxNxR = first_S[:, None, None] + jnp.arange(n)[None, :, None] * self.rank[:, None, None] + i_R[None, None, :]
-            page_SxNxR = jnp.take_along_axis(
-                self.pages, (v_SxNxR // rpp).reshape(v_SxNxR.shape[0], -1), axis=1, mode="clip"
-            ).reshape(v_SxNxR.shape)
-            m_SxNxRxC = self.rows[page_SxNxR * rpp + v_SxNxR % rpp]
-            m_SxNxRxC = jnp.where((i_R[None, :] < self.rank[:, None])[:, None, :, None], m_SxNxRxC, 0)
-            return m_SxNxRxC.transpose(0, 2, 1, 3).reshape(-1, self.r_max, n * c)[:, :, :width]
-
-        a_SxIxR = read(self.a_row, self.h_in).transpose(0, 2, 1)
-        return SlotWeights(a_SxIxR, read(self.b_row, self.h_out), self.rank)
+        read = functools.partial(read_paged, self.rows, self.pages, self.rank, rows_per_page=self.rows_per_page,
+                                 r_max=self.r_max)
+        return SlotWeights(read(self.a_row, self.h_in).transpose(0, 2, 1), read(self.b_row, self.h_out), self.rank)
 
 
 Weights = SlotWeights | PagedWeights
@@ -310,15 +319,18 @@ class KernelConfig:
 
     `add_lora` runs a split pair (fp32 partials in HBM between two launches):
     `sgmv_shrink` + `sgmv_expand` on dense slots (so do `shrink`/`expand`),
-    `sgmv_shrink_paged` + `sgmv_expand_paged` on `PagedWeights`; or, with
+    `sgmv_shrink_paged_group` + `sgmv_expand_paged_group` on `PagedWeights` (one
+    launch each for all projections of an `add_lora_group` call); or, with
     `fused=True`, the one-launch `sgmv_fused` / `sgmv_fused_paged`. The split pair
     is the default because it measured faster (H200, 4096->4096 rank 16: 17.6 vs
     53.9 us at 64 distinct tokens on dense slots; benchmarks/NOTES_lora_kernels.md).
     """
 
     fused: bool = False
-    paged_k_steps: int = 4  # split pair, pages: K chunks (of C) per shrink program, unrolled
+    # split pair, pages: K chunks (of C) per shrink program, unrolled; None: `default_k_steps` of the tiles
+    paged_k_steps: int | None = None
     paged_n_steps: int = 2  # split pair, pages: N chunks per expand program, unrolled
+    group_projections: bool = True  # split pair, pages: `add_lora_group` launches once for its projections
     chunk: int = 64  # fused, dense slots: K/N block (pages: the pool's row width C)
     n_split_max: int = 16  # fused: most programs sharing one tile's H_out
     target_programs: int = 256  # fused: tiles x splits aimed at (splits = this // used tiles)
@@ -465,21 +477,25 @@ def _add_fused(y_TxO, x_TxI, w: Weights, meta: LoraMeta, cfg: KernelConfig):
     return sgmv_fused(y_TxO, x_TxI, w.a, w.b, w.ranks, *tiles, chunk=cfg.chunk, **launch)
 
 
-def _add_paged_split(y_TxO, x_TxI, w: PagedWeights, meta: LoraMeta, cfg: KernelConfig):
+def _add_paged_group(ys_TxO, x_TxI, ws: tuple[PagedWeights, ...], meta: LoraMeta, cfg: KernelConfig):
+    w0 = ws[0]
     tiles = (meta.perm, meta.tile_start, meta.tile_end, meta.tile_slot)
-    common = dict(rows_per_page=w.rows_per_page, block_m=meta.block_m, interpret=cfg.interpret,
+    common = dict(rows_per_page=w0.rows_per_page, block_m=meta.block_m, interpret=cfg.interpret,
                   mixed_index=cfg.mixed_index)
-    vpart = sgmv_shrink_paged(x_TxI, w.rows, w.pages, w.rank, w.a_row, *tiles, r_block=_pow2_ceil(max(16, w.r_max)),
-                              k_steps=cfg.paged_k_steps, num_warps=cfg.shrink_warps, **common)
-    return sgmv_expand_paged(y_TxO, vpart, w.rows, w.pages, w.rank, w.b_row, *tiles, n_steps=cfg.paged_n_steps,
-                             num_warps=cfg.expand_warps, **common)
+    rank_GxS = jnp.stack([w.rank for w in ws])
+    r_block = _pow2_ceil(max(16, *(w.r_max for w in ws)))
+    vpart = sgmv_shrink_paged_group(x_TxI, w0.rows, w0.pages, rank_GxS, jnp.stack([w.a_row for w in ws]), *tiles,
+                                    r_block=r_block, k_steps=cfg.paged_k_steps, active_tiles=meta.active_tiles,
+                                    num_warps=cfg.shrink_warps, **common)
+    return sgmv_expand_paged_group(ys_TxO, vpart, w0.rows, w0.pages, rank_GxS, jnp.stack([w.b_row for w in ws]),
+                                   *tiles, n_steps=cfg.paged_n_steps, num_warps=cfg.expand_warps, **common)
 
 
 def _add_pallas(y_TxO, x_TxI, w, meta, cfg: KernelConfig):
     if cfg.fused:
         return _add_fused(y_TxO, x_TxI, w, meta, cfg)
     if isinstance(w, PagedWeights):
-        return _add_paged_split(y_TxO, x_TxI, w, meta, cfg)
+        return _add_paged_group((y_TxO,), x_TxI, (w,), meta, cfg)[0]
     w = _pad_rank(w, max(cfg.shrink_block_r, cfg.expand_block_r))
     vpart = _pallas_vpart(x_TxI, w, meta, cfg)
     return _pallas_expand(y_TxO, vpart, w, meta, cfg)
@@ -524,6 +540,30 @@ def add_lora(y_TxO: jax.Array, x_TxI: jax.Array, w: Weights, meta: LoraMeta, *, 
 
 def _as_slots(w: Weights) -> SlotWeights:
     return w.to_slots() if isinstance(w, PagedWeights) else w
+
+
+def add_lora_group(ys_TxO, x_TxI: jax.Array, ws, meta: LoraMeta, *, impl: str = "pallas",
+                   config: KernelConfig | None = None) -> tuple[jax.Array, ...]:
+    """`add_lora(ys[g], x, ws[g], meta)` for projections sharing the input x (q, k, v; gate, up).
+
+    With `impl="pallas"`, `PagedWeights` of one pool and one page table (`ws[g].rows`
+    and `.pages` the same arrays, as `memory.pool.paged_weights` gives for one layer)
+    and the split pair (`config.fused` False, `config.group_projections` True), it is
+    one shrink and one expand launch for the whole group instead of one pair each;
+    otherwise one `add_lora` per projection. Outputs may differ in width (GQA).
+    Returns the updated outputs, a tuple in the order of `ys_TxO`.
+    """
+    ys_TxO, ws = tuple(ys_TxO), tuple(ws)
+    if len(ys_TxO) != len(ws):
+        raise ValueError(f"{len(ys_TxO)} outputs for {len(ws)} weights")
+    cfg = config or KernelConfig()
+    if (impl == "pallas" and not cfg.fused and cfg.group_projections
+            and all(isinstance(w, PagedWeights) for w in ws)):
+        shared = {(w.h_in, w.rows_per_page, w.rows.shape, w.pages.shape) for w in ws}
+        if len(shared) != 1 or shared.pop()[0] != x_TxI.shape[1]:
+            raise ValueError("grouped projections need one input width, one pool and one page table")
+        return _add_paged_group(ys_TxO, x_TxI, ws, meta, cfg)
+    return tuple(add_lora(y, x_TxI, w, meta, impl=impl, config=config) for y, w in zip(ys_TxO, ws))
 
 
 def shrink(x_TxI: jax.Array, w: Weights, meta: LoraMeta, *, impl: str = "pallas",
