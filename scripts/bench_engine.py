@@ -117,7 +117,19 @@ def profile_kernels(run, top: int = 12) -> dict | None:
                 calls[e["name"]] = calls.get(e["name"], 0) + 1
         total = sum(by.values())
         ranked = sorted(by.items(), key=lambda kv: -kv[1])[:top]
-        return {"device_us_total": total, "kernels": sum(calls.values()),
+        # The device's busy time (union of kernel intervals) over the span of the trace, and its idle gaps.
+        spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in ev
+                       if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e)
+        busy, gaps, end = 0.0, [], spans[0][0] if spans else 0.0
+        for a, b in spans:
+            if a > end:
+                gaps.append(a - end)
+            busy += max(0.0, b - max(a, end))
+            end = max(end, b)
+        span = end - spans[0][0] if spans else 0.0
+        return {"device_us_total": total, "kernels": sum(calls.values()), "span_us": span, "busy_us": busy,
+                "idle_gaps_over_50us": {"count": sum(g > 50 for g in gaps), "us": sum(g for g in gaps if g > 50),
+                                        "largest_us": sorted(gaps)[-5:]},
                 "top": [{"name": n[:120], "us": u, "calls": calls[n]} for n, u in ranked]}
     except Exception as e:  # noqa: BLE001 - the profile is extra information
         return {"error": f"{type(e).__name__}: {e}"[:300]}
@@ -152,6 +164,27 @@ def run_batch(engine: Engine, batch: int, prompt_len: int, new: int, adapters: l
     for rid in list(engine._requests):
         engine.release(rid)
     return times
+
+
+def serving_profile(engine: Engine, batch: int, prompt_len: int, adapters: list, steps: int = 12) -> dict | None:
+    """Profile `steps` decode `engine.step()` calls as served (not re-run): the device's busy
+    time against the span shows the idle time the host leaves between steps."""
+    rng = np.random.default_rng(3)
+    for i in range(batch):
+        engine.submit(rng.integers(3, min(30000, engine.cfg.vocab_size), prompt_len).tolist(), adapters[i],
+                      SamplingParams(max_new_tokens=steps + 8, ignore_eos=True))
+    while not all(r.num_pending == 1 for r in engine._requests.values()):
+        engine.step()
+    t = time.perf_counter()
+    prof = profile_kernels(lambda: [engine.step() for _ in range(steps)], top=4)
+    wall = time.perf_counter() - t
+    while engine.has_unfinished():
+        engine.step()
+    for rid in list(engine._requests):
+        engine.release(rid)
+    if prof is not None:
+        prof["steps"], prof["wall_ms_with_profiler"] = steps, wall * 1e3
+    return prof
 
 
 RUNS = {"base": (False, True), "base_sync": (False, False), "lora": (True, True), "lora_sync": (True, False)}
@@ -197,6 +230,7 @@ def bench_7b(bw_GBps: float, batch: int, n_adapters: int, prompt_len: int, new: 
                    "floor_ratio_device": floor_s / dev_s, "floor_ratio_wall": floor_s / med,
                    "tokens_per_s": batch / med, "pool_pages_used": engine.memory_report()["pages_adapter"]}
             row["profile"] = profile_kernels(lambda: rerun(rec, engine, 1))
+            row["serving_profile"] = serving_profile(engine, batch, prompt_len, names)
             row["pool_sized_copies"] = pool_copies(rec, engine, os.path.join(out_dir, f"step_hlo_{label}.txt"))
             out[label] = row
             print(label, json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
@@ -250,6 +284,10 @@ def main():
         print(f"{k:9} {x['median_step_ms']:8.2f} {x['device_step_ms']:9.2f} {x['host_overhead_ms']:8.2f} "
               f"{x['dispatch_ms']:8.2f} "
               f"{x['floor_ms']:8.2f} {x['floor_ratio_device']:9.2f} {x['tokens_per_s']:8.0f}")
+        sp = x.get("serving_profile") or {}
+        if "span_us" in sp:
+            print(f"    served steps: device busy {sp['busy_us'] / 1e3:.2f} of {sp['span_us'] / 1e3:.2f} ms over "
+                  f"{sp['steps']} steps; idle gaps > 50 us: {sp['idle_gaps_over_50us']}")
         for t in (x.get("profile") or {}).get("top", [])[:8]:
             print(f"    {t['us']:9.1f} us {t['calls']:5d} calls  {t['name']}")
         print("   pool-sized copies:", len(x["pool_sized_copies"]), *x["pool_sized_copies"][:4], sep="\n    ")
