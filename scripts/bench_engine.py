@@ -10,7 +10,8 @@
    rank-16 q/k/v/o adapters; and the same batch on the base model alone.
    For each: the median wall time of a decode `engine.step()` (scheduling, batch
    building, the jitted step, reading the sampled tokens), the device time of the
-   same jitted step (the last decode batch re-run back to back, dispatch
+   same jitted step (a decode step from the middle of the run, all requests decoding,
+   re-run back to back, dispatch
    overlapped, so the device never waits), their difference = host overhead per
    step (time the device sits idle between steps), and the step's HBM floor
    (base weights + KV read at the mean context + the batch's distinct adapters
@@ -69,15 +70,29 @@ def tiny_check() -> dict:
 
 
 class StepRecorder:
-    """Wraps the engine's jitted step to keep the arguments of the last call (to re-run it alone)."""
+    """Wraps the engine's jitted step to keep the arguments of its calls (to re-run one alone).
+
+    `pick()` chooses the call in the middle of those since the last `clear()`: the last call
+    of a run is not representative (the prompts are prefilled in waves, so the last decode
+    steps hold only the last wave's requests: a quarter of the batch and of its KV reads).
+    """
 
     def __init__(self):
         self.inner = engine_mod._step
         self.last = None
+        self.calls: list[tuple] = []
         self.dispatch_s: list[float] = []  # host time inside each call (tracing cache hit, launch)
+
+    def clear(self):
+        self.calls.clear()
+        self.dispatch_s.clear()
+
+    def pick(self):
+        self.last = self.calls[len(self.calls) // 2]
 
     def __call__(self, *args, **kw):
         self.last = (args, kw)
+        self.calls.append((args, kw))
         t = time.perf_counter()
         out = self.inner(*args, **kw)
         self.dispatch_s.append(time.perf_counter() - t)
@@ -216,9 +231,11 @@ def bench_7b(bw_GBps: float, batch: int, n_adapters: int, prompt_len: int, new: 
                     engine.add_adapter(f"a{i}", random_adapter(cfg, rank, ("q", "k", "v", "o"), seed=i, name=f"a{i}"))
                 names = [f"a{i}" for i in draw]
             run_batch(engine, batch, prompt_len, 4, names, seed=0)  # warm-up: compiles the buckets
-            rec.dispatch_s.clear()
+            rec.clear()
             times = run_batch(engine, batch, prompt_len, new, names, seed=1)
             dispatch = float(np.median(rec.dispatch_s[-len(times):])) if times else nan
+            rec.pick()  # a decode step of the whole batch (the re-runs below and the profile use it)
+            rec.calls.clear()
             rerun(rec, engine, 2)
             dev_s = rerun(rec, engine, 20)
             adapter_bytes = (out["distinct_adapters_in_batch"] if with_lora else 0) * cfg.num_hidden_layers * 4 \
