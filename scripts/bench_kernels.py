@@ -24,8 +24,10 @@ bound; `timing: "capped"`). Rows hold `timing`, `reps`, `diffs` and `spread`.
 Compiling is ahead of time and in parallel: each (case, impl) chain is lowered
 (`.lower(...)`, Python: one at a time, and not while a chain shorter than 5 ms is
 timed, so that dispatch loop owns the GIL) and compiled (`.compile()`, C++, on a
-thread pool) up to `--ahead` cases before the case being timed; the timing calls the
-compiled executable. Executables are shared between cases of the same signature:
+thread pool) `--ahead` cases at a time, which are then timed with no compile running
+(`--overlap-compile` keeps compiling later cases while timing: faster, but on an
+H200 the compile threads and XLA's autotuning on the GPU left most rows noisy); the
+timing calls the compiled executable. Executables are shared between cases of the same signature:
 impls other than the dense split pair get the metadata as `build_lora_meta(...,
 static_tiles=True)` gives it (as the engine does; they do not read `active_tiles`),
 so they compile once for all popularities; dense impls also share across rank cases
@@ -62,6 +64,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -213,14 +216,28 @@ def static_tiles(meta):
     return dataclasses.replace(meta, active_tiles=1 << max(0, len(meta.tile_slot) - 1).bit_length())
 
 
-def pack_pages(w: SlotWeights, chunk: int) -> PagedWeights:
-    """The resident adapters packed into pool pages of Llama-7B's size (256 KiB a layer), rows `chunk` wide;
-    `w.ranks` must be concrete (numpy under `jax.eval_shape`)."""
-    h_in, h_out = w.a.shape[1], w.b.shape[2]
+def page_plan(ranks_S, h_in: int, h_out: int, chunk: int):
+    """Pages of Llama-7B's size (256 KiB a layer) for adapters of `ranks_S`: rows a page, each
+    adapter's page count, and the page ids (shuffled, 1/8 of the pages unused)."""
     rpp = 131072 // chunk
-    need = int(np.maximum(1, -(-(h_in + h_out) // chunk * np.asarray(w.ranks) // rpp)).sum())
-    return PagedWeights.from_slots(  # page ids shuffled, 1/8 of the pages unused
-        w, chunk=chunk, rows_per_page=rpp, page_ids=np.random.default_rng(1).permutation(need + need // 8))
+    n_pages_S = np.maximum(1, -(-(h_in + h_out) // chunk * np.asarray(ranks_S) // rpp))
+    need = int(n_pages_S.sum())
+    return rpp, n_pages_S, np.random.default_rng(1).permutation(need + need // 8)
+
+
+def pack_pages(w: SlotWeights, chunk: int) -> PagedWeights:
+    """The resident adapters packed into pool pages (`page_plan`), rows `chunk` wide."""
+    rpp, _, ids = page_plan(w.ranks, w.a.shape[1], w.b.shape[2], chunk)
+    return PagedWeights.from_slots(w, chunk=chunk, rows_per_page=rpp, page_ids=ids)
+
+
+def paged_abstract(ranks_S, h_in: int, h_out: int, chunk: int) -> PagedWeights:
+    """The shapes `pack_pages` gives, without packing (it packs on the host, so it cannot be traced)."""
+    rpp, n_pages_S, ids = page_plan(ranks_S, h_in, h_out, chunk)
+    num_pages = int(ids[: int(n_pages_S.sum())].max()) + 1
+    S, i32 = len(n_pages_S), functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
+    return PagedWeights(jax.ShapeDtypeStruct((num_pages * rpp, chunk), jnp.bfloat16), i32((S, int(n_pages_S.max()))),
+                        i32((S,)), i32((S,)), i32((S,)), rpp, h_in, h_out, int(max(1, np.max(ranks_S))))
 
 
 def skip_reason(name, T, h_in, h_out, R, n_segments, n_tiles, max_loop_segments=MAX_LOOP_SEGMENTS):
@@ -503,6 +520,10 @@ class Planner:
 
         return self.pool.submit(job)
 
+    def wait_all(self):
+        """Until every compile submitted so far is done."""
+        concurrent.futures.wait([f for f in self.cache.values() if f is not None])
+
     def _submit(self, key, label, build, args):
         if key in self.cache:
             self.cache.move_to_end(key)
@@ -523,8 +544,7 @@ class Planner:
             if chunk is None:
                 self.abstract_w[k] = dense
             else:
-                self.abstract_w[k] = jax.eval_shape(
-                    lambda a, b: pack_pages(SlotWeights(a, b, ranks_S), chunk), dense.a, dense.b)
+                self.abstract_w[k] = paged_abstract(ranks_S, h_in, h_out, chunk)
             if len(self.abstract_w) > 16:
                 self.abstract_w.pop(next(iter(self.abstract_w)))
         return self.abstract_w[k]
@@ -761,6 +781,10 @@ def main(argv=None):
     p.add_argument("--min-tokens", type=int, default=64, help="summary: floor ratios over cases with >= this")
     p.add_argument("--compile-threads", type=int, default=12)
     p.add_argument("--ahead", type=int, default=24, help="cases compiled ahead of the one being timed")
+    p.add_argument("--overlap-compile", action="store_true",
+                   help="time while later cases compile (faster; on an H200 it left 52 of 61 cases noisy, "
+                        "spreads of the differences over 100%%: compile threads and XLA's autotuning on the "
+                        "GPU disturb the timing). Default: compile `--ahead` cases, then time them")
     p.add_argument("--loop-max-segments", type=int, default=MAX_LOOP_SEGMENTS,
                    help="skip `loop` where a call has more segments (it unrolls a matmul pair for each)")
     p.add_argument("--plan-only", action="store_true", help="print the case and compile counts; no device work")
@@ -851,9 +875,15 @@ def main(argv=None):
         if time.perf_counter() - t_start > args.budget_s:
             print(f"budget reached: {done}/{len(plan)} cases done", flush=True)
             break
-        while next_i < len(plan) and next_i <= i + args.ahead:
-            pending.append(planner.prepare(*plan[next_i]))
-            next_i += 1
+        if args.overlap_compile:
+            while next_i < len(plan) and next_i <= i + args.ahead:
+                pending.append(planner.prepare(*plan[next_i]))
+                next_i += 1
+        elif not pending:  # compile the next `ahead` cases in parallel, then time them with nothing compiling
+            while next_i < len(plan) and len(pending) < args.ahead:
+                pending.append(planner.prepare(*plan[next_i]))
+                next_i += 1
+            planner.wait_all()
         c = pending.popleft()
         floor_s = max(c.bytes_ / bw, c.flops / rate)
         rows = run_case(c, data, labels, impls, floor_s, gate, tm, run_id)
