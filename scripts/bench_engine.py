@@ -29,12 +29,9 @@
 from __future__ import annotations
 
 import argparse
-import glob
-import gzip
 import json
 import os
 import subprocess
-import tempfile
 import time
 
 import jax
@@ -43,6 +40,7 @@ import numpy as np
 nan = float("nan")
 
 import slora_jax.engine.engine as engine_mod
+import profiling  # noqa: E402  (scripts/ is on sys.path)
 from bench_kernels import measure_ceilings  # same ceilings as the kernel benchmark
 from slora_jax.adapters import random_adapter
 from slora_jax.config import EngineConfig, preset
@@ -113,39 +111,9 @@ def rerun(rec: StepRecorder, engine: Engine, reps: int) -> float:
 
 def profile_kernels(run, top: int = 12) -> dict | None:
     """Device time by kernel name over `run()` from a Perfetto trace (None if none is written)."""
-    d = tempfile.mkdtemp()
     try:
-        with jax.profiler.trace(d, create_perfetto_trace=True):
-            run()
-        files = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)
-        if not files:
-            return None
-        with gzip.open(files[0]) as f:
-            ev = json.load(f)
-        ev = ev["traceEvents"] if isinstance(ev, dict) else ev
-        pids = {e["pid"]: e["args"].get("name", "") for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
-        gpu = {p for p, n in pids.items() if "/device:GPU" in n or "GPU" in n and "host" not in n.lower()}
-        by, calls = {}, {}
-        for e in ev:
-            if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e:
-                by[e["name"]] = by.get(e["name"], 0.0) + e["dur"]
-                calls[e["name"]] = calls.get(e["name"], 0) + 1
-        total = sum(by.values())
-        ranked = sorted(by.items(), key=lambda kv: -kv[1])[:top]
-        # The device's busy time (union of kernel intervals) over the span of the trace, and its idle gaps.
-        spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in ev
-                       if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e)
-        busy, gaps, end = 0.0, [], spans[0][0] if spans else 0.0
-        for a, b in spans:
-            if a > end:
-                gaps.append(a - end)
-            busy += max(0.0, b - max(a, end))
-            end = max(end, b)
-        span = end - spans[0][0] if spans else 0.0
-        return {"device_us_total": total, "kernels": sum(calls.values()), "span_us": span, "busy_us": busy,
-                "idle_gaps_over_50us": {"count": sum(g > 50 for g in gaps), "us": sum(g for g in gaps if g > 50),
-                                        "largest_us": sorted(gaps)[-5:]},
-                "top": [{"name": n[:120], "us": u, "calls": calls[n]} for n, u in ranked]}
+        kernels = profiling.gpu_kernels(run)
+        return None if kernels is None else profiling.summarize(kernels, top)
     except Exception as e:  # noqa: BLE001 - the profile is extra information
         return {"error": f"{type(e).__name__}: {e}"[:300]}
 

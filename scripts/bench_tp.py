@@ -68,7 +68,8 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from bench_kernels import measure_ceilings  # noqa: E402  (scripts/ is on sys.path)
+import profiling  # noqa: E402  (scripts/ is on sys.path)
+from bench_kernels import measure_ceilings  # noqa: E402
 from slora_jax import parallel  # noqa: E402
 from slora_jax.compat import shard_map  # noqa: E402
 from slora_jax.config import preset  # noqa: E402
@@ -142,8 +143,15 @@ def time_decode(params, cfg, mesh, cache, args, lora, strategy: str) -> dict:
         step()
     step().block_until_ready()
     pipelined = (time.perf_counter() - t) / args.steps
-    return {"step_ms": pipelined * 1e3, "blocking_step_ms": float(np.median(ts)) * 1e3,
-            "first_call_s": compile_s}, state["cache"]
+    out = {"step_ms": pipelined * 1e3, "blocking_step_ms": float(np.median(ts)) * 1e3, "first_call_s": compile_s}
+    if args.profile:  # where each device's step time goes (collectives, matmuls, attention, LoRA, other)
+        n = 5
+        try:
+            kernels = profiling.gpu_kernels(lambda: jax.block_until_ready([step() for _ in range(n)]))
+            out["profile"] = None if kernels is None else profiling.by_category(kernels, n)
+        except Exception as e:  # noqa: BLE001 - the profile is extra information
+            out["profile"] = {"error": error_text(e)[:300]}
+    return out, state["cache"]
 
 
 def lora_collectives_ms(cfg, mesh, T: int, rank: int, projections, dtype, steps: int) -> float:
@@ -359,6 +367,9 @@ def main():
                          "reference: jnp attention on a dense cache (default elsewhere)")
     ap.add_argument("--lora-impl", choices=list(parallel.TP_LORA_IMPLS), default=None,
                     help="pallas: the split SGMV kernels per shard (default on GPU); reference: gathered jnp")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile 5 steps of each case: device time per step by kernel category")
+    ap.add_argument("--tag", default="", help="suffix of the JSON file name (e.g. an XLA flag variant)")
     args = ap.parse_args()
     budget = Budget(args.budget_s)
     on_gpu = jax.default_backend() == "gpu"
@@ -373,8 +384,9 @@ def main():
                "jax_version": jax.__version__, "command": "python scripts/bench_tp.py " + " ".join(sys.argv[1:]),
                "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
                                             text=True).stdout.strip(),
-               "lora_impl": args.lora_impl, "measured_ceilings": ceilings},
-              os.path.join(args.out, f"tp_decode_{jax.devices()[0].platform}.json"))
+               "lora_impl": args.lora_impl, "measured_ceilings": ceilings,
+               "env": {k: v for k, v in os.environ.items() if k.startswith(("XLA_FLAGS", "NCCL_"))}},
+              os.path.join(args.out, f"tp_decode_{jax.devices()[0].platform}{'_' + args.tag if args.tag else ''}.json"))
     estimates: dict = {}
     for name, cfg, tp in plan:
         if tp > jax.device_count():

@@ -79,6 +79,13 @@ def test_token_buckets_and_targets():
     t, u = cp.evaluate_targets(records, targets)
     assert t["value"] == pytest.approx(0.9) and t["met"] is False and t["den"]["value"] == 10.0
     assert u["value"] is None and u["met"] is None and u["num"]["status"] == "oom"
+    assert "value_at_floor" not in t  # only for generated tokens/s
+    # Tokens/s targets also give the ratio at the HBM floor: bytes per generated token, den over num.
+    for r, bpt in zip(records[:2], (100.0, 125.0)):
+        r["metrics"].update(throughput_tok_s=r["metrics"]["m"], bytes_per_generated_token=bpt)
+    (f,) = cp.evaluate_targets(records, [{**targets[0], "metric": "throughput_tok_s"}])
+    assert f["value"] == pytest.approx(0.9) and f["value_at_floor"] == pytest.approx(0.8)
+    assert "at floor" in cp.targets_table([f]) and "0.800" in cp.targets_table([f])
     combined = cp.combine([{"points": records, "target_defs": targets},
                            {"points": [{**records[2], "status": "ok", "metrics": {"m": 20.0}}], "target_defs": []}])
     assert len(combined["points"]) == 3 and combined["targets"][1]["value"] == 2.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -261,6 +262,24 @@ def test_memory_report_counts_pages_by_kind():
     while engine.has_unfinished():
         engine.step()
     assert engine.memory_report()["pages_kv"] == 0 and engine.completion(rid).finish_reason == "length"
+
+
+@pytest.mark.parametrize("unified", [True, False])
+def test_bytes_read_per_step(unified):
+    """`Engine.bytes_read`, the HBM floor's bytes: all weights each step, each row's cache up to its
+    last new token, each distinct adapter of a step once at its own ranks (both adapter stores)."""
+    cfg = preset("tiny")
+    kw = {} if unified else dict(unified_memory=False, max_loras=2, max_lora_rank=32)
+    engine = tiny_engine(max_batch_tokens=32, **kw)
+    p0, p1, g = 7, 5, 4  # prompt lengths (one prefill step each, same step), generated tokens
+    engine.generate([list(range(1, 1 + p0)), list(range(1, 1 + p1))], ["a1", "a1"], SamplingParams(max_new_tokens=g))
+    assert engine.num_steps == g  # one prefill step, then g - 1 decode steps
+    item = 4  # float32
+    params = sum(x.size for x in jax.tree.leaves(engine.params)) * item
+    kv_tok = 2 * cfg.num_key_value_heads * cfg.head_dim * cfg.num_hidden_layers * item
+    kv = sum(p + d for p in (p0, p1) for d in range(g))  # step d reads p + d cached tokens
+    a1 = cfg.num_hidden_layers * 8 * sum(sum(cfg.projection_shape(p)) for p in ("q", "k", "v"))  # rank 8, q/k/v
+    assert dict(engine.bytes_read) == {"weights": g * params, "kv": kv * kv_tok, "adapters": g * a1 * item}
 
 
 def test_no_unified_memory_ablation_gives_the_same_tokens():

@@ -124,6 +124,10 @@ def test_quickstart_config_end_to_end_with_every_system(tmp_path, capsys):
     assert 0 < host_s["dispatch"] <= host_s["run"] and host_s["wait"] <= host_s["collect"]
     assert sum(host_s[k] for k in ("schedule", "run", "prefetch", "collect")) <= summaries[0]["run"]["replay_s"]
     assert summaries[0]["run"]["store"]["pool_hits"] > 0 and isinstance(summaries[0]["run"]["store_s"], dict)
+    read = summaries[0]["run"]["bytes_read"]  # the replay's HBM-floor bytes (tests/test_engine.py checks the sums)
+    assert read["weights"] > 0 and read["kv"] > 0 and read["adapters"] > 0
+    m = summaries[0]["metrics"]
+    assert m["bytes_per_generated_token"] == pytest.approx(sum(read.values()) / m["generated_tokens"])
     assert os.path.exists(os.path.join(root, "sweep_throughput_req_s.png"))
     assert os.path.exists(os.path.join(root, "sweep_throughput_tok_s.png"))
     # the same random adapters are reused, not rewritten, by later runs

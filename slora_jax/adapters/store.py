@@ -318,6 +318,14 @@ class AdapterStore:
                          tuple(p for p in PROJECTIONS if p in self._targeted),
                          _step_meta(slot_T, rows, impl), impl, kernel)
 
+    def read_elems(self, name: str) -> int:
+        """Weight elements the LoRA kernels read for resident adapter `name` in a step: every
+        layer's A and B of each projection at the adapter's rank for it (as its pages hold them;
+        a layer it does not target holds zeros, read all the same)."""
+        cfg = self.cfg
+        return cfg.num_hidden_layers * sum(p.rank * sum(cfg.projection_shape(proj))
+                                           for proj, p in self._resident[name].placement.projections.items())
+
     def memory(self) -> dict[str, float]:
         """Adapter memory: resident count and internal fragmentation of their pages."""
         alloc = sum(len(r.pages) for r in self._resident.values()) * self.layout.page_elems
@@ -411,6 +419,10 @@ class SlotAdapterStore(AdapterStore):
         # A trailing -1 maps "no adapter" (index -1) to slot -1.
         to_slot = np.array([self._resident[n].slot for n in names] + [-1], np.int32)[slot_T]
         return SlotLora(self.weights, np.asarray(to_slot, np.int32)[None], _step_meta(to_slot, rows, impl), impl, kernel)
+
+    def read_elems(self, name: str) -> int:
+        """Weight elements of resident `name` at its own ranks (the kernels read no slot padding)."""
+        return self._used_elems[name]
 
     def memory(self) -> dict[str, float]:
         """Resident count, the reserved slot region, and how much of the resident slots is padding."""

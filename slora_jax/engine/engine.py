@@ -143,6 +143,14 @@ class Engine:
         # Host seconds spent by step() in each phase (cumulative): schedule (adapter_load inside it),
         # run (batch building; dispatch inside it), prefetch, collect (wait for the device inside it).
         self.host_seconds: collections.Counter = collections.Counter()
+        # Bytes the dispatched steps must read from device memory at least (cumulative): weights (all
+        # parameters, once a step), kv (each row's cached tokens up to its last new one, attention's
+        # read) and adapters (each distinct adapter of a step at its own ranks, once). Their sum over a
+        # run, divided by the memory bandwidth, is the run's time at the HBM floor.
+        self.bytes_read: collections.Counter = collections.Counter()
+        self._weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+        self._kv_token_bytes = (2 * cfg.num_key_value_heads * cfg.head_dim * cfg.num_hidden_layers
+                                * self.dtype.itemsize)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -432,9 +440,10 @@ class Engine:
         names = list(dict.fromkeys(r.adapter for r, _ in plan if r.adapter is not None))
         rows: list[tuple[int, Request]] = []
         token_index = []
-        t = 0
+        t = kv_tokens = 0
         for row, (req, n) in enumerate(plan):
             start, known = req.num_computed, req.tokens
+            kv_tokens += start + n  # attention reads the row's cache up to its last new token
             m = max(0, min(n, len(known) - start))  # tokens known on the host; the rest is in flight
             tokens[t : t + m] = known[start : start + m]
             if m < n:  # the one token the in-flight step is sampling for this request
@@ -452,6 +461,9 @@ class Engine:
                 rows.append((row, req))
             t += n
         lora = self.store.batch_lora(names, slot, R, self.config.lora_impl) if names else None
+        self.bytes_read["weights"] += self._weight_bytes
+        self.bytes_read["kv"] += kv_tokens * self._kv_token_bytes
+        self.bytes_read["adapters"] += sum(self.store.read_elems(n) for n in names) * self.dtype.itemsize
         sampling = SamplingBatch.from_params([r.sampling for r, _ in plan], [r.key_data for r, _ in plan],
                                              token_index, size=R)
         batch = StepBatch(tokens, src_row, pos, seq, page_table, logits_index, lora, sampling)
