@@ -124,6 +124,10 @@ def test_quickstart_config_end_to_end_with_every_system(tmp_path, capsys):
     assert 0 < host_s["dispatch"] <= host_s["run"] and host_s["wait"] <= host_s["collect"]
     assert sum(host_s[k] for k in ("schedule", "run", "prefetch", "collect")) <= summaries[0]["run"]["replay_s"]
     assert summaries[0]["run"]["store"]["pool_hits"] > 0 and isinstance(summaries[0]["run"]["store_s"], dict)
+    loop = summaries[0]["run"]["loop_s"]  # the replay loop's host time: in step() and around it, and GC pauses
+    assert loop["step"] > 0 and loop["other"] >= 0 and loop["step"] + loop["other"] <= summaries[0]["run"]["replay_s"]
+    assert loop["step"] >= sum(host_s[k] for k in ("schedule", "run", "prefetch", "collect"))
+    assert loop["gc"] >= 0 and loop["gc_collections"] >= 0
     read = summaries[0]["run"]["bytes_read"]  # the replay's HBM-floor bytes (tests/test_engine.py checks the sums)
     assert read["weights"] > 0 and read["kv"] > 0 and read["adapters"] > 0
     m = summaries[0]["metrics"]
@@ -205,3 +209,16 @@ def test_bench_hf_peft_matches_peft_merge(tmp_path, tiny_model_dirs):
     summary = json.load(open(tmp_path / "hf" / "metrics.json"))
     assert summary["system"] == "hf_peft" and summary["metrics"]["num_finished"] == 6
     assert summary["memory"]["peak_peft_aliasing"] == 1 and summary["memory"]["peak_peft_folders_loaded"] == 2
+
+
+def test_gc_timer_counts_collections():
+    import gc
+
+    from slora_jax.experiment.runner import GcTimer
+
+    with GcTimer() as t:
+        gc.collect()
+        gc.collect(0)
+    assert t.collections == 2 and t.seconds > 0
+    gc.collect()
+    assert t.collections == 2  # not counted once the block is left

@@ -83,6 +83,7 @@ class Resident:
     placement: AdapterPlacement
     pages: np.ndarray  # int32, the adapter's page table
     pins: int = 0
+    read_elems: int = 0  # weight elements the kernels read for it in a step (`AdapterStore.read_elems`)
 
 
 class AdapterStore:
@@ -262,7 +263,9 @@ class AdapterStore:
         self.seconds["evict"] += t1 - t0
         self.seconds["wait_staged"] += t2 - t1
         self.seconds["write"] += time.perf_counter() - t2
-        self._resident[name] = Resident(self._free_slots.pop(), placement, pages)
+        L = self.cfg.num_hidden_layers
+        read = L * sum(p.rank * sum(self.cfg.projection_shape(proj)) for proj, p in placement.projections.items())
+        self._resident[name] = Resident(self._free_slots.pop(), placement, pages, read_elems=read)
         self.stats["pool_loads"] += 1
         return pool
 
@@ -322,9 +325,7 @@ class AdapterStore:
         """Weight elements the LoRA kernels read for resident adapter `name` in a step: every
         layer's A and B of each projection at the adapter's rank for it (as its pages hold them;
         a layer it does not target holds zeros, read all the same)."""
-        cfg = self.cfg
-        return cfg.num_hidden_layers * sum(p.rank * sum(cfg.projection_shape(proj))
-                                           for proj, p in self._resident[name].placement.projections.items())
+        return self._resident[name].read_elems
 
     def memory(self) -> dict[str, float]:
         """Adapter memory: resident count and internal fragmentation of their pages."""

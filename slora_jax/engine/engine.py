@@ -140,7 +140,8 @@ class Engine:
         self._preempted_now: set[int] = set()
         self._inflight: _InFlight | None = None  # the dispatched step whose tokens are not read yet
         self.num_steps = 0
-        # Host seconds spent by step() in each phase (cumulative): schedule (adapter_load inside it),
+        # Host seconds spent by step() in each phase (cumulative): admit (the waiting queue, the
+        # scheduler's drops), schedule (adapter_load inside it),
         # run (batch building; dispatch inside it), prefetch, collect (wait for the device inside it).
         self.host_seconds: collections.Counter = collections.Counter()
         # Bytes the dispatched steps must read from device memory at least (cumulative): weights (all
@@ -263,13 +264,15 @@ class Engine:
         step's sampled tokens are read, so the host's work for step t+1 overlaps
         the device's work for step t: tokens then arrive one `step()` later.
         """
+        hs, ta = self.host_seconds, time.perf_counter()
         now = self.clock()
         events: list[TokenEvent] = []
         waiting = [r for r in self._requests.values() if r.status is Status.WAITING]
         for r in self.scheduler.drop(waiting, now):
             self._finish(r, "abort")
             events.append(TokenEvent(r.id, None, "abort"))
-        hs, t0 = self.host_seconds, time.perf_counter()
+        t0 = time.perf_counter()
+        hs["admit"] += t0 - ta
         plan = self._schedule(now, events)
         t1 = time.perf_counter()
         previous, self._inflight = self._inflight, (self._run(plan) if plan else None)

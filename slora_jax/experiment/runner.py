@@ -194,11 +194,39 @@ def make_system(exp: ExperimentConfig, clock: Clock, model: tuple[LlamaConfig, d
 
 
 # ------------------------------------------------------------------------------------------- replay
+class GcTimer:
+    """Seconds and count of Python's garbage collections (all generations) while active."""
+
+    def __init__(self):
+        self.seconds, self.collections, self._t = 0.0, 0, None
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t = time.perf_counter()
+        elif self._t is not None:
+            self.seconds += time.perf_counter() - self._t
+            self.collections += 1
+            self._t = None
+
+    def __enter__(self):
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self._callback)
+
+
 def replay(system, trace: list[TraceRequest], prompts: dict[int, list[int]], names: list[str], exp: ExperimentConfig,
-           clock: Clock, desc: str = "requests") -> tuple[list[RequestRecord], list[dict]]:
+           clock: Clock, desc: str = "requests", loop_s: dict[str, float] | None = None
+           ) -> tuple[list[RequestRecord], list[dict]]:
     """Serve `trace` on `system`; returns one record per submitted request and the per-step memory reports.
 
     Past `exp.time_limit_s` nothing more is submitted and running requests are aborted ("timeout").
+    `loop_s`, if given, receives the loop's host seconds: in `system.step()` ("step") and in
+    everything else ("other": submitting, recording, memory reports, sleeping for arrivals), and
+    Python's garbage collections anywhere in the loop ("gc", "gc_collections"). Objects alive
+    before the loop (model, adapters, trace) are frozen out of the collector meanwhile
+    (`gc.freeze`), so its collections walk only what the loop allocates.
     """
     online = exp.mode == "online"
     pending = collections.deque(sorted(trace, key=lambda r: (r.arrival_s, r.id)))
@@ -231,18 +259,31 @@ def replay(system, trace: list[TraceRequest], prompts: dict[int, list[int]], nam
             return
         by_rid[rid] = r
 
-    while (pending or system.has_unfinished()) and clock() < deadline:
-        now = clock() - t0
-        while pending and (not online or pending[0].arrival_s <= now):
-            submit(pending.popleft())
-        if system.has_unfinished():
-            for ev in system.step():
-                if ev.finish_reason is not None:
-                    c = system.release(ev.request_id)
-                    record(c, by_rid.pop(ev.request_id), c.finish_reason)
-            memory.append(system.memory_report())
-        elif pending:
-            time.sleep(min(max(pending[0].arrival_s - (clock() - t0), 0.0), 0.05))
+    in_step = 0.0
+    gc.freeze()
+    t_loop = time.perf_counter()
+    try:
+        with GcTimer() as gct:
+            while (pending or system.has_unfinished()) and clock() < deadline:
+                now = clock() - t0
+                while pending and (not online or pending[0].arrival_s <= now):
+                    submit(pending.popleft())
+                if system.has_unfinished():
+                    t = time.perf_counter()
+                    events = system.step()
+                    in_step += time.perf_counter() - t
+                    for ev in events:
+                        if ev.finish_reason is not None:
+                            c = system.release(ev.request_id)
+                            record(c, by_rid.pop(ev.request_id), c.finish_reason)
+                    memory.append(system.memory_report())
+                elif pending:
+                    time.sleep(min(max(pending[0].arrival_s - (clock() - t0), 0.0), 0.05))
+    finally:
+        gc.unfreeze()
+    if loop_s is not None:
+        loop_s.update(step=in_step, other=time.perf_counter() - t_loop - in_step, gc=gct.seconds,
+                      gc_collections=gct.collections)
     for rid, r in list(by_rid.items()):  # the time limit cut these off
         system.abort(rid)
         record(system.release(rid), r, "timeout")
@@ -358,7 +399,9 @@ def run_point(exp: ExperimentConfig, out_dir: str, point: dict[str, Any] | None 
         bytes_before = dict(getattr(system, "bytes_read", {}))
         store = getattr(system, "store", None)
         store_before = (dict(store.stats), dict(store.seconds)) if hasattr(store, "seconds") else None
-        records, memory = replay(system, trace, prompts, names, exp, clock, desc=exp.name)
+        loop_s: dict[str, float] = {}
+        records, memory = replay(system, trace, prompts, names, exp, clock, desc=exp.name, loop_s=loop_s)
+        summary["run"]["loop_s"] = {k: round(v, 4) for k, v in loop_s.items()}
         summary["run"].update(setup_s=t_warm - t_setup, warmup_s=t_run - t_warm, replay_s=clock() - t_run,
                               num_not_submitted=len(trace) - len(records),
                               num_steps=getattr(system, "num_steps", steps_before) - steps_before)
