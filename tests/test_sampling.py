@@ -267,6 +267,11 @@ def test_request_key_derivation():
     assert data(None, 3) != data(3, 3)
     typed = request_key(7, 0)
     assert jnp.issubdtype(typed.dtype, jax.dtypes.prng_key) and typed.shape == ()
+    # Host key data: computed on the CPU device (no wait on an accelerator's queue), the same bits.
+    assert data(None, 5, engine_seed=2) == tuple(np.asarray(jax.random.key_data(request_key(None, 5, 2))).tolist())
+    from slora_jax.engine import sampling as sampling_mod
+
+    assert sampling_mod._host_device().platform == "cpu"
     for bad in (dict(seed=-1, request_id=0), dict(seed=None, request_id=-1),
                 dict(seed=None, request_id=0, engine_seed=2**64), dict(seed=None, request_id=1.5)):
         with pytest.raises(ValueError):
