@@ -326,9 +326,10 @@ class KernelConfig:
     """Launch parameters of the Pallas SGMV kernels (block sizes powers of two; None = heuristic).
 
     `add_lora` runs a split pair (fp32 partials in HBM between two launches):
-    `sgmv_shrink` + `sgmv_expand` on dense slots (so do `shrink`/`expand`),
-    `sgmv_shrink_paged_group` + `sgmv_expand_paged_group` on `PagedWeights` (one
-    launch each for all projections of an `add_lora_group` call); or, with
+    `sgmv_shrink` + `sgmv_expand` on dense slots, `sgmv_shrink_paged_group` +
+    `sgmv_expand_paged_group` on `PagedWeights` (one launch each for all
+    projections of an `add_lora_group` call; `shrink`/`expand` launch the same
+    kernels, one half each, with G = 1); or, with
     `fused=True`, the one-launch `sgmv_fused` / `sgmv_fused_paged`. The split pair
     is the default because it measured faster (H200, 4096->4096 rank 16: 17.6 vs
     53.9 us at 64 distinct tokens on dense slots; benchmarks/NOTES_lora_kernels.md).
