@@ -245,7 +245,7 @@ class EngineConfig:
     prefetch_adapters: int = 4  # adapters of the first queued requests staged ahead (packed, copied); 0: off
     adapter_stage_threads: int = 4  # host threads packing and copying adapters (pool loads and prefetch)
     seed: int = 0  # for requests without a seed of their own
-    tp: int = 1  # tensor-parallel size (devices of one mesh axis); > 1 needs unified_memory=False for now
+    tp: int = 1  # tensor-parallel size (devices of one mesh axis)
     tp_lora_strategy: str = "slora"  # tp > 1: one of TP_LORA_STRATEGIES
 
     def __post_init__(self):

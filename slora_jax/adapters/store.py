@@ -213,9 +213,9 @@ class AdapterStore:
         """On the staging thread: pack `adapter`'s rows unless `rows` are given; start their copy."""
         t0 = time.perf_counter()
         if rows is None:
-            rows = adapter_rows(adapter, placement, self.cfg, self.layout, self.dtype)
+            rows = self._pack(adapter, placement)
         t1 = time.perf_counter()
-        rows_dev = jax.device_put(rows)  # async copy
+        rows_dev = self._put(rows)  # async copy
         with self._seconds_lock:  # staging threads add up concurrently
             self.seconds["stage_pack"] += t1 - t0
             self.seconds["stage_put"] += time.perf_counter() - t1
@@ -259,7 +259,7 @@ class AdapterStore:
         pages = self.allocator.alloc(need, ("adapter", name), "adapter")
         del self._staged[name]
         self._keep_rows(name, placement, rows)
-        pool = write_adapter(pool, rows_dev, jnp.asarray(pages), self.layout)
+        pool = self._write(pool, rows_dev, pages)
         self.seconds["evict"] += t1 - t0
         self.seconds["wait_staged"] += t2 - t1
         self.seconds["write"] += time.perf_counter() - t2
@@ -317,9 +317,27 @@ class AdapterStore:
         # Projections any adapter seen so far targets (only grows: few compiles); the others launch nothing.
         self._targeted |= {p for r in resident for p in r.placement.projections}
         table = AdapterTable.build([(r.placement, r.pages) for r in resident], rows, self._table_pages)
-        return PagedLora(table, np.asarray(slot_T, np.int32)[None], self.layout, self.cfg, self._r_max,
-                         tuple(p for p in PROJECTIONS if p in self._targeted),
-                         _step_meta(slot_T, rows, impl), impl, kernel)
+        return self._lora_input(table, np.asarray(slot_T, np.int32)[None],
+                                tuple(p for p in PROJECTIONS if p in self._targeted),
+                                _step_meta(slot_T, rows, impl), impl, kernel)
+
+    # ------------------------------------------------- where adapter rows live (hooks of a sharded store)
+    def _pack(self, adapter: LoraAdapter, placement: AdapterPlacement) -> np.ndarray:
+        """Host rows of `adapter` for `placement` (on a staging thread)."""
+        return adapter_rows(adapter, placement, self.cfg, self.layout, self.dtype)
+
+    def _put(self, rows: np.ndarray) -> jax.Array:
+        """Start the host-to-device copy of packed rows (on a staging thread)."""
+        return jax.device_put(rows)
+
+    def _write(self, pool: jax.Array, rows_dev: jax.Array, pages: np.ndarray) -> jax.Array:
+        """Copied rows into their pages; returns the pool (donated)."""
+        return write_adapter(pool, rows_dev, jnp.asarray(pages), self.layout)
+
+    def _lora_input(self, table: AdapterTable, slot_ids: np.ndarray, projections: tuple[str, ...],
+                    meta: LoraMeta | None, impl: str, kernel: KernelConfig | None):
+        """The model's LoRA input over `table` (`slot_ids` `[1, T]`)."""
+        return PagedLora(table, slot_ids, self.layout, self.cfg, self._r_max, projections, meta, impl, kernel)
 
     def read_elems(self, name: str) -> int:
         """Weight elements the LoRA kernels read for resident adapter `name` in a step: every
@@ -333,15 +351,17 @@ class AdapterStore:
         unused = sum(r.placement.unused_elems for r in self._resident.values())
         return {"resident_adapters": len(self._resident), "adapter_fragmentation": unused / alloc if alloc else 0.0}
 
+    def _place(self, adapter: LoraAdapter) -> AdapterPlacement:
+        return place_adapter(adapter, self.cfg, self.layout)
+
     def _placement(self, adapter: LoraAdapter) -> AdapterPlacement:
-        placement = place_adapter(adapter, self.cfg, self.layout)
+        placement = self._place(adapter)
         if placement.num_pages > self.layout.num_pages:
             raise AdapterError(
                 f"adapter {adapter.name!r} ({adapter.path or 'in memory'}) needs {placement.num_pages} pages, "
                 f"more than the whole pool ({self.layout.num_pages} pages)"
             )
         return placement
-
 
 
 def _step_meta(slot_T: np.ndarray, rows: int, impl: str) -> LoraMeta | None:

@@ -122,8 +122,11 @@ class Engine:
         self.pool = create_pool(self.layout, self.dtype) if tp is None else tp.create_pool(self.layout, self.dtype)
         self.allocator = PageAllocator(ec.num_pages)
         self._step = _step if tp is None else functools.partial(_step, forward_fn=tp.forward)
+        # The first step's "previous samples" placed as later steps' are (replicated over the mesh
+        # under TP), or the step compiles twice.
+        self._no_samples = _no_samples if tp is None else functools.cache(lambda R: tp.replicate(_no_samples(R)))
         if tp is not None:
-            self.store = tp.adapter_store(ec, self.dtype)
+            self.store = tp.adapter_store(ec, self.layout, self.allocator, self.dtype)
         elif ec.unified_memory:
             self.store = AdapterStore(cfg, self.layout, self.allocator, ec.host_adapter_budget_bytes, self.dtype,
                                       ec.max_resident_adapters, ec.adapter_stage_threads)
@@ -471,7 +474,7 @@ class Engine:
                                              token_index, size=R)
         batch = StepBatch(tokens, src_row, pos, seq, page_table, logits_index, lora, sampling)
         buf, dev, spec = pack(batch)
-        prev_sampled = prev.sampled_R if prev is not None else _no_samples(R)
+        prev_sampled = prev.sampled_R if prev is not None else self._no_samples(R)
         # Chunks go to the chunk-attention kernel (the jnp reference has one path: no extra compile).
         prefill = self.config.attention_impl == "pallas" and any(n > 1 for _, n in plan)
         t = time.perf_counter()

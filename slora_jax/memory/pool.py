@@ -18,6 +18,14 @@ Every targeted projection stores, at its own rank `r` (the largest over layers),
 kernel tile (ranks `i..i+R`, chunk `j`) is rows `offset + j*r + i ...`. A
 layer the adapter does not target holds zeros. Nothing is padded to a batch-
 or pool-wide max rank; only the adapter's last page is partly unused.
+
+Sharded adapters (`AdapterShards`). Under tensor parallelism the pool is split
+along `page_elems`, each device's slab being pages of a smaller layout
+(`parallel.sharding.local_pool_layout`), and each slab of an adapter's pages holds
+that device's shard of the adapter (`parallel.paged.TPShards`): A^T and B of a
+shard's own widths, and A^T possibly at a rank `a_rank` other than B's (a
+rank-split A). All shards share one shape, so one placement and one page table
+serve every device. `WholeAdapter` is the one-shard case of one device.
 """
 
 from __future__ import annotations
@@ -89,12 +97,47 @@ def row_view(pool_layer: jax.Array, layout: PoolLayout) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class ProjectionPlacement:
-    """Where one projection's LoRA lives in its adapter's virtual rows."""
+class WholeAdapter:
+    """How an adapter is cut into shards, one per slab of its pages: here, one shard (one device).
 
-    rank: int
-    a_row: int  # first virtual row of A^T, chunk-major [H_in / C chunks][rank][C]
+    The protocol `place_adapter`, `adapter_shard_rows` and `capacity` use (a
+    sharded layout is `parallel.paged.TPShards`):
+      num_shards: shards (slabs of each page), all of one shape;
+      layout(layout): the `PoolLayout` each slab is read with;
+      widths(proj, h_in, h_out): a shard's `(H_in, H_out)` of `proj`;
+      a_rank(proj, rank): the rank A^T is stored at in a shard (B's is `rank`);
+      split(proj, shard, rank, a_IxR, b_RxO): that shard's `(A [H_in', <= a_rank], B [<= rank, H_out'])`
+        of one module, for the projection's placed `rank` (a module may have a lower
+        rank in some layer; what a shard lacks of `a_rank` / `rank` is stored as zeros).
+    """
+
+    num_shards = 1
+
+    def layout(self, layout: PoolLayout) -> PoolLayout:
+        return layout
+
+    def widths(self, proj: str, h_in: int, h_out: int) -> tuple[int, int]:
+        return h_in, h_out
+
+    def a_rank(self, proj: str, rank: int) -> int:
+        return rank
+
+    def split(self, proj: str, shard: int, rank: int, a_IxR: np.ndarray,
+              b_RxO: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return a_IxR, b_RxO
+
+
+WHOLE = WholeAdapter()
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectionPlacement:
+    """Where one projection's LoRA lives in its adapter's virtual rows (of each shard)."""
+
+    rank: int  # the LoRA rank: rows of B per chunk
+    a_row: int  # first virtual row of A^T, chunk-major [H_in / C chunks][a_rank][C]
     b_row: int  # first virtual row of B, chunk-major [H_out / C chunks][rank][C]
+    a_rank: int  # rows of A^T per chunk: `rank`, or a shard's rank columns of a rank-split A
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,27 +145,34 @@ class AdapterPlacement:
     """The page layout of one adapter: per-projection placement and its size."""
 
     projections: dict[str, ProjectionPlacement]
-    num_rows: int
+    num_rows: int  # virtual rows of one shard
     num_pages: int
-    unused_elems: int  # allocated but unused, per layer (internal fragmentation)
+    unused_elems: int  # allocated but unused, per layer, over all shards (internal fragmentation)
 
 
 def _chunks(width: int, c: int) -> int:
     return -(-width // c)
 
 
-def place_adapter(adapter: LoraAdapter, cfg: LlamaConfig, layout: PoolLayout) -> AdapterPlacement:
-    """Plan where each projection's A and B go, at the adapter's own ranks."""
-    c, row = layout.lora_chunk, 0
+def place_adapter(adapter: LoraAdapter, cfg: LlamaConfig, layout: PoolLayout,
+                  shards: WholeAdapter = WHOLE) -> AdapterPlacement:
+    """Plan where each projection's A and B go, at the adapter's own ranks.
+
+    `layout` is the pool's; with `shards`, the rows are those of one shard in
+    `shards.layout(layout)` (the same plan for every shard).
+    """
+    local = shards.layout(layout)
+    c, row = local.lora_chunk, 0
     placed = {}
     for proj in adapter.projections:
         r = max(m.rank for (_, p), m in adapter.modules.items() if p == proj)
-        h_in, h_out = cfg.projection_shape(proj)
-        a_row, row = row, row + _chunks(h_in, c) * r
+        h_in, h_out = shards.widths(proj, *cfg.projection_shape(proj))
+        r_a = shards.a_rank(proj, r)
+        a_row, row = row, row + _chunks(h_in, c) * r_a
         b_row, row = row, row + _chunks(h_out, c) * r
-        placed[proj] = ProjectionPlacement(r, a_row, b_row)
-    pages = -(-row // layout.rows_per_page)
-    return AdapterPlacement(placed, row, pages, (pages * layout.rows_per_page - row) * c)
+        placed[proj] = ProjectionPlacement(r, a_row, b_row, r_a)
+    pages = -(-row // local.rows_per_page)
+    return AdapterPlacement(placed, row, pages, (pages * local.rows_per_page - row) * c * shards.num_shards)
 
 
 def _put_chunk_major(dst_JxRxC: np.ndarray, m_rxW: np.ndarray) -> None:
@@ -148,26 +198,40 @@ def adapter_rows(adapter: LoraAdapter, placement: AdapterPlacement, cfg: LlamaCo
     same-width unsigned ints: numpy casts into strided bfloat16 views and copies
     bfloat16 (an ml_dtypes type) element by element, several times slower.
     """
+    return adapter_shard_rows(adapter, placement, cfg, layout, WHOLE, dtype)[0]
+
+
+def adapter_shard_rows(adapter: LoraAdapter, placement: AdapterPlacement, cfg: LlamaConfig, layout: PoolLayout,
+                       shards: WholeAdapter, dtype=jnp.bfloat16) -> np.ndarray:
+    """`adapter_rows` of every shard: host `[num_shards, L, num_pages * rows_per_page', C]`.
+
+    `placement` is `place_adapter(..., shards)`; shard `i`'s rows are what slab `i`
+    of the adapter's pages holds (`rows_per_page'` of `shards.layout(layout)`).
+    Each module is cast once, then split.
+    """
     c, L, dtype = layout.lora_chunk, cfg.num_hidden_layers, jnp.dtype(dtype)
+    n = shards.num_shards
     bits = np.dtype(f"u{dtype.itemsize}")
-    rows_LxNxC = np.empty((L, placement.num_pages * layout.rows_per_page, c), dtype)
-    bits_LxNxC = rows_LxNxC.view(bits)
-    bits_LxNxC[:, placement.num_rows :] = 0  # the last page's unused rows
+    rows_DxLxNxC = np.empty((n, L, placement.num_pages * shards.layout(layout).rows_per_page, c), dtype)
+    bits_DxLxNxC = rows_DxLxNxC.view(bits)
+    bits_DxLxNxC[:, :, placement.num_rows :] = 0  # the last page's unused rows
     for proj, p in placement.projections.items():
-        h_in, h_out = cfg.projection_shape(proj)
+        h_in, h_out = shards.widths(proj, *cfg.projection_shape(proj))
         na, nb = _chunks(h_in, c), _chunks(h_out, c)
-        a_LxJxRxC = bits_LxNxC[:, p.a_row : p.a_row + na * p.rank].reshape(L, na, p.rank, c)
-        b_LxJxRxC = bits_LxNxC[:, p.b_row : p.b_row + nb * p.rank].reshape(L, nb, p.rank, c)
+        a_DxLxJxRxC = bits_DxLxNxC[:, :, p.a_row : p.a_row + na * p.a_rank].reshape(n, L, na, p.a_rank, c)
+        b_DxLxJxRxC = bits_DxLxNxC[:, :, p.b_row : p.b_row + nb * p.rank].reshape(n, L, nb, p.rank, c)
         for layer in range(L):
             m = adapter.modules.get((layer, proj))
             if m is None:  # a layer the adapter does not target
-                a_LxJxRxC[layer] = b_LxJxRxC[layer] = 0
+                a_DxLxJxRxC[:, layer] = b_DxLxJxRxC[:, layer] = 0
                 continue
             a_IxR = m.a.astype(np.float32, copy=False).astype(dtype, copy=False)
             b_RxO = (m.b.astype(np.float32, copy=False) * np.float32(m.scale)).astype(dtype, copy=False)
-            _put_chunk_major(a_LxJxRxC[layer], a_IxR.view(bits).T)
-            _put_chunk_major(b_LxJxRxC[layer], b_RxO.view(bits))
-    return rows_LxNxC
+            for i in range(n):
+                a_i, b_i = shards.split(proj, i, p.rank, a_IxR.view(bits), b_RxO.view(bits))
+                _put_chunk_major(a_DxLxJxRxC[i, layer], a_i.T)
+                _put_chunk_major(b_DxLxJxRxC[i, layer], b_i)
+    return rows_DxLxNxC
 
 
 def physical_rows(page_ids: jax.Array, rows_per_page: int) -> jax.Array:
@@ -181,6 +245,12 @@ def write_adapter(pool: jax.Array, rows_LxNxC: jax.Array, page_ids: jax.Array, l
 
     `rows_LxNxC` is `adapter_rows(...)` (`N = len(page_ids) * rows_per_page`).
     """
+    return scatter_rows(pool, rows_LxNxC, page_ids, layout)
+
+
+def scatter_rows(pool: jax.Array, rows_LxNxC: jax.Array, page_ids: jax.Array, layout: PoolLayout) -> jax.Array:
+    """`write_adapter`'s body, unjitted: `pool [L, num_pages, page_elems]` of `layout` with
+    `page_ids`' rows replaced by `rows_LxNxC` (under TP, one device's slab and local layout)."""
     L = layout.num_layers
     rows = pool.reshape(L, layout.num_pages * layout.rows_per_page, layout.lora_chunk)
     rows = rows.at[:, physical_rows(page_ids, layout.rows_per_page)].set(rows_LxNxC.astype(pool.dtype))
@@ -189,17 +259,18 @@ def write_adapter(pool: jax.Array, rows_LxNxC: jax.Array, page_ids: jax.Array, l
 
 def read_projection(pool_layer: jax.Array, layout: PoolLayout, page_table: jax.Array, placement: ProjectionPlacement,
                     h_in: int, h_out: int) -> tuple[jax.Array, jax.Array]:
-    """Reference read of one projection's `A [H_in, r]` and `B [r, H_out]` from one layer's pages."""
-    c, r = layout.lora_chunk, placement.rank
+    """Reference read of one projection's `A [H_in, a_rank]` and `B [rank, H_out]` from one layer's
+    pages (of one shard: its slab, `layout` and widths)."""
+    c = layout.lora_chunk
     rows = row_view(pool_layer, layout)
     phys = physical_rows(page_table, layout.rows_per_page)
 
-    def read(first: int, width: int) -> jax.Array:
+    def read(first: int, width: int, r: int) -> jax.Array:
         n = _chunks(width, c)
         m_NxRxC = rows[phys[first : first + n * r]].reshape(n, r, c)
         return m_NxRxC.transpose(1, 0, 2).reshape(r, n * c)[:, :width]
 
-    return read(placement.a_row, h_in).T, read(placement.b_row, h_out)
+    return read(placement.a_row, h_in, placement.a_rank).T, read(placement.b_row, h_out, placement.rank)
 
 
 def gather_slots(pool: jax.Array, layout: PoolLayout, cfg: LlamaConfig,
@@ -233,26 +304,28 @@ class AdapterTable(NamedTuple):
     """Where the adapters of a batch live (rows: the batch's adapters); numpy from `build`.
 
     pages: int32 `[A, max_pages]`, each adapter's page table (padded with 0).
-    rank, a_row, b_row: int32 `[A, 7]`, per projection in `PROJECTIONS` order
-      (rank 0: not targeted).
+    rank, a_row, b_row, a_rank: int32 `[A, 7]`, per projection in `PROJECTIONS` order
+      (rank 0: not targeted; `a_rank`: `ProjectionPlacement.a_rank`, = rank but for a
+      rank-split A).
     """
 
     pages: jax.Array
     rank: jax.Array
     a_row: jax.Array
     b_row: jax.Array
+    a_rank: jax.Array
 
     @classmethod
     def build(cls, entries: list[tuple[AdapterPlacement, np.ndarray]], num_rows: int, max_pages: int) -> "AdapterTable":
         """Host-side (numpy) table of `entries` padded to `num_rows` adapters (padding rows are all rank 0)."""
         pages = np.zeros((num_rows, max_pages), np.int32)
-        meta = np.zeros((3, num_rows, len(PROJECTIONS)), np.int32)
+        meta = np.zeros((4, num_rows, len(PROJECTIONS)), np.int32)
         for i, (placement, page_ids) in enumerate(entries):
             pages[i, : len(page_ids)] = page_ids
             for p, proj in enumerate(PROJECTIONS):
                 if proj in placement.projections:
                     pp = placement.projections[proj]
-                    meta[:, i, p] = (pp.rank, pp.a_row, pp.b_row)
+                    meta[:, i, p] = (pp.rank, pp.a_row, pp.b_row, pp.a_rank)
         return cls(pages, *meta)
 
 
@@ -281,12 +354,13 @@ def lora_from_pages(pool_layer: jax.Array, layout: PoolLayout, table: AdapterTab
 
 
 def capacity(layout: PoolLayout, cfg: LlamaConfig, rank: int, projections=("q", "k", "v", "o"),
-             dtype=jnp.bfloat16) -> dict[str, float]:
-    """What fits in an empty pool of `layout`: adapters of one shape, or tokens of KV cache."""
+             dtype=jnp.bfloat16, shards: WholeAdapter = WHOLE) -> dict[str, float]:
+    """What fits in an empty pool of `layout`: adapters of one shape (cut into `shards`, e.g. a
+    tensor-parallel split), or tokens of KV cache. Bytes are those of all devices together."""
     from slora_jax.adapters.random import random_adapter  # only shapes matter here
 
     tiny = dataclasses.replace(cfg, num_hidden_layers=1)  # placement is per layer: one layer suffices
-    placement = place_adapter(random_adapter(tiny, rank, projections), tiny, layout)
+    placement = place_adapter(random_adapter(tiny, rank, projections), tiny, layout, shards)
     return {
         "page_bytes": layout.page_bytes(dtype),
         "pool_bytes": layout.num_pages * layout.page_bytes(dtype),

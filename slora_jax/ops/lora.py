@@ -131,11 +131,19 @@ class PagedWeights:
                          int(max(1, ranks.max(initial=1))))
                      for ranks, a_row, b_row, (h_in, h_out) in zip(ranks_GxS, a_row_GxS, b_row_GxS, dims))
 
+    def read_a(self) -> jax.Array:
+        """Dense `A [S, h_in, r_max]`, zero past each rank: the jnp read of the A half, a copy."""
+        return read_paged(self.rows, self.pages, self.rank, self.a_row, self.h_in, rows_per_page=self.rows_per_page,
+                          r_max=self.r_max).transpose(0, 2, 1)
+
+    def read_b(self) -> jax.Array:
+        """Dense `B [S, r_max, h_out]`, zero past each rank: the jnp read of the B half, a copy."""
+        return read_paged(self.rows, self.pages, self.rank, self.b_row, self.h_out, rows_per_page=self.rows_per_page,
+                          r_max=self.r_max)
+
     def to_slots(self) -> SlotWeights:
         """Gather into dense `SlotWeights` (`R = r_max`, zero past each rank): the jnp read, a copy."""
-        read = functools.partial(read_paged, self.rows, self.pages, self.rank, rows_per_page=self.rows_per_page,
-                                 r_max=self.r_max)
-        return SlotWeights(read(self.a_row, self.h_in).transpose(0, 2, 1), read(self.b_row, self.h_out), self.rank)
+        return SlotWeights(self.read_a(), self.read_b(), self.rank)
 
 
 Weights = SlotWeights | PagedWeights
@@ -318,9 +326,10 @@ class KernelConfig:
     """Launch parameters of the Pallas SGMV kernels (block sizes powers of two; None = heuristic).
 
     `add_lora` runs a split pair (fp32 partials in HBM between two launches):
-    `sgmv_shrink` + `sgmv_expand` on dense slots (so do `shrink`/`expand`),
-    `sgmv_shrink_paged_group` + `sgmv_expand_paged_group` on `PagedWeights` (one
-    launch each for all projections of an `add_lora_group` call); or, with
+    `sgmv_shrink` + `sgmv_expand` on dense slots, `sgmv_shrink_paged_group` +
+    `sgmv_expand_paged_group` on `PagedWeights` (one launch each for all
+    projections of an `add_lora_group` call; `shrink`/`expand` launch the same
+    kernels, one half each, with G = 1); or, with
     `fused=True`, the one-launch `sgmv_fused` / `sgmv_fused_paged`. The split pair
     is the default because it measured faster (H200, 4096->4096 rank 16: 17.6 vs
     53.9 us at 64 distinct tokens on dense slots; benchmarks/NOTES_lora_kernels.md).
@@ -570,15 +579,20 @@ def shrink(x_TxI: jax.Array, w: Weights, meta: LoraMeta, *, impl: str = "pallas"
            config: KernelConfig | None = None) -> jax.Array:
     """`v[t, :r] = x[t] @ A[slot[t]][:, :r]`: `[T, H_in] -> [T, R]` fp32, zero past the rank and for slot -1.
 
-    `impl` is "pallas" or "reference". `PagedWeights` are gathered to slots first
-    (the one-launch `add_lora` is the op that reads pages in place).
+    `impl` is "pallas" or "reference". `R` is `a`'s rank width (`r_max` of
+    `PagedWeights`, which "pallas" reads in place with the paged split shrink; the
+    reference gathers them to slots first). Only the A half of `w` is read.
     """
-    w = _as_slots(w)
     slot_T = jnp.asarray(meta.slot)
+    if impl not in ("pallas", "reference"):
+        raise ValueError(f"shrink impl must be 'pallas' or 'reference', got {impl!r}")
+    if isinstance(w, PagedWeights):
+        if impl == "reference":
+            return shrink_reference(x_TxI, w.read_a(), w.rank, slot_T)
+        v_TxR = _paged_shrink(x_TxI, w, meta, config or KernelConfig())
+        return jnp.where(_paged_rank_mask(w.rank, w.r_max, slot_T), v_TxR, 0.0)
     if impl == "reference":
         return shrink_reference(x_TxI, w.a, w.ranks, slot_T)
-    if impl != "pallas":
-        raise ValueError(f"shrink impl must be 'pallas' or 'reference', got {impl!r}")
     cfg = config or KernelConfig()
     R = w.a.shape[-1]
     wp = _pad_rank(w, cfg.shrink_block_r)
@@ -590,18 +604,53 @@ def expand(y_TxO: jax.Array, v_TxR: jax.Array, w: Weights, meta: LoraMeta, *, im
            config: KernelConfig | None = None) -> jax.Array:
     """`y[t] += v[t, :r] @ B[slot[t]][:r]` (v cast to B's dtype, fp32 accumulate); slot -1 rows unchanged.
 
-    `impl` is "pallas" or "reference"; `PagedWeights` are gathered to slots first.
+    `impl` is "pallas" or "reference". `PagedWeights`: "pallas" reads B in place (the
+    paged split expand), the reference gathers it; `v`'s width must be `r_max`. Only
+    the B half of `w` is read.
     """
-    w = _as_slots(w)
+    if impl not in ("pallas", "reference"):
+        raise ValueError(f"expand impl must be 'pallas' or 'reference', got {impl!r}")
+    if isinstance(w, PagedWeights):
+        if v_TxR.shape[1] != w.r_max:
+            raise ValueError(f"v is {v_TxR.shape[1]} wide, the paged weights' rank bound r_max is {w.r_max}")
+        if impl == "reference":
+            return expand_reference(y_TxO, v_TxR, w.read_b(), w.rank, jnp.asarray(meta.slot))
+        return _paged_expand(y_TxO, v_TxR, w, meta, config or KernelConfig())
     if impl == "reference":
         return expand_reference(y_TxO, v_TxR, w.b, w.ranks, jnp.asarray(meta.slot))
-    if impl != "pallas":
-        raise ValueError(f"expand impl must be 'pallas' or 'reference', got {impl!r}")
     cfg = config or KernelConfig()
     pad = -w.b.shape[1] % cfg.expand_block_r  # B's R: A's may differ (a rank-split A under TP)
     wp = w._replace(b=jnp.pad(w.b, ((0, 0), (0, pad), (0, 0)))) if pad else w
     v_TxR = jnp.pad(v_TxR.astype(jnp.float32), ((0, 0), (0, wp.b.shape[1] - v_TxR.shape[1])))
     return _pallas_expand(y_TxO, v_TxR[None], wp, meta, cfg)
+
+
+def _paged_rank_mask(rank_S: jax.Array, r_max: int, slot_T: jax.Array) -> jax.Array:
+    """`[T, r_max]` bool: token has an adapter and the column is below its rank."""
+    r_T = jnp.where(slot_T >= 0, rank_S[jnp.maximum(slot_T, 0)], 0)
+    return jnp.arange(r_max)[None, :] < r_T[:, None]
+
+
+def _paged_shrink(x_TxI, w: PagedWeights, meta: LoraMeta, cfg: KernelConfig) -> jax.Array:
+    """The paged split shrink of one projection, `[T, r_max]` fp32 (rows outside tiles undefined)."""
+    vpart = sgmv_shrink_paged_group(
+        x_TxI, w.rows, w.pages, w.rank[None], w.a_row[None], meta.perm, meta.tile_start, meta.tile_end,
+        meta.tile_slot, rows_per_page=w.rows_per_page, r_block=_pow2_ceil(max(16, w.r_max)), block_m=meta.block_m,
+        k_steps=cfg.paged_k_steps, active_tiles=meta.active_tiles, num_warps=cfg.shrink_warps,
+        interpret=cfg.interpret, mixed_index=cfg.mixed_index)
+    return vpart[0].sum(0)[:, : w.r_max]
+
+
+def _paged_expand(y_TxO, v_TxR, w: PagedWeights, meta: LoraMeta, cfg: KernelConfig) -> jax.Array:
+    """The paged split expand of one projection from a whole `v [T, r_max]` (one partial)."""
+    r_block = _pow2_ceil(max(16, w.r_max))
+    v_1x1xTxR = jnp.pad(v_TxR.astype(jnp.float32), ((0, 0), (0, r_block - v_TxR.shape[1])))[None, None]
+    (y_TxO,) = sgmv_expand_paged_group(
+        (y_TxO,), v_1x1xTxR, w.rows, w.pages, w.rank[None], w.b_row[None], meta.perm, meta.tile_start,
+        meta.tile_end, meta.tile_slot, rows_per_page=w.rows_per_page, block_m=meta.block_m,
+        n_steps=cfg.paged_n_steps, num_warps=cfg.expand_warps, interpret=cfg.interpret,
+        mixed_index=cfg.mixed_index)
+    return y_TxO
 
 
 def random_slot_weights(key: jax.Array, ranks, h_in: int, h_out: int, *, dtype=jnp.bfloat16,

@@ -37,6 +37,13 @@ column-parallel A is split in `R/tp` columns (R padded to a multiple of tp by
 `clip(r_s - i*R/tp, 0, R/tp)`; a slot of rank 3 at R/tp = 2 has local ranks
 2, 1, 0, 0 on four devices.
 
+Paged shards (`unified_memory=True` in the engine, `paged.py`): the same
+partitions with each device's shards read in place from its slab of the pool's
+pages (`PagedShard`: the A half and the B half as `PagedWeights`, one table for
+all devices). A rank-split A is cut per adapter (`ceil(r/tp)` columns on every
+device, not `R/tp` of a pool-wide `R`), so after the all-gather each token's
+columns are put back in rank order by `merge_rank_shards`.
+
 Both halves run per shard either as jnp (`reference`: every token's weights
 gathered, `[T, I, R]` materialized) or as the Pallas split SGMV pair
 (`pallas`: `ops.lora.shrink` / `expand`, each segment's adapter read once). The
@@ -60,11 +67,24 @@ from pallas_kernels.sgmv_expand import expand_reference
 from pallas_kernels.sgmv_shrink import shrink_reference
 from slora_jax.model.layers import LoraFn
 from slora_jax.ops import lora as lora_ops
-from slora_jax.ops.lora import LoraMeta, SlotWeights
+from slora_jax.ops.lora import LoraMeta, PagedWeights, SlotWeights
 from slora_jax.parallel.mesh import TP_AXIS
 from slora_jax.parallel.sharding import COLUMN_PARALLEL, ROW_PARALLEL
 
 TP_LORA_IMPLS = ("reference", "pallas")
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["a", "b"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class PagedShard:
+    """One projection's LoRA shard on one device, in place in its slab of pool pages.
+
+    `a` is read for its A half only (rank `a_rank`: a rank-split A's columns on this
+    device), `b` for its B half only (the LoRA rank); both share rows and pages.
+    """
+
+    a: PagedWeights
+    b: PagedWeights
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["slot_T", "meta"], meta_fields=["impl"])
@@ -72,28 +92,53 @@ TP_LORA_IMPLS = ("reference", "pallas")
 class GatheredLora:
     """The two halves of gathered LoRA on one device's shards: `impl="reference"` (jnp, each
     token's weights gathered) or `"pallas"` (the split SGMV pair `ops.lora.shrink`/`expand`,
-    reading each segment's adapter once; needs `meta`, the step's `LoraMeta`, which holds no
-    ranks and so serves every shard)."""
+    reading each segment's adapter once, from pool pages in place for `PagedWeights`; needs
+    `meta`, the step's `LoraMeta`, which holds no ranks and so serves every shard)."""
 
     slot_T: jax.Array  # [T] int32, -1: no adapter
     impl: str = "reference"
     meta: LoraMeta | None = None
 
-    def shrink(self, x_TxI: jax.Array, w: SlotWeights) -> jax.Array:
-        """`[T, R]` fp32, zero past each token's rank and for slot -1."""
+    def shrink(self, x_TxI: jax.Array, w: SlotWeights | PagedWeights) -> jax.Array:
+        """`[T, R]` fp32 (R: `w`'s rank width), zero past each token's rank and for slot -1."""
         if self.impl == "pallas":
             return lora_ops.shrink(x_TxI, w, self.meta, impl="pallas")
+        if isinstance(w, PagedWeights):
+            return shrink_reference(x_TxI, w.read_a(), w.rank, self.slot_T)
         return shrink_reference(x_TxI, w.a, w.ranks, self.slot_T)
 
-    def expand(self, y_TxO: jax.Array, v_TxR: jax.Array, w: SlotWeights) -> jax.Array:
+    def expand(self, y_TxO: jax.Array, v_TxR: jax.Array, w: SlotWeights | PagedWeights) -> jax.Array:
         if self.impl == "pallas":
             return lora_ops.expand(y_TxO, v_TxR, w, self.meta, impl="pallas")
+        if isinstance(w, PagedWeights):
+            return expand_reference(y_TxO, v_TxR, w.read_b(), w.rank, self.slot_T)
         return expand_reference(y_TxO, v_TxR, w.b, w.ranks, self.slot_T)
 
 
-def column_parallel_lora(y_TxOl: jax.Array, x_TxI: jax.Array, w: SlotWeights, g: GatheredLora,
+def merge_rank_shards(v_TxDRl: jax.Array, rl_T: jax.Array, Rl: int, r_max: int) -> jax.Array:
+    """All-gathered shrink shards -> `[T, r_max]` in rank order.
+
+    `v_TxDRl` is `[T, tp * Rl]`, device j's `Rl` (static) columns at `j * Rl`; a token
+    whose adapter's A is split in `rl_T[t]` columns a device has its rank column
+    `c` at device `c // rl`, column `c % rl`. Columns at or past `tp * rl` (past
+    the rank) hold arbitrary values: the expand reads none past the rank.
+    """
+    rl_Tx1 = jnp.maximum(rl_T, 1)[:, None]
+    c_1xR = jnp.arange(r_max)[None, :]
+    idx_TxR = jnp.minimum((c_1xR // rl_Tx1) * Rl + c_1xR % rl_Tx1, v_TxDRl.shape[1] - 1)
+    return jnp.take_along_axis(v_TxDRl, idx_TxR, axis=1)
+
+
+def column_parallel_lora(y_TxOl: jax.Array, x_TxI: jax.Array, w: SlotWeights | PagedShard, g: GatheredLora,
                          strategy: str) -> jax.Array:
     """`y + (x @ A[slot]) @ B[slot]` for this device's output columns (see the module docstring)."""
+    if isinstance(w, PagedShard):
+        if strategy != "slora":
+            return g.expand(y_TxOl, g.shrink(x_TxI, w.a), w.b)
+        v_TxRl = g.shrink(x_TxI, w.a).astype(w.b.rows.dtype)  # as the dense path: gathered in B's dtype
+        v_TxDRl = lax.all_gather(v_TxRl, TP_AXIS, axis=1, tiled=True)
+        rl_T = jnp.where(g.slot_T >= 0, w.a.rank[jnp.maximum(g.slot_T, 0)], 0)
+        return g.expand(y_TxOl, merge_rank_shards(v_TxDRl, rl_T, w.a.r_max, w.b.r_max), w.b)
     if strategy == "slora":
         Rl = w.a.shape[-1]  # this device's rank columns
         i = lax.axis_index(TP_AXIS)
@@ -106,25 +151,27 @@ def column_parallel_lora(y_TxOl: jax.Array, x_TxI: jax.Array, w: SlotWeights, g:
     return g.expand(y_TxOl, v_TxR, w)
 
 
-def row_parallel_lora(y_TxH: jax.Array, x_TxIl: jax.Array, w: SlotWeights | None, g: GatheredLora | None,
-                      strategy: str) -> jax.Array:
+def row_parallel_lora(y_TxH: jax.Array, x_TxIl: jax.Array, w: SlotWeights | PagedShard | None,
+                      g: GatheredLora | None, strategy: str) -> jax.Array:
     """The block's all-reduce of the partial base output `y`, with the LoRA term added (module docstring)."""
     if w is None:
         return lax.psum(y_TxH, TP_AXIS)
-    v_part_TxR = g.shrink(x_TxIl, w)  # partial sum over this input slice
+    wa, wb = (w.a, w.b) if isinstance(w, PagedShard) else (w, w)
+    v_part_TxR = g.shrink(x_TxIl, wa)  # partial sum over this input slice
     if strategy == "slora":
         v_TxR = lax.psum(v_part_TxR, TP_AXIS)
-        Hl = w.b.shape[-1]
+        Hl = wb.h_out if isinstance(wb, PagedWeights) else wb.b.shape[-1]
         start = lax.axis_index(TP_AXIS) * Hl
         y_TxHl = lax.dynamic_slice_in_dim(y_TxH, start, Hl, axis=1)
-        y_TxHl = g.expand(y_TxHl, v_TxR, w)
+        y_TxHl = g.expand(y_TxHl, v_TxR, wb)
         y_TxH = lax.dynamic_update_slice_in_dim(y_TxH, y_TxHl, start, axis=1)
     else:
-        y_TxH = g.expand(y_TxH, v_part_TxR, w)
+        y_TxH = g.expand(y_TxH, v_part_TxR, wb)
     return lax.psum(y_TxH, TP_AXIS)
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["weights", "gathered"], meta_fields=["strategy"])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["weights", "gathered", "paged"],
+                   meta_fields=["strategy"])
 @dataclasses.dataclass(frozen=True)
 class ShardedProjections:
     """The `lora` argument of `decoder_stack` on one device of the TP forward.
@@ -135,22 +182,34 @@ class ShardedProjections:
 
     weights: projection -> this device's `SlotWeights` shards, `[L, ...]`-stacked
       (possibly empty), or a list of such dicts, one per layer; gathered: the
-      step's token slots and LoRA implementation, or None (no adapter this step).
+      step's token slots and LoRA implementation, or None (no adapter this step);
+      paged: adapters in pool pages instead of `weights` (`paged.ShardedPagedLora`,
+      whose `weights(layer, pool_slab, proj)` gives a `PagedShard`), or None.
     """
 
     weights: dict[str, SlotWeights] | list[dict[str, SlotWeights]]
     gathered: GatheredLora | None
     strategy: str
+    paged: object = None
 
     def per_layer(self):
         return self.weights
 
-    def layer_fn(self, layer: jax.Array, layer_weights, cache) -> LoraFn:
-        del layer, cache
+    def _shard(self, proj: str, layer: jax.Array, layer_weights, cache_now):
+        """This layer's weights of `proj` on this device, or None (no LoRA to add)."""
+        if self.gathered is None:
+            return None
+        if self.paged is None:
+            return layer_weights.get(proj)
+        if proj not in self.paged.projections:
+            return None
+        return self.paged.weights(layer, cache_now().pool, proj)  # the live pool: no copy of an older one
+
+    def layer_fn(self, layer: jax.Array, layer_weights, cache_now) -> LoraFn:
         g = self.gathered
 
         def epilogue(proj: str, y: jax.Array, x: jax.Array) -> jax.Array:
-            w = layer_weights.get(proj) if g is not None else None
+            w = self._shard(proj, layer, layer_weights, cache_now)
             if proj in ROW_PARALLEL:
                 return row_parallel_lora(y, x, w, g, self.strategy)
             assert proj in COLUMN_PARALLEL, proj

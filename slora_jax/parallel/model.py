@@ -25,12 +25,14 @@ from jax.sharding import PartitionSpec as P
 
 from slora_jax.compat import shard_map
 from slora_jax.config import LlamaConfig
+from slora_jax.memory.kv_cache import PagedKVCache
 from slora_jax.model import generate, llama
 from slora_jax.model.llama import Params
 from slora_jax.ops.lora import SlotWeights, build_lora_meta_jnp
 from slora_jax.parallel import sharding
 from slora_jax.parallel.lora import TP_LORA_IMPLS, GatheredLora, ShardedProjections
 from slora_jax.parallel.mesh import TP_AXIS, check_tp, local_config, tp_size
+from slora_jax.parallel.paged import ShardedPagedLora
 
 
 def _vocab_parallel_embed(emb_VlxH: jax.Array, tokens_BxS: jax.Array) -> jax.Array:
@@ -54,6 +56,21 @@ def _check_lora(weights, tp: int, strategy: str, impl: str) -> None:
             )
 
 
+def _check_paged(paged: ShardedPagedLora, cache, tp: int, strategy: str, impl: str) -> None:
+    """Adapters in pool pages: they live in the cache's pool, placed for this mesh and strategy."""
+    if impl not in TP_LORA_IMPLS:
+        raise ValueError(f"LoRA implementation under tensor parallelism must be one of {TP_LORA_IMPLS}, got {impl!r}")
+    if (paged.shards.tp, paged.shards.strategy) != (tp, strategy):
+        raise ValueError(f"adapter pages placed for tp={paged.shards.tp}, strategy {paged.shards.strategy!r}; "
+                         f"this forward runs tp={tp}, strategy {strategy!r}")
+    if not isinstance(cache, PagedKVCache):
+        raise TypeError(f"adapters in pool pages need the pool as the cache (a PagedKVCache), got "
+                        f"{type(cache).__name__}")
+    if paged.layout.num_pages != cache.layout.num_pages:
+        raise ValueError(f"adapter pages of a pool of {paged.layout.num_pages} pages, the cache's pool has "
+                         f"{cache.layout.num_pages}")
+
+
 def _dense_lora(lora, num_layers: int):
     """(weights, slot_ids, meta) of a dense-slot LoRA source: `LoraInputs`, or one that also
     carries the step's `LoraMeta` (the engine's `SlotLora`)."""
@@ -62,7 +79,8 @@ def _dense_lora(lora, num_layers: int):
     weights = getattr(lora, "weights", None)
     if not isinstance(weights, (dict, list, tuple)):
         raise TypeError("under tensor parallelism LoRA comes as dense slots (LoraInputs, or SlotLora of "
-                        f"unified_memory=False), got {type(lora).__name__}")
+                        "unified_memory=False) or as adapter pages placed for the mesh (paged.ShardedPagedLora), "
+                        f"got {type(lora).__name__}")
     if sharding.has_layer_list(weights) and len(weights) != num_layers:
         raise ValueError(f"per-layer LoRA weights: {len(weights)} layers, the model has {num_layers}")
     return weights if sharding.has_layer_list(weights) else dict(weights), lora.slot_ids, getattr(lora, "meta", None)
@@ -88,17 +106,24 @@ def forward(
     (`sharding.dense_kv_cache`) or `PagedKVCache` (`sharding.paged_kv_cache`)
     split by KV heads. `lora`: dense slots (`LoraInputs`, or a `SlotLora` whose
     `meta` is then used) placed by `sharding.shard_lora_weights` /
-    `init_random_lora` for the same `strategy`, stacked or per layer.
+    `init_random_lora` for the same `strategy`, stacked or per layer; or adapters
+    in the pages of the cache's pool (`paged.ShardedPagedLora`, placed for the
+    same `strategy`; `cache` then is the `PagedKVCache` over that pool).
     `lora_impl`: "reference" (jnp) or "pallas" (the SGMV kernels per shard).
     Logits come back fp32 `[B, S | n, V]`, split over the vocabulary.
     """
     tp = tp_size(mesh)
     check_tp(cfg, tp)
-    weights, slot_ids, meta = _dense_lora(lora, cfg.num_hidden_layers)
-    _check_lora(weights, tp, strategy, lora_impl)
+    paged = lora if isinstance(lora, ShardedPagedLora) else None
+    if paged is not None:
+        _check_paged(paged, cache, tp, strategy, lora_impl)
+        weights, slot_ids, meta = {}, paged.slot_ids, paged.meta
+    else:
+        weights, slot_ids, meta = _dense_lora(lora, cfg.num_hidden_layers)
+        _check_lora(weights, tp, strategy, lora_impl)
     local_cfg = local_config(cfg, tp)
 
-    def per_device(params, tokens_BxS, pos_BxS, cache, weights, slot_ids, meta, logits_index_B):
+    def per_device(params, tokens_BxS, pos_BxS, cache, weights, paged, slot_ids, meta, logits_index_B):
         h_BxSxH = _vocab_parallel_embed(params["embed"]["embedding"], tokens_BxS)
         gathered = None
         if slot_ids is not None:
@@ -106,18 +131,18 @@ def forward(
             if lora_impl == "pallas" and meta is None:
                 meta = build_lora_meta_jnp(slot_T)
             gathered = GatheredLora(slot_T, lora_impl, meta)
-        epilogue = ShardedProjections(weights, gathered, strategy)
+        epilogue = ShardedProjections(weights, gathered, strategy, paged)
         h_BxSxH, cache = llama.decoder_stack(params["layers"], local_cfg, h_BxSxH, pos_BxS, cache, epilogue)
         return llama.final_logits(params, local_cfg, h_BxSxH, logits_index_B), cache
 
     cache_spec = sharding.cache_specs(cache)
     in_specs = (sharding.specs_like(params, cfg), P(), P(), cache_spec, sharding.lora_specs(weights, strategy),
-                P(), P(), P())
+                P(), P(), P(), P())
     # check_vma=False: Pallas calls (the paged-attention and SGMV kernels) do not declare how their
     # outputs vary over mesh axes; every collective here is written out explicitly anyway.
     run = shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=(P(None, None, TP_AXIS), cache_spec),
                     check_vma=False)
-    return run(params, tokens_BxS, pos_BxS, cache, weights, slot_ids, meta, logits_index_B)
+    return run(params, tokens_BxS, pos_BxS, cache, weights, paged, slot_ids, meta, logits_index_B)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "mesh", "strategy", "lora_impl"), donate_argnames=("cache",))
