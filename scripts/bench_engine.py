@@ -35,6 +35,7 @@ import subprocess
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 nan = float("nan")
@@ -45,6 +46,7 @@ from bench_kernels import measure_ceilings  # same ceilings as the kernel benchm
 from slora_jax.adapters import random_adapter
 from slora_jax.config import EngineConfig, preset
 from slora_jax.engine import Engine, SamplingParams
+from slora_jax.parallel import serving
 from slora_jax.model import init_random_params
 
 
@@ -174,18 +176,24 @@ RUNS = {"base": (False, True), "base_sync": (False, False), "lora": (True, True)
 
 
 def bench_7b(bw_GBps: float, batch: int, n_adapters: int, prompt_len: int, new: int, rank: int,
-             model: str = "llama-7b", lora_chunk: int = 128, out_dir: str = ".", labels=tuple(RUNS)) -> dict:
+             model: str = "llama-7b", lora_chunk: int = 128, out_dir: str = ".", labels=tuple(RUNS),
+             tp: int = 1, unified: bool = True) -> dict:
     cfg = preset(model)
-    params = jax.block_until_ready(init_random_params(cfg, jax.random.key(0)))
+    if tp > 1:  # drawn straight into their shards (the engine keeps them there)
+        params = jax.block_until_ready(serving.init_random_params(cfg, EngineConfig(tp=tp), jnp.bfloat16, 0))
+    else:
+        params = jax.block_until_ready(init_random_params(cfg, jax.random.key(0)))
     ec = EngineConfig(num_pages=2048, page_size=16, lora_chunk=lora_chunk, max_model_len=prompt_len + new + 16,
                       max_num_seqs=batch, max_batch_tokens=max(batch, 2048), attention_impl="pallas",
-                      lora_impl="pallas")
+                      lora_impl="pallas", tp=tp, unified_memory=unified,
+                      **({} if unified else dict(max_loras=batch, max_lora_rank=rank)))
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     ctx = prompt_len + new // 2
     kv_bytes = batch * ctx * 2 * cfg.num_key_value_heads * cfg.head_dim * 2 * cfg.num_hidden_layers
     rng = np.random.default_rng(7)
     draw = rng.integers(0, n_adapters, batch)
-    out = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new, "adapters": n_adapters, "rank": rank,
+    out = {"model": model, "tp": tp, "unified_memory": unified,
+           "batch": batch, "prompt_len": prompt_len, "new_tokens": new, "adapters": n_adapters, "rank": rank,
            "distinct_adapters_in_batch": int(len(set(draw.tolist())))}
     rec = StepRecorder()
     engine_mod._step = rec
@@ -208,7 +216,7 @@ def bench_7b(bw_GBps: float, batch: int, n_adapters: int, prompt_len: int, new: 
             dev_s = rerun(rec, engine, 20)
             adapter_bytes = (out["distinct_adapters_in_batch"] if with_lora else 0) * cfg.num_hidden_layers * 4 \
                 * rank * (cfg.hidden_size * 2) * 2
-            floor_s = (weight_bytes + kv_bytes + adapter_bytes) / (bw_GBps * 1e9)
+            floor_s = (weight_bytes + kv_bytes + adapter_bytes) / (bw_GBps * 1e9) / tp  # spread over tp devices
             med = float(np.median(times))
             row = {"decode_steps": len(times), "median_step_ms": med * 1e3, "device_step_ms": dev_s * 1e3,
                    "host_overhead_ms": (med - dev_s) * 1e3, "dispatch_ms": dispatch * 1e3, "floor_ms": floor_s * 1e3,
@@ -216,7 +224,10 @@ def bench_7b(bw_GBps: float, batch: int, n_adapters: int, prompt_len: int, new: 
                    "tokens_per_s": batch / med, "pool_pages_used": engine.memory_report()["pages_adapter"]}
             row["profile"] = profile_kernels(lambda: rerun(rec, engine, 1))
             row["serving_profile"] = serving_profile(engine, batch, prompt_len, names)
-            row["pool_sized_copies"] = pool_copies(rec, engine, os.path.join(out_dir, f"step_hlo_{label}.txt"))
+            try:
+                row["pool_sized_copies"] = pool_copies(rec, engine, os.path.join(out_dir, f"step_hlo_{label}.txt"))
+            except Exception as e:  # noqa: BLE001 - extra information (e.g. not written under TP)
+                row["pool_sized_copies"] = f"{type(e).__name__}: {e}"[:200]
             out[label] = row
             print(label, json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
             del engine
@@ -239,11 +250,14 @@ def main():
     ap.add_argument("--model", default="llama-7b", help="a preset (tiny: a CPU smoke run)")
     ap.add_argument("--lora-chunk", type=int, default=128)
     ap.add_argument("--labels", default=",".join(RUNS), help=f"runs, a subset of {','.join(RUNS)}")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (EngineConfig.tp)")
+    ap.add_argument("--slots", action="store_true", help="dense adapter slots (unified_memory=False)")
     ap.add_argument("--tag", default="", help="suffix of the JSON name (engine{tag}.json), e.g. for XLA_FLAGS variants")
     args = ap.parse_args()
     res = {"benchmark": "engine", "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
            "command": "python scripts/bench_engine.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                                                   if k in ("batch", "adapters", "rank", "new", "model", "lora_chunk")),
+                                                                   if k in ("batch", "adapters", "rank", "new", "model", "lora_chunk",
+                                                                            "tp")) + (" --slots" if args.slots else ""),
            "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()}
     res["measured_ceilings"] = measure_ceilings(small=jax.default_backend() == "cpu")
@@ -257,7 +271,7 @@ def main():
     if bad := set(labels) - set(RUNS):
         ap.error(f"unknown --labels {sorted(bad)}; choose from {list(RUNS)}")
     res["llama_7b"] = bench_7b(bw, args.batch, args.adapters, 128, args.new, args.rank, args.model,
-                               args.lora_chunk, args.out, labels)
+                               args.lora_chunk, args.out, labels, args.tp, not args.slots)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"engine{args.tag}.json"), "w") as f:
         json.dump(res, f, indent=2)
