@@ -162,3 +162,24 @@ def test_config_gqa_validation():
     with pytest.raises(ValueError, match="multiple of"):
         LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                     num_attention_heads=3, num_key_value_heads=2, head_dim=4)
+
+
+@pytest.mark.parametrize("reads_pool", [False, True])
+def test_q_read_ordered_before_the_kv_write_when_lora_reads_the_pool(reads_pool):
+    """A LoRA fn marked `reads_pool` (adapters in the KV pool's pages) gets q, k, v through an
+    optimization barrier before `attend` (which writes k/v into the pool); others do not."""
+    from slora_jax.model.layers import DecoderLayer
+
+    cfg = preset("tiny")
+    layer = DecoderLayer(cfg, jnp.float32)
+    h = jnp.ones((1, 2, cfg.hidden_size), jnp.float32)
+    rope = (jnp.ones((1, 2, cfg.head_dim)), jnp.zeros((1, 2, cfg.head_dim)))
+    attend = lambda q, k, v: (q, None)  # noqa: E731  (q's heads as the attention output: shapes only)
+
+    def lora(proj, y, x):
+        return y + 1.0
+
+    lora.reads_pool = reads_pool
+    params = layer.init(jax.random.key(0), h, rope, attend, lora)
+    jaxpr = str(jax.make_jaxpr(lambda p: layer.apply(p, h, rope, attend, lora))(params))
+    assert ("optimization_barrier" in jaxpr) == reads_pool

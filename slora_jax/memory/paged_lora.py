@@ -58,6 +58,8 @@ class PagedLora:
                 return y_TxO
             return _add(self.impl, self.kernel, self.meta, y_TxO, x_TxI, self._weights(layer, cache_now, proj), slot_T)
 
+        lora.reads_pool = True  # adapter rows in the KV pool: see `DecoderLayer`
+
         return lora
 
     def layer_group_fn(self, layer: jax.Array, layer_weights, cache_now):

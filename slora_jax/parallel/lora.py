@@ -215,4 +215,5 @@ class ShardedProjections:
             assert proj in COLUMN_PARALLEL, proj
             return y if w is None else column_parallel_lora(y, x, w, g, self.strategy)
 
+        epilogue.reads_pool = self.paged is not None and g is not None  # see `DecoderLayer`
         return epilogue
