@@ -204,3 +204,18 @@ def test_partitions_on_adapter_pages(strategy, impl):
         assert np.linalg.norm(want - np.asarray(y_TxO)) > 0.1 * np.linalg.norm(y_TxO)  # the LoRA term matters
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=proj)
         np.testing.assert_allclose(got[slot_T < 0], np.asarray(y_TxO)[slot_T < 0], rtol=1e-6, atol=1e-6)
+
+
+def test_epilogue_marks_pool_reads():
+    """The TP epilogue says when its LoRA reads pool pages (the decoder layer then orders q's
+    read before the KV write: tests/test_model.py); dense slots and steps without adapters do not."""
+    from slora_jax.parallel.lora import ShardedProjections
+
+    layout = PoolLayout.for_model(CFG, num_pages=8, page_size=4, lora_chunk=16)
+    paged = ShardedPagedLora(AdapterTable.build([], 1, 1), np.zeros((1, 4), np.int32), layout, CFG,
+                             TPShards(2, "slora"), 16, ("q",))
+    g = GatheredLora(jnp.zeros(4, jnp.int32))
+    fn = lambda proj: ShardedProjections({}, *proj).layer_fn(jnp.int32(0), {}, None)  # noqa: E731
+    assert fn((g, "slora", paged)).reads_pool
+    assert not fn((g, "slora")).reads_pool  # dense slots
+    assert not fn((None, "slora", paged)).reads_pool  # no adapter in this step
