@@ -21,9 +21,11 @@ from slora_jax.ops import (
     add_lora_group,
     build_lora_meta,
     expand,
+    expand_group,
     lora_reference,
     random_slot_weights,
     shrink,
+    shrink_group,
 )
 from test_lora_ops import RANKS, make_slots
 
@@ -203,6 +205,35 @@ def test_add_lora_group_falls_back_per_projection():
     got = _add_group(ys, x, ws, build_lora_meta(slot_T), impl="reference")
     for y, w, out in zip(ys, ws, got):
         np.testing.assert_allclose(out, lora_reference(y, x, w, jnp.asarray(slot_T)), rtol=1e-6)
+
+
+def test_group_halves_on_pages():
+    """`shrink_group` then `expand_group` (one launch each, as under tensor parallelism where the
+    all-gather sits between them) give `shrink`/`add_lora` per projection, masked past each rank."""
+    rng = np.random.default_rng(11)
+    T = 29
+    ranks_GxS = GROUP_RANKS.copy()
+    ranks_GxS[2] = np.minimum(ranks_GxS[2], 24)  # rank bounds (r_max) 64, 64, 24
+    ws = [random_slot_weights(jax.random.key(g), ranks, H_IN, o, dtype=jnp.float32, max_rank=128)
+          for g, (ranks, o) in enumerate(zip(ranks_GxS, GROUP_OUT))]
+    pws = paged_group_from_slots(ws, 16, 128, rng)
+    assert [pw.r_max for pw in pws] == [64, 64, 24]
+    slot_T = make_slots("mixed_none", T, S, rng)
+    meta = build_lora_meta(slot_T, block_m=16)
+    x = jnp.asarray(rng.standard_normal((T, H_IN)), jnp.float32)
+    ys = tuple(jnp.asarray(rng.standard_normal((T, o)), jnp.float32) for o in GROUP_OUT)
+
+    def halves(ys, x, pws, meta):
+        vs = shrink_group(x, pws, meta, config=SPLIT)
+        return vs, expand_group(ys, vs, pws, meta, config=SPLIT)
+
+    vs, got = jax.jit(halves)(ys, x, pws, meta)
+    for v, pw, w, y, out in zip(vs, pws, ws, ys, got):
+        assert v.shape == (T, pw.r_max)
+        np.testing.assert_allclose(v, shrink(x, pw, meta, impl="reference"), rtol=1e-5, atol=1e-5)
+        assert rel_err(out, lora_reference(y, x, w, jnp.asarray(slot_T)), y) < 1e-5
+    with pytest.raises(ValueError, match="rank bound"):
+        expand_group(ys, (vs[0][:, :8],) + vs[1:], pws, meta, config=SPLIT)
 
 
 @pytest.mark.parametrize("n_in,programs_per_split,want", [

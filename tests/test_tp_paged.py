@@ -29,7 +29,7 @@ from slora_jax.memory.pool import (
 )
 from slora_jax.ops.lora import build_lora_meta, lora_reference
 from slora_jax.parallel import TP_AXIS
-from slora_jax.parallel.lora import GatheredLora, column_parallel_lora, row_parallel_lora
+from slora_jax.parallel.lora import GatheredLora, ShardedProjections, column_parallel_lora, row_parallel_lora
 from slora_jax.parallel.paged import ShardedPagedLora, TPShards, put_shards, write_adapter_shards
 from slora_jax.parallel.sharding import COLUMN_PARALLEL, local_pool_layout
 
@@ -154,6 +154,20 @@ def test_slab_must_hold_whole_rows():
     assert jax.device_count() == 4
 
 
+def fill_pool(ads, layout: PoolLayout, shards: TPShards, mesh):
+    """A TP pool holding `ads` in pages with gaps between them; (pool, table entries)."""
+    pool = parallel.create_pool(layout, mesh, jnp.float32)
+    entries, next_page = [], 3
+    for ad in ads:
+        placement = place_adapter(ad, CFG, layout, shards)
+        pages = np.arange(next_page, next_page + placement.num_pages, dtype=np.int32)
+        next_page += placement.num_pages + 1  # gaps: pages need not be contiguous
+        rows = put_shards(adapter_shard_rows(ad, placement, CFG, layout, shards, jnp.float32), mesh)
+        pool = write_adapter_shards(pool, rows, jnp.asarray(pages), layout, mesh)
+        entries.append((placement, pages))
+    return pool, entries
+
+
 @pytest.mark.parametrize("impl", ["reference", "pallas"])
 @pytest.mark.parametrize("strategy", parallel.LORA_STRATEGIES)
 def test_partitions_on_adapter_pages(strategy, impl):
@@ -164,15 +178,7 @@ def test_partitions_on_adapter_pages(strategy, impl):
     layout = PoolLayout.for_model(CFG, num_pages=64, page_size=4, lora_chunk=16)
     shards = TPShards(tp, strategy)
     ads = [random_adapter(CFG, r, ("q", "o"), seed=10 + r, name=f"r{r}") for r in (3, 16, 7, 5)]
-    pool = parallel.create_pool(layout, mesh, jnp.float32)
-    entries, next_page = [], 3
-    for ad in ads:
-        placement = place_adapter(ad, CFG, layout, shards)
-        pages = np.arange(next_page, next_page + placement.num_pages, dtype=np.int32)
-        next_page += placement.num_pages + 1  # gaps: pages need not be contiguous
-        rows = put_shards(adapter_shard_rows(ad, placement, CFG, layout, shards, jnp.float32), mesh)
-        pool = write_adapter_shards(pool, rows, jnp.asarray(pages), layout, mesh)
-        entries.append((placement, pages))
+    pool, entries = fill_pool(ads, layout, shards, mesh)
     slot_T = np.random.default_rng(0).integers(-1, len(ads), T).astype(np.int32)
     assert (slot_T < 0).any()
     meta = build_lora_meta(slot_T, max_segments=len(ads)) if impl == "pallas" else None
@@ -206,11 +212,50 @@ def test_partitions_on_adapter_pages(strategy, impl):
         np.testing.assert_allclose(got[slot_T < 0], np.asarray(y_TxO)[slot_T < 0], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("strategy,impl", [("slora", "pallas"), ("slora", "reference"), ("replicated_a", "pallas")])
+def test_qkv_group_on_adapter_pages(strategy, impl):
+    """q, k, v (GQA widths) through the epilogue's group hook at TP 4: one shrink, one all-gather
+    (slora), one expand; ranks 3, 16, 6 (not all on every projection), tokens without adapters."""
+    tp, T, layer = 4, 10, 0
+    mesh = parallel.make_mesh(CFG, tp)
+    layout = PoolLayout.for_model(CFG, num_pages=64, page_size=4, lora_chunk=16)
+    shards = TPShards(tp, strategy)
+    ads = [random_adapter(CFG, 3, ("q", "v"), seed=21, name="a"), random_adapter(CFG, 16, ("q", "k", "v"), seed=22,
+           name="b"), random_adapter(CFG, 6, ("k",), seed=23, name="c")]
+    pool, entries = fill_pool(ads, layout, shards, mesh)
+    slot_T = np.array([0, 1, -1, 2, 1, 0, 2, -1, 1, 1], np.int32)
+    meta = build_lora_meta(slot_T, max_segments=len(ads)) if impl == "pallas" else None
+    projs = ("q", "k", "v")
+    paged = ShardedPagedLora(AdapterTable.build(entries, len(ads), 32), slot_T[None], layout, CFG, shards, 16,
+                             projs, meta, impl)
+    dense = pack_slots(ads, CFG, jnp.float32)
+    x_TxI = jax.random.normal(jax.random.key(2), (T, CFG.hidden_size), jnp.float32)
+    ys = tuple(jax.random.normal(jax.random.key(3 + i), (T, CFG.projection_shape(p)[1]), jnp.float32)
+               for i, p in enumerate(projs))
+
+    def per_device(pool_slab, paged, ys, x, slot, meta):
+        class Live:
+            pool = pool_slab
+
+        epilogue = ShardedProjections({}, GatheredLora(slot, impl, meta), strategy, paged)
+        group = epilogue.layer_group_fn(jnp.int32(layer), {}, lambda: Live)
+        assert group.reads_pool == (impl != "pallas")
+        return group(projs, ys, x)
+
+    col = P(None, TP_AXIS)
+    run = shard_map(per_device, mesh=mesh, in_specs=(P(None, None, TP_AXIS), P(), (col,) * 3, P(), P(), P()),
+                    out_specs=(col,) * 3, check_vma=False)
+    got = jax.jit(run)(pool, paged, ys, x_TxI, jnp.asarray(slot_T), meta)
+    for p, y, out in zip(projs, ys, got):
+        w = jax.tree.map(lambda a: a[layer], dense[p])
+        want = np.asarray(lora_reference(y, x_TxI, w, jnp.asarray(slot_T)))
+        np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5, err_msg=p)
+    assert np.linalg.norm(np.asarray(got[1]) - np.asarray(ys[1])) > 0.1 * np.linalg.norm(ys[1])
+
+
 def test_epilogue_marks_pool_reads():
     """The TP epilogue says when its LoRA reads pool pages (the decoder layer then orders q's
     read before the KV write: tests/test_model.py); dense slots and steps without adapters do not."""
-    from slora_jax.parallel.lora import ShardedProjections
-
     layout = PoolLayout.for_model(CFG, num_pages=8, page_size=4, lora_chunk=16)
     paged = ShardedPagedLora(AdapterTable.build([], 1, 1), np.zeros((1, 4), np.int32), layout, CFG,
                              TPShards(2, "slora"), 16, ("q",))
@@ -219,3 +264,7 @@ def test_epilogue_marks_pool_reads():
     assert fn((g, "slora", paged)).reads_pool
     assert not fn((g, "slora")).reads_pool  # dense slots
     assert not fn((None, "slora", paged)).reads_pool  # no adapter in this step
+    group = lambda proj: ShardedProjections({}, *proj).layer_group_fn(jnp.int32(0), {}, None)  # noqa: E731
+    assert group((g, "slora", paged)).reads_pool  # the jnp reference reads per projection
+    assert not group((GatheredLora(g.slot_T, "pallas"), "slora", paged)).reads_pool  # one launch for q, k, v
+    assert group((g, "slora")) is None and group((None, "slora", paged)) is None

@@ -127,13 +127,14 @@ class DecoderLayer(nn.Module):
 
         x_TxH = RMSNorm(cfg.rms_norm_eps, pd, name="attn_norm")(h_BxSxH).reshape(B * S, H)
         q_TxO, k_TxO, v_TxO = projs(("q", "k", "v"), x_TxH)
-        if lora_group is None and getattr(lora, "reads_pool", False):
+        if getattr(lora if lora_group is None else lora_group, "reads_pool", False):
             # `attend` writes k/v into the KV cache before reading q. With adapters in the same
             # pool (a LoRA fn marked `reads_pool`), q's LoRA reads pool pages too, and nothing
             # orders that read before the write: XLA then copies the whole pool to keep the old
             # version (3 pool copies a step on each device under tensor parallelism, where each
             # projection has its own LoRA launch). The barrier makes k/v available only once q is
-            # computed. (`lora_group` computes q, k, v in one launch, which orders them already.)
+            # computed. (A `lora_group` computing q, k, v in one launch orders them already; one
+            # that does not marks itself `reads_pool`.)
             q_TxO, k_TxO, v_TxO = jax.lax.optimization_barrier((q_TxO, k_TxO, v_TxO))
         q_BxSxNxD = q_TxO.reshape(B, S, N, D)
         k_BxSxKxD = k_TxO.reshape(B, S, K, D)

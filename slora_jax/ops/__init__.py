@@ -12,10 +12,12 @@ from slora_jax.ops.lora import (
     build_lora_meta_jnp,
     default_block_m,
     expand,
+    expand_group,
     lora_reference,
     num_tiles,
     random_slot_weights,
     shrink,
+    shrink_group,
 )
 
 __all__ = [
@@ -30,8 +32,10 @@ __all__ = [
     "build_lora_meta_jnp",
     "default_block_m",
     "expand",
+    "expand_group",
     "lora_reference",
     "num_tiles",
     "random_slot_weights",
     "shrink",
+    "shrink_group",
 ]

@@ -566,11 +566,7 @@ def add_lora_group(ys_TxO, x_TxI: jax.Array, ws, meta: LoraMeta, *, impl: str = 
     if len(ys_TxO) != len(ws):
         raise ValueError(f"{len(ys_TxO)} outputs for {len(ws)} weights")
     cfg = config or KernelConfig()
-    if (impl == "pallas" and not cfg.fused and cfg.group_projections
-            and all(isinstance(w, PagedWeights) for w in ws)):
-        shared = {(w.h_in, w.rows_per_page, w.rows.shape, w.pages.shape) for w in ws}
-        if len(shared) != 1 or shared.pop()[0] != x_TxI.shape[1]:
-            raise ValueError("grouped projections need one input width, one pool and one page table")
+    if impl == "pallas" and not cfg.fused and cfg.group_projections and _paged_group(ws, x_TxI):
         return _add_paged_group(ys_TxO, x_TxI, ws, meta, cfg)
     return tuple(add_lora(y, x_TxI, w, meta, impl=impl, config=config) for y, w in zip(ys_TxO, ws))
 
@@ -623,6 +619,66 @@ def expand(y_TxO: jax.Array, v_TxR: jax.Array, w: Weights, meta: LoraMeta, *, im
     wp = w._replace(b=jnp.pad(w.b, ((0, 0), (0, pad), (0, 0)))) if pad else w
     v_TxR = jnp.pad(v_TxR.astype(jnp.float32), ((0, 0), (0, wp.b.shape[1] - v_TxR.shape[1])))
     return _pallas_expand(y_TxO, v_TxR[None], wp, meta, cfg)
+
+
+def _paged_group(ws, x_TxI: jax.Array | None = None) -> bool:
+    """`ws` are `PagedWeights` of one pool and one page table (and input width `x`'s): one launch serves them."""
+    if not all(isinstance(w, PagedWeights) for w in ws):
+        return False
+    shared = {(w.h_in, w.rows_per_page, w.rows.shape, w.pages.shape) for w in ws}
+    if len(shared) != 1 or (x_TxI is not None and shared.pop()[0] != x_TxI.shape[1]):
+        raise ValueError("grouped projections need one input width, one pool and one page table")
+    return True
+
+
+def shrink_group(x_TxI: jax.Array, ws, meta: LoraMeta, *, impl: str = "pallas",
+                 config: KernelConfig | None = None) -> tuple[jax.Array, ...]:
+    """`shrink(x, ws[g], meta)` for projections sharing x: a tuple of `[T, ws[g].r_max]` fp32.
+
+    With `impl="pallas"` and `PagedWeights` of one pool and page table (as
+    `add_lora_group` takes them) it is one launch for the group; otherwise one
+    `shrink` each. Used where something must happen between the halves (the
+    all-gather of a rank-split A under tensor parallelism).
+    """
+    ws = tuple(ws)
+    cfg = config or KernelConfig()
+    if impl != "pallas" or not cfg.group_projections or len(ws) < 2 or not _paged_group(ws, x_TxI):
+        return tuple(shrink(x_TxI, w, meta, impl=impl, config=config) for w in ws)
+    w0, slot_T = ws[0], jnp.asarray(meta.slot)
+    vpart = sgmv_shrink_paged_group(
+        x_TxI, w0.rows, w0.pages, jnp.stack([w.rank for w in ws]), jnp.stack([w.a_row for w in ws]), meta.perm,
+        meta.tile_start, meta.tile_end, meta.tile_slot, rows_per_page=w0.rows_per_page,
+        r_block=_pow2_ceil(max(16, *(w.r_max for w in ws))), block_m=meta.block_m, k_steps=cfg.paged_k_steps,
+        active_tiles=meta.active_tiles, num_warps=cfg.shrink_warps, interpret=cfg.interpret,
+        mixed_index=cfg.mixed_index)
+    v_GxTxR = vpart.sum(1)
+    return tuple(jnp.where(_paged_rank_mask(w.rank, w.r_max, slot_T), v_GxTxR[g, :, : w.r_max], 0.0)
+                 for g, w in enumerate(ws))
+
+
+def expand_group(ys_TxO, vs_TxR, ws, meta: LoraMeta, *, impl: str = "pallas",
+                 config: KernelConfig | None = None) -> tuple[jax.Array, ...]:
+    """`expand(ys[g], vs[g], ws[g], meta)` for a group of projections; one launch as `shrink_group`.
+
+    Each `vs[g]` is `[T, ws[g].r_max]` (as `shrink_group` gives); outputs may differ in width.
+    """
+    ys_TxO, vs_TxR, ws = tuple(ys_TxO), tuple(vs_TxR), tuple(ws)
+    if not len(ys_TxO) == len(vs_TxR) == len(ws):
+        raise ValueError(f"{len(ys_TxO)} outputs, {len(vs_TxR)} shrink results, {len(ws)} weights")
+    cfg = config or KernelConfig()
+    if impl != "pallas" or not cfg.group_projections or len(ws) < 2 or not _paged_group(ws):
+        return tuple(expand(y, v, w, meta, impl=impl, config=config) for y, v, w in zip(ys_TxO, vs_TxR, ws))
+    for v, w in zip(vs_TxR, ws):
+        if v.shape[1] != w.r_max:
+            raise ValueError(f"v is {v.shape[1]} wide, the paged weights' rank bound r_max is {w.r_max}")
+    w0 = ws[0]
+    r_block = _pow2_ceil(max(16, *(w.r_max for w in ws)))
+    v_Gx1xTxR = jnp.stack([jnp.pad(v.astype(jnp.float32), ((0, 0), (0, r_block - v.shape[1]))) for v in vs_TxR])[:, None]
+    return sgmv_expand_paged_group(
+        ys_TxO, v_Gx1xTxR, w0.rows, w0.pages, jnp.stack([w.rank for w in ws]), jnp.stack([w.b_row for w in ws]),
+        meta.perm, meta.tile_start, meta.tile_end, meta.tile_slot, rows_per_page=w0.rows_per_page,
+        block_m=meta.block_m, n_steps=cfg.paged_n_steps, num_warps=cfg.expand_warps, interpret=cfg.interpret,
+        mixed_index=cfg.mixed_index)
 
 
 def _paged_rank_mask(rank_S: jax.Array, r_max: int, slot_T: jax.Array) -> jax.Array:

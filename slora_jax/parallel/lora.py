@@ -29,7 +29,10 @@ all-reduce (`psum`) of `y` happens here, after the LoRA term is added:
 
 So the block all-reduces are exactly the base model's two per layer; `slora`
 adds one `[T, R]` all-gather per targeted column-parallel projection and one
-`[T, R]` all-reduce per targeted row-parallel one.
+`[T, R]` all-reduce per targeted row-parallel one. With adapters in pool pages
+the projections sharing x (q, k, v; gate, up) go together
+(`ShardedProjections.layer_group_fn`, `column_parallel_lora_group`): one shrink
+launch, one all-gather of all their shards side by side, one expand launch.
 
 Ranks: every slot keeps its true rank in `ranks` (replicated). Under `slora`, a
 column-parallel A is split in `R/tp` columns (R padded to a multiple of tp by
@@ -114,6 +117,17 @@ class GatheredLora:
             return expand_reference(y_TxO, v_TxR, w.read_b(), w.rank, self.slot_T)
         return expand_reference(y_TxO, v_TxR, w.b, w.ranks, self.slot_T)
 
+    def shrink_group(self, x_TxI: jax.Array, ws) -> tuple[jax.Array, ...]:
+        """`shrink` of projections sharing x; the Pallas impl on pool pages launches once for them."""
+        if self.impl == "pallas":
+            return lora_ops.shrink_group(x_TxI, ws, self.meta, impl="pallas")
+        return tuple(self.shrink(x_TxI, w) for w in ws)
+
+    def expand_group(self, ys_TxO, vs_TxR, ws) -> tuple[jax.Array, ...]:
+        if self.impl == "pallas":
+            return lora_ops.expand_group(ys_TxO, vs_TxR, ws, self.meta, impl="pallas")
+        return tuple(self.expand(y, v, w) for y, v, w in zip(ys_TxO, vs_TxR, ws))
+
 
 def merge_rank_shards(v_TxDRl: jax.Array, rl_T: jax.Array, Rl: int, r_max: int) -> jax.Array:
     """All-gathered shrink shards -> `[T, r_max]` in rank order.
@@ -149,6 +163,29 @@ def column_parallel_lora(y_TxOl: jax.Array, x_TxI: jax.Array, w: SlotWeights | P
     else:
         v_TxR = g.shrink(x_TxI, w)
     return g.expand(y_TxOl, v_TxR, w)
+
+
+def column_parallel_lora_group(ys_TxOl, x_TxI: jax.Array, ws: list[PagedShard], g: GatheredLora,
+                               strategy: str) -> tuple[jax.Array, ...]:
+    """`column_parallel_lora` of projections sharing x (q, k, v; gate, up), adapters in pool pages:
+    one shrink launch, under `slora` one all-gather of all their `[T, Rl]` shards, one expand launch."""
+    vs = g.shrink_group(x_TxI, [w.a for w in ws])
+    if strategy == "slora":
+        dtype = ws[0].b.rows.dtype  # as the dense path: gathered in B's dtype
+        widths = [v.shape[1] for v in vs]
+        v_TxW = jnp.concatenate([v.astype(dtype) for v in vs], axis=1)
+        T, W = v_TxW.shape
+        v_TxDW = lax.all_gather(v_TxW, TP_AXIS, axis=1, tiled=True)  # device j's W columns at j * W
+        tp = v_TxDW.shape[1] // W
+        v_TxDxW = v_TxDW.reshape(T, tp, W)
+        starts = [sum(widths[:j]) for j in range(len(ws))]
+        merged = []
+        for w, Rl, c0 in zip(ws, widths, starts):
+            rl_T = jnp.where(g.slot_T >= 0, w.a.rank[jnp.maximum(g.slot_T, 0)], 0)
+            v_TxDRl = v_TxDxW[:, :, c0 : c0 + Rl].reshape(T, tp * Rl)
+            merged.append(merge_rank_shards(v_TxDRl, rl_T, Rl, w.b.r_max))
+        vs = merged
+    return g.expand_group(ys_TxOl, vs, [w.b for w in ws])
 
 
 def row_parallel_lora(y_TxH: jax.Array, x_TxIl: jax.Array, w: SlotWeights | PagedShard | None,
@@ -217,3 +254,27 @@ class ShardedProjections:
 
         epilogue.reads_pool = self.paged is not None and g is not None  # see `DecoderLayer`
         return epilogue
+
+    def layer_group_fn(self, layer: jax.Array, layer_weights, cache_now):
+        """Projections sharing x in one launch pair (and, under `slora`, one all-gather), for
+        adapters in pool pages; None (one `layer_fn` call each) otherwise."""
+        g = self.gathered
+        if g is None or self.paged is None:
+            return None
+
+        def lora_group(projs: tuple[str, ...], ys: tuple[jax.Array, ...], x: jax.Array) -> tuple[jax.Array, ...]:
+            todo = [i for i, p in enumerate(projs) if p in self.paged.projections]
+            assert all(p in COLUMN_PARALLEL for p in projs), projs
+            if not todo:
+                return ys
+            ws = [self._shard(projs[i], layer, layer_weights, cache_now) for i in todo]
+            done = column_parallel_lora_group([ys[i] for i in todo], x, ws, g, self.strategy)
+            out = list(ys)
+            for i, y in zip(todo, done):
+                out[i] = y
+            return tuple(out)
+
+        # The Pallas group reads q's LoRA weights in the launch that also makes k and v, which the
+        # KV write then waits for; the jnp reference reads them per projection (see `DecoderLayer`).
+        lora_group.reads_pool = g.impl != "pallas"
+        return lora_group
