@@ -50,23 +50,25 @@ from slora_jax.parallel import serving
 from slora_jax.model import init_random_params
 
 
-def tiny_check() -> dict:
+def tiny_check(tp: int = 1) -> dict:
+    """Greedy tokens of the Pallas engine (at `tp` devices) against the one-device jnp engine."""
     cfg = preset("tiny")
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 250, rng.integers(5, 100)).tolist() for _ in range(12)]
     names = [None, "a0", "a1", "a2"]
     outs = {}
+    params = init_random_params(cfg, jax.random.key(0), jnp.float32)  # the same weights at every tp
     for impl in ("reference", "pallas"):
-        e = Engine.from_pretrained("tiny", dtype="float32", num_pages=256, page_size=16, lora_chunk=16,
-                                   max_model_len=256, max_num_seqs=8, max_batch_tokens=128, attention_impl=impl,
-                                   lora_impl=impl)
+        ec = EngineConfig(num_pages=256, page_size=16, lora_chunk=16, max_model_len=256, max_num_seqs=8,
+                          max_batch_tokens=128, attention_impl=impl, lora_impl=impl, tp=tp if impl == "pallas" else 1)
+        e = Engine(cfg, params, ec)
         for i, r in enumerate([4, 16, 64]):
             e.add_adapter(f"a{i}", random_adapter(cfg, r, ("q", "k", "v", "o", "gate", "up", "down"), seed=i,
                                                   name=f"a{i}"))
         sp = SamplingParams(max_new_tokens=24, ignore_eos=True)
         outs[impl] = [o.token_ids for o in e.generate(prompts, [names[i % 4] for i in range(12)], sp)]
     same = [a == b for a, b in zip(outs["reference"], outs["pallas"])]
-    return {"requests": len(same), "identical_outputs": int(sum(same))}
+    return {"requests": len(same), "identical_outputs": int(sum(same)), "tp": tp}
 
 
 class StepRecorder:
@@ -264,7 +266,7 @@ def main():
     bw = res["measured_ceilings"]["copy_GBps"]
     print("ceilings", res["measured_ceilings"], flush=True)
     if not args.skip_tiny:
-        res["tiny_pallas_vs_reference"] = tiny_check()
+        res["tiny_pallas_vs_reference"] = tiny_check(args.tp)
         print("tiny", res["tiny_pallas_vs_reference"], flush=True)
     os.makedirs(args.out, exist_ok=True)
     labels = [x for x in args.labels.split(",") if x]
