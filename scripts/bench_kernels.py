@@ -44,9 +44,17 @@ measured in this run; bytes = x read + the used adapters' A and B (at their own
 rank) read once + y read and written. Impls that cannot run a case (errors, OOM,
 wrong results) are rows with the reason; so are skipped ones (`skipped`).
 
-`--budget-s` stops starting new cases (the JSON is rewritten after every case);
-`--resume FILE` skips the cases already in FILE and appends to its rows, so the grid
-can be finished over several runs; `--summarize FILE` only prints the summary.
+`--budget-s` stops starting new cases, and stops waiting for a batch's compiles (the
+JSON is rewritten after every case); `--resume FILE` skips the cases already in FILE
+and appends to its rows and a new `runs` entry, so the grid can be finished over
+several runs; `--summarize FILE` only prints the summary.
+Where the wall time goes: each `runs` entry has `phase_s`, the main thread's wall
+seconds by phase (setup, ceilings, prepare: host data and compile submission,
+compile_wait: waiting on the compile threads, which lower (serially, `lower_s`) and
+compile (`compile_thread_s`), data: weights and x, pages: packing the paged weights,
+reference, check: first call and rel_err, timing (with `--overlap-compile` also the
+wait for a lowering in progress), json, other), summing to `wall_s`; each row's
+`phase_s` has its own impl's share (compile_wait, pages, check, timing).
 Impls take KernelConfig overrides for variants: 'pallas[k_splits=2,expand_block_n=256]'.
 
     python scripts/bench_kernels.py --plan-only                  # counts, no device work
@@ -306,7 +314,8 @@ def measure_ceilings(small: bool = False):
     run_mm(1)
     tflops = 2 * n**3 / slope_time(run_mm, 4) / 1e12
     del state, a, b
-    return {"copy_GBps": round(copy_GBps, 1), "bf16_TFLOPs": round(tflops, 1)}
+    sig4 = lambda v: float(f"{v:.4g}")  # noqa: E731 - not round(v, 1): a CPU's TFLOP/s rounds to 0
+    return {"copy_GBps": sig4(copy_GBps), "bf16_TFLOPs": sig4(tflops)}
 
 
 def chunked_reference(y_TxO, x_TxI, w, slot_T):
@@ -391,6 +400,45 @@ def _time_chain(exe, y, args, n_rot, best_call_s, tm: Timing, gate: TraceGate):
     return med / n_rot, fields
 
 
+# ----------------------------------------------------------------------------- where the wall time goes
+
+
+class Phases:
+    """Wall seconds of the main thread by phase: `with phases("timing"): ...`.
+
+    A phase entered inside another pauses the outer one, so the totals are exclusive and
+    sum to at most the wall time; `totals(wall)` adds the rest as `other`. Main thread only
+    (the compile threads keep their own `Planner.trace_s` / `compile_s`).
+    """
+
+    def __init__(self):
+        self.s = collections.Counter()
+        self._stack = []  # [name, seconds since perf_counter() at which it was last resumed]
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        now = time.perf_counter()
+        if self._stack:
+            self.s[self._stack[-1][0]] += now - self._stack[-1][1]
+        self._stack.append([name, now])
+        try:
+            yield
+        finally:
+            now = time.perf_counter()
+            self.s[name] += now - self._stack.pop()[1]
+            if self._stack:
+                self._stack[-1][1] = now
+
+    def since(self, snapshot: collections.Counter) -> dict:
+        """Seconds by phase spent since `snapshot` (a copy of `self.s`)."""
+        return {k: round(v - snapshot[k], 4) for k, v in self.s.items() if v > snapshot[k]}
+
+    def totals(self, wall_s: float) -> dict:
+        out = {k: round(v, 3) for k, v in self.s.most_common()}
+        out["other"] = round(max(0.0, wall_s - sum(self.s.values())), 3)
+        return out
+
+
 # ----------------------------------------------------------------------------- compile ahead
 
 
@@ -446,7 +494,7 @@ def abstract(tree):
 
 def signature(tree):
     leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple((tuple(a.shape), str(a.dtype)) for a in leaves)
+    return treedef, tuple((tuple(a.shape), a.dtype) for a in leaves)
 
 
 @dataclasses.dataclass
@@ -461,6 +509,7 @@ class Case:
     n_rot: int
     slots: list  # n_rot x [T] int32
     metas: list  # n_rot LoraMeta (numpy)
+    metas_static: list  # the same, `static_tiles`
     bytes_: float
     flops: float
     segments: int  # most segments of one draw
@@ -468,7 +517,6 @@ class Case:
     n_tiles: int
     jobs: dict  # impl label -> Future of the compiled chain, or a skip reason (str)
     ref: concurrent.futures.Future  # compiled chunked_reference
-    ref_wait_s: float = 0.0  # how long the timing thread waited for it
 
     @property
     def group(self):
@@ -520,9 +568,10 @@ class Planner:
 
         return self.pool.submit(job)
 
-    def wait_all(self):
-        """Until every compile submitted so far is done."""
-        concurrent.futures.wait([f for f in self.cache.values() if f is not None])
+    def wait_all(self, timeout=None) -> bool:
+        """Until every compile submitted so far is done (True), or `timeout` seconds (False)."""
+        _, not_done = concurrent.futures.wait([f for f in self.cache.values() if f is not None], timeout)
+        return not not_done
 
     def _submit(self, key, label, build, args):
         if key in self.cache:
@@ -562,6 +611,9 @@ class Planner:
         metas_static = [static_tiles(m) for m in metas]
         y = jax.ShapeDtypeStruct((T, h_out), jnp.bfloat16)
         xs = [jax.ShapeDtypeStruct((T, h_in), jnp.bfloat16)] * n_rot
+        # once per case, not per impl: per impl they took most of prepare's time
+        ms_of = {layout: abstract(metas if layout else metas_static) for layout in (True, False)}
+        ms_sig = {layout: signature(ms) for layout, ms in ms_of.items()}
         jobs = {}
         for label, (name, cfg, paged) in zip(self.labels, self.impls):
             reason = skip_reason(name, T, h_in, h_out, R, max(segs), n_tiles, self.max_loop_segments)
@@ -569,20 +621,20 @@ class Planner:
                 jobs[label] = reason
                 continue
             w = self.weights_abstract(h_in, h_out, rank, cfg.chunk if paged else None)
-            ms = abstract(metas if sizes_by_layout(name, cfg, paged) else metas_static)
-            args = (y, xs, w, ms)
+            layout = sizes_by_layout(name, cfg, paged)
+            args = (y, xs, w, ms_of[layout])
             if name == "loop":
                 key = (label, n_rot, (h_in, h_out, rank, T, pop))  # closes over this case's metadata
                 build = lambda name=name, cfg=cfg, n_rot=n_rot: make_chain_fn(name, cfg, n_rot, static_metas=metas)
             else:
-                key = (label, n_rot, signature(args))
+                key = (label, n_rot, signature((y, xs, w)), ms_sig[layout])
                 build = lambda name=name, cfg=cfg, n_rot=n_rot: make_chain_fn(name, cfg, n_rot)
             jobs[label] = self._submit(key, label, build, args)
         wd = self.weights_abstract(h_in, h_out, rank)
         ref_args = (y, xs[0], wd, jax.ShapeDtypeStruct((T,), jnp.int32))
         ref = self._submit(("reference", signature(ref_args)), "(reference)", lambda: jax.jit(chunked_reference),
                            ref_args)
-        return Case(h_in, h_out, rank, T, pop, n_rot, slots, metas,
+        return Case(h_in, h_out, rank, T, pop, n_rot, slots, metas, metas_static,
                     float(np.mean([b for b, _ in bf])), float(np.mean([f for _, f in bf])), max(segs), sum(segs),
                     n_tiles, jobs, ref)
 
@@ -619,22 +671,26 @@ class DeviceData:
         return self.paged[chunk]
 
 
-def run_case(c: Case, data: DeviceData, labels, impls, floor_s, gate: TraceGate, tm: Timing, run_id: int):
-    """Check every impl against the reference, then time it; returns the rows (in `labels` order)."""
-    data.for_case(c)
-    xs, y0, w = data.xs, data.y0, data.w
-    slots_dev = [jnp.asarray(s) for s in c.slots]
-    metas_dev = jax.device_put(c.metas)  # on the device once, not with every dispatch
-    metas_static_dev = jax.device_put([static_tiles(m) for m in c.metas])
+def run_case(c: Case, data: DeviceData, labels, impls, floor_s, gate: TraceGate, tm: Timing, run_id: int,
+             phases: Phases):
+    """Check every impl against the reference, then time it; returns the rows (in `labels` order).
+
+    Each row's `phase_s`: the wall seconds of its own impl by phase (`Phases`)."""
+    with phases("data"):
+        data.for_case(c)
+        xs, y0, w = data.xs, data.y0, data.w
+        slots_dev = [jnp.asarray(s) for s in c.slots]
+        metas_dev = jax.device_put(c.metas)  # on the device once, not with every dispatch
+        metas_static_dev = jax.device_put(c.metas_static)
     rows = {}
     try:
-        t0 = time.perf_counter()
-        ref = c.ref.result()
-        c.ref_wait_s = time.perf_counter() - t0
-        y_ref = y0
-        for j in range(c.n_rot):  # the same chain of n_rot calls (fp32 accumulation inside each)
-            y_ref = ref(y_ref, xs[j], w, slots_dev[j])
-        y_ref.block_until_ready()
+        with phases("compile_wait"):
+            ref = c.ref.result()
+        with phases("reference"):
+            y_ref = y0
+            for j in range(c.n_rot):  # the same chain of n_rot calls (fp32 accumulation inside each)
+                y_ref = ref(y_ref, xs[j], w, slots_dev[j])
+            y_ref.block_until_ready()
     except Exception as e:  # noqa: BLE001 - no reference: nothing in this case can be checked
         ref_error = f"error: reference: {type(e).__name__}: {str(e)[:300]}"
     else:
@@ -653,24 +709,29 @@ def run_case(c: Case, data: DeviceData, labels, impls, floor_s, gate: TraceGate,
         if isinstance(job, str) or ref_error:
             row["skipped"] = job if isinstance(job, str) else ref_error
             continue
+        before = phases.s.copy()
         try:
-            t0 = time.perf_counter()
-            exe = job.result()
-            row["compile_wait_s"] = round(time.perf_counter() - t0, 3)
-            w_used = data.paged_weights(cfg.chunk) if paged else w
+            with phases("compile_wait"):
+                exe = job.result()
+            with phases("pages"):
+                w_used = data.paged_weights(cfg.chunk) if paged else w
             args = (xs, w_used, metas_dev if sizes_by_layout(name, cfg, paged) else metas_static_dev)
-            y1 = exe(jnp.copy(y0), *args)
-            err = float(rel_err(y1, y_ref, y0))
+            with phases("check"):
+                y1 = exe(jnp.copy(y0), *args)
+                err = float(rel_err(y1, y_ref, y0))
             row["rel_err"] = err
             if not err < 2e-2:
                 row["skipped"] = f"WRONG: rel_err {err:.3g}"
                 continue
-            sec, fields = time_chain(exe, y1, args, c.n_rot, best, tm, gate)
+            with phases("timing"):
+                sec, fields = time_chain(exe, y1, args, c.n_rot, best, tm, gate)
             del y1
             row.update(median_us=sec * 1e6, floor_ratio=floor_s / sec, **fields)
             best = sec if best is None else min(best, sec)
         except Exception as e:  # noqa: BLE001 - a failing impl is a result, not a crash
             row["skipped"] = f"error: {type(e).__name__}: {str(e)[:300]}"
+        finally:
+            row["phase_s"] = phases.since(before)
     rows = [rows[label] for label in labels]
     timed = {r["case"]["impl"]: r["median_us"] for r in rows if "median_us" in r}
     for r in rows:
@@ -748,11 +809,24 @@ def summarize(result, engine_impl=ENGINE_IMPL, min_tokens=64, table=False, out=N
 # ----------------------------------------------------------------------------- main
 
 
-def write_json(path, obj):
-    """Atomically: a run killed mid-write keeps the previous file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+class ResultWriter:
+    """Writes the result JSON after every case, atomically (a run killed mid-write keeps the previous file).
+
+    Rows go one a line, each encoded once: `json.dump(indent=1)` of the whole growing file (Python's
+    pure-Python encoder, as any indent selects) took 0.27 s a case at the full grid's 3920 rows.
+    Rows must not change once written.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self._rows = []  # encoded rows
+
+    def write(self, result):
+        self._rows += [json.dumps(r) for r in result["rows"][len(self._rows):]]
+        head = json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1)
+        with open(self.path + ".tmp", "w") as f:
+            f.write(head[:-2] + ',\n "rows": [\n' + ",\n".join(self._rows) + "\n ]\n}\n")
+        os.replace(self.path + ".tmp", self.path)
 
 
 def git_commit():
@@ -837,10 +911,13 @@ def main(argv=None):
         return
 
     t_start = time.perf_counter()
+    phases = Phases()
     sys.setswitchinterval(1e-4)  # a compile thread's Python never holds the dispatching thread long
-    commit = args.git_commit or git_commit()
-    dev = jax.devices()[0]
-    ceilings = measure_ceilings(small=jax.default_backend() == "cpu")
+    with phases("setup"):
+        commit = args.git_commit or git_commit()
+        dev = jax.devices()[0]
+    with phases("ceilings"):
+        ceilings = measure_ceilings(small=jax.default_backend() == "cpu")
     bw = ceilings["copy_GBps"] * 1e9
     rate = ceilings["bf16_TFLOPs"] * 1e12
     print(f"device {dev.device_kind}  jax {jax.__version__}  ceilings {ceilings}", flush=True)
@@ -863,6 +940,7 @@ def main(argv=None):
         print(f"WARNING: resuming a run made on {result['runs'][0]['device']} on {dev.device_kind}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     out_path = os.path.join(args.out, f"{args.name}.json")
+    writer = ResultWriter(out_path)
 
     planner = Planner(labels, args.compile_threads, n_rot_range, gate, max_loop_segments=args.loop_max_segments)
     impls = planner.impls
@@ -870,40 +948,56 @@ def main(argv=None):
     pending = collections.deque()
     next_i = 0
     done = 0
-    waited = 0.0
+
+    def record():
+        wall_s = time.perf_counter() - t_start
+        run_info.update(cases_done=done, wall_s=round(wall_s, 3), phase_s=phases.totals(wall_s))
+
     for i in range(len(plan)):
         if time.perf_counter() - t_start > args.budget_s:
             print(f"budget reached: {done}/{len(plan)} cases done", flush=True)
             break
         if args.overlap_compile:
-            while next_i < len(plan) and next_i <= i + args.ahead:
-                pending.append(planner.prepare(*plan[next_i]))
-                next_i += 1
+            with phases("prepare"):
+                while next_i < len(plan) and next_i <= i + args.ahead:
+                    pending.append(planner.prepare(*plan[next_i]))
+                    next_i += 1
         elif not pending:  # compile the next `ahead` cases in parallel, then time them with nothing compiling
-            while next_i < len(plan) and len(pending) < args.ahead:
-                pending.append(planner.prepare(*plan[next_i]))
-                next_i += 1
-            planner.wait_all()
+            with phases("prepare"):
+                while next_i < len(plan) and len(pending) < args.ahead:
+                    pending.append(planner.prepare(*plan[next_i]))
+                    next_i += 1
+            with phases("compile_wait"):
+                left_s = args.budget_s - (time.perf_counter() - t_start)
+                compiled = planner.wait_all(timeout=min(max(0.0, left_s), threading.TIMEOUT_MAX))
+            if not compiled:  # the device's own time limit may not wait for the rest of the batch
+                print(f"budget reached while compiling: {done}/{len(plan)} cases done", flush=True)
+                break
         c = pending.popleft()
         floor_s = max(c.bytes_ / bw, c.flops / rate)
-        rows = run_case(c, data, labels, impls, floor_s, gate, tm, run_id)
+        rows = run_case(c, data, labels, impls, floor_s, gate, tm, run_id, phases)
         result["rows"].extend(rows)
         done += 1
         line = "  ".join(f"{r['case']['impl']}={r['median_us']:.1f}" + ("*" if r.get("timing") == "capped" else "")
                          if "median_us" in r else f"{r['case']['impl']}=skip" for r in rows)
         print(f"{c.label()} floor={floor_s * 1e6:8.1f}us  {line}", flush=True)
-        waited += c.ref_wait_s + sum(r.get("compile_wait_s", 0) for r in rows)
-        run_info.update(cases_done=done, wall_s=round(time.perf_counter() - t_start, 1))
-        write_json(out_path, result)
-    run_info.update(cases_done=done, wall_s=round(time.perf_counter() - t_start, 1), compile_wait_s=round(waited, 1),
-                    lower_s=dict(planner.trace_s), compile_thread_s=dict(planner.compile_s),
+        record()
+        with phases("json"):
+            writer.write(result)
+    record()
+    run_info.update(lower_s=dict(planner.trace_s), compile_thread_s=dict(planner.compile_s),
                     compiles=dict(planner.n_compiles))
-    write_json(out_path, result)
-    print(f"timing thread waited {waited:.1f} s for compiles\ncompiles {dict(planner.n_compiles)}\nlowering s (serial) "
+    with phases("json"):
+        writer.write(result)
+    print(f"compiles {dict(planner.n_compiles)}\nlowering s (serial) "
           f"{ {k: round(v, 1) for k, v in planner.trace_s.items()} }\ncompile thread-s "
           f"{ {k: round(v, 1) for k, v in planner.compile_s.items()} }", flush=True)
-    summarize(result, args.engine_impl, args.min_tokens, table=args.table)
-    print(f"wrote {out_path}  ({done} cases in {run_info['wall_s']} s)", flush=True)
+    with phases("summary"):
+        summarize(result, args.engine_impl, args.min_tokens, table=args.table)
+    wall_s = time.perf_counter() - t_start
+    print(f"wrote {out_path}  ({done} cases in {wall_s:.1f} s)\nphase s (main thread): "
+          + "  ".join(f"{k} {v:.1f}" for k, v in phases.totals(wall_s).items())
+          + f"  (lowering, serial in the compile threads: {sum(planner.trace_s.values()):.1f})", flush=True)
     in_flight = planner.pool._work_queue.qsize() if planner.pool else 0  # noqa: SLF001
     planner.pool.shutdown(wait=False, cancel_futures=True)
     if done < len(plan) or in_flight:  # compiles of cases not timed may still run: do not wait for them

@@ -1,0 +1,72 @@
+"""scripts/bench_kernels.py on the CPU: the whole flow, where its wall time goes, resuming, the result file."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def bk():
+    spec = importlib.util.spec_from_file_location("bench_kernels", os.path.join(ROOT, "scripts/bench_kernels.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_phases_are_exclusive(bk):
+    phases = bk.Phases()
+    with phases("outer"):
+        time.sleep(0.02)
+        with phases("inner"):
+            time.sleep(0.05)
+    assert 0.02 <= phases.s["outer"] < 0.05 <= phases.s["inner"]
+    totals = phases.totals(1.0)
+    assert totals["other"] == pytest.approx(1.0 - phases.s["outer"] - phases.s["inner"], abs=1e-3)
+
+
+def test_result_writer_appends_rows(bk, tmp_path):
+    path = str(tmp_path / "r.json")
+    writer = bk.ResultWriter(path)
+    result = {"benchmark": "b", "runs": [{"phase_s": {"timing": 1.0}}], "rows": [{"case": {"tokens": 1}}]}
+    writer.write(result)
+    with open(path) as f:
+        assert json.load(f) == result
+    result["rows"].append({"case": {"tokens": 2}})
+    result["runs"][0]["phase_s"]["json"] = 0.5
+    writer.write(result)
+    with open(path) as f:
+        assert json.load(f) == result
+
+
+def test_smoke_run_records_phases_and_resumes(bk, tmp_path):
+    """Two runs of one case each (the second resumes the first): every run has its own `phase_s`."""
+    args = ["--smoke", "--impls", "gather_bmm", "--tokens", "1", "--ranks", "16", "--out", str(tmp_path),
+            "--git-commit", "test"]
+    switch = sys.getswitchinterval()
+    try:
+        bk.main([*args, "--pops", "identical"])
+        bk.main([*args, "--pops", "identical,distinct", "--resume", str(tmp_path / "lora_kernels.json")])
+    finally:
+        sys.setswitchinterval(switch)
+    with open(tmp_path / "lora_kernels.json") as f:
+        result = json.load(f)
+    assert [(r["case"]["popularity"], r["run"]) for r in result["rows"]] == [("identical", 0), ("distinct", 1)]
+    assert len(result["runs"]) == 2
+    for run in result["runs"]:
+        phase_s = run["phase_s"]
+        assert {"ceilings", "prepare", "compile_wait", "data", "reference", "check", "timing", "json",
+                "other"} <= set(phase_s)
+        assert all(v >= 0 for v in phase_s.values())
+        assert sum(phase_s.values()) <= run["wall_s"] + 1e-2
+    for row in result["rows"]:
+        assert "median_us" in row, row
+        assert row["phase_s"]["timing"] > 0 and all(v >= 0 for v in row["phase_s"].values())
