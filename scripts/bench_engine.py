@@ -179,7 +179,7 @@ RUNS = {"base": (False, True), "base_sync": (False, False), "lora": (True, True)
 
 def bench_7b(bw_GBps: float, batch: int, n_adapters: int, prompt_len: int, new: int, rank: int,
              model: str = "llama-7b", lora_chunk: int = 128, out_dir: str = ".", labels=tuple(RUNS),
-             tp: int = 1, unified: bool = True) -> dict:
+             tp: int = 1, unified: bool = True, strategy: str = "slora") -> dict:
     cfg = preset(model)
     if tp > 1:  # drawn straight into their shards (the engine keeps them there)
         params = jax.block_until_ready(serving.init_random_params(cfg, EngineConfig(tp=tp), jnp.bfloat16, 0))
@@ -187,14 +187,14 @@ def bench_7b(bw_GBps: float, batch: int, n_adapters: int, prompt_len: int, new: 
         params = jax.block_until_ready(init_random_params(cfg, jax.random.key(0)))
     ec = EngineConfig(num_pages=2048, page_size=16, lora_chunk=lora_chunk, max_model_len=prompt_len + new + 16,
                       max_num_seqs=batch, max_batch_tokens=max(batch, 2048), attention_impl="pallas",
-                      lora_impl="pallas", tp=tp, unified_memory=unified,
+                      lora_impl="pallas", tp=tp, tp_lora_strategy=strategy, unified_memory=unified,
                       **({} if unified else dict(max_loras=batch, max_lora_rank=rank)))
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     ctx = prompt_len + new // 2
     kv_bytes = batch * ctx * 2 * cfg.num_key_value_heads * cfg.head_dim * 2 * cfg.num_hidden_layers
     rng = np.random.default_rng(7)
     draw = rng.integers(0, n_adapters, batch)
-    out = {"model": model, "tp": tp, "unified_memory": unified,
+    out = {"model": model, "tp": tp, "strategy": strategy, "unified_memory": unified,
            "batch": batch, "prompt_len": prompt_len, "new_tokens": new, "adapters": n_adapters, "rank": rank,
            "distinct_adapters_in_batch": int(len(set(draw.tolist())))}
     rec = StepRecorder()
@@ -253,13 +253,14 @@ def main():
     ap.add_argument("--lora-chunk", type=int, default=128)
     ap.add_argument("--labels", default=",".join(RUNS), help=f"runs, a subset of {','.join(RUNS)}")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (EngineConfig.tp)")
+    ap.add_argument("--strategy", default="slora", help="LoRA under TP: slora | replicated_a")
     ap.add_argument("--slots", action="store_true", help="dense adapter slots (unified_memory=False)")
     ap.add_argument("--tag", default="", help="suffix of the JSON name (engine{tag}.json), e.g. for XLA_FLAGS variants")
     args = ap.parse_args()
     res = {"benchmark": "engine", "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
            "command": "python scripts/bench_engine.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                                    if k in ("batch", "adapters", "rank", "new", "model", "lora_chunk",
-                                                                            "tp")) + (" --slots" if args.slots else ""),
+                                                                            "tp", "strategy")) + (" --slots" if args.slots else ""),
            "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()}
     res["measured_ceilings"] = measure_ceilings(small=jax.default_backend() == "cpu")
@@ -273,7 +274,7 @@ def main():
     if bad := set(labels) - set(RUNS):
         ap.error(f"unknown --labels {sorted(bad)}; choose from {list(RUNS)}")
     res["llama_7b"] = bench_7b(bw, args.batch, args.adapters, 128, args.new, args.rank, args.model,
-                               args.lora_chunk, args.out, labels, args.tp, not args.slots)
+                               args.lora_chunk, args.out, labels, args.tp, not args.slots, args.strategy)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"engine{args.tag}.json"), "w") as f:
         json.dump(res, f, indent=2)
