@@ -340,6 +340,10 @@ class KernelConfig:
     paged_k_steps: int | None = None
     paged_n_steps: int = 2  # split pair, pages: N chunks per expand program, unrolled
     group_projections: bool = True  # split pair, pages: `add_lora_group` launches once for its projections
+    # split pair, pages: warps per program of both kernels. On an H200, 2 beat 4 for q/k/v of 7B at 64 tokens
+    # over 64 adapters (28.7 vs 38.0-44.9 us), other rows within noise; neutral in the 7B engine step
+    # (benchmarks/NOTES_lora_kernels.md, session 8).
+    paged_warps: int = 2
     chunk: int = 64  # fused, dense slots: K/N block (pages: the pool's row width C)
     n_split_max: int = 16  # fused: most programs sharing one tile's H_out
     target_programs: int = 256  # fused: tiles x splits aimed at (splits = this // used tiles)
@@ -495,9 +499,9 @@ def _add_paged_group(ys_TxO, x_TxI, ws: tuple[PagedWeights, ...], meta: LoraMeta
     r_block = _pow2_ceil(max(16, *(w.r_max for w in ws)))
     vpart = sgmv_shrink_paged_group(x_TxI, w0.rows, w0.pages, rank_GxS, jnp.stack([w.a_row for w in ws]), *tiles,
                                     r_block=r_block, k_steps=cfg.paged_k_steps, active_tiles=meta.active_tiles,
-                                    num_warps=cfg.shrink_warps, **common)
+                                    num_warps=cfg.paged_warps, **common)
     return sgmv_expand_paged_group(ys_TxO, vpart, w0.rows, w0.pages, rank_GxS, jnp.stack([w.b_row for w in ws]),
-                                   *tiles, n_steps=cfg.paged_n_steps, num_warps=cfg.expand_warps, **common)
+                                   *tiles, n_steps=cfg.paged_n_steps, num_warps=cfg.paged_warps, **common)
 
 
 def _add_pallas(y_TxO, x_TxI, w, meta, cfg: KernelConfig):
@@ -649,7 +653,7 @@ def shrink_group(x_TxI: jax.Array, ws, meta: LoraMeta, *, impl: str = "pallas",
         x_TxI, w0.rows, w0.pages, jnp.stack([w.rank for w in ws]), jnp.stack([w.a_row for w in ws]), meta.perm,
         meta.tile_start, meta.tile_end, meta.tile_slot, rows_per_page=w0.rows_per_page,
         r_block=_pow2_ceil(max(16, *(w.r_max for w in ws))), block_m=meta.block_m, k_steps=cfg.paged_k_steps,
-        active_tiles=meta.active_tiles, num_warps=cfg.shrink_warps, interpret=cfg.interpret,
+        active_tiles=meta.active_tiles, num_warps=cfg.paged_warps, interpret=cfg.interpret,
         mixed_index=cfg.mixed_index)
     v_GxTxR = vpart.sum(1)
     return tuple(jnp.where(_paged_rank_mask(w.rank, w.r_max, slot_T), v_GxTxR[g, :, : w.r_max], 0.0)
@@ -677,7 +681,7 @@ def expand_group(ys_TxO, vs_TxR, ws, meta: LoraMeta, *, impl: str = "pallas",
     return sgmv_expand_paged_group(
         ys_TxO, v_Gx1xTxR, w0.rows, w0.pages, jnp.stack([w.rank for w in ws]), jnp.stack([w.b_row for w in ws]),
         meta.perm, meta.tile_start, meta.tile_end, meta.tile_slot, rows_per_page=w0.rows_per_page,
-        block_m=meta.block_m, n_steps=cfg.paged_n_steps, num_warps=cfg.expand_warps, interpret=cfg.interpret,
+        block_m=meta.block_m, n_steps=cfg.paged_n_steps, num_warps=cfg.paged_warps, interpret=cfg.interpret,
         mixed_index=cfg.mixed_index)
 
 
@@ -692,7 +696,7 @@ def _paged_shrink(x_TxI, w: PagedWeights, meta: LoraMeta, cfg: KernelConfig) -> 
     vpart = sgmv_shrink_paged_group(
         x_TxI, w.rows, w.pages, w.rank[None], w.a_row[None], meta.perm, meta.tile_start, meta.tile_end,
         meta.tile_slot, rows_per_page=w.rows_per_page, r_block=_pow2_ceil(max(16, w.r_max)), block_m=meta.block_m,
-        k_steps=cfg.paged_k_steps, active_tiles=meta.active_tiles, num_warps=cfg.shrink_warps,
+        k_steps=cfg.paged_k_steps, active_tiles=meta.active_tiles, num_warps=cfg.paged_warps,
         interpret=cfg.interpret, mixed_index=cfg.mixed_index)
     return vpart[0].sum(0)[:, : w.r_max]
 
@@ -704,7 +708,7 @@ def _paged_expand(y_TxO, v_TxR, w: PagedWeights, meta: LoraMeta, cfg: KernelConf
     (y_TxO,) = sgmv_expand_paged_group(
         (y_TxO,), v_1x1xTxR, w.rows, w.pages, w.rank[None], w.b_row[None], meta.perm, meta.tile_start,
         meta.tile_end, meta.tile_slot, rows_per_page=w.rows_per_page, block_m=meta.block_m,
-        n_steps=cfg.paged_n_steps, num_warps=cfg.expand_warps, interpret=cfg.interpret,
+        n_steps=cfg.paged_n_steps, num_warps=cfg.paged_warps, interpret=cfg.interpret,
         mixed_index=cfg.mixed_index)
     return y_TxO
 
