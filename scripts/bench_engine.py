@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import time
 
 import jax
@@ -40,7 +41,9 @@ import numpy as np
 
 nan = float("nan")
 
-import slora_jax.engine.engine as engine_mod
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # runs from a bare checkout too
+
+import slora_jax.engine.engine as engine_mod  # noqa: E402
 import profiling  # noqa: E402  (scripts/ is on sys.path)
 from bench_kernels import measure_ceilings  # same ceilings as the kernel benchmark
 from slora_jax.adapters import random_adapter
@@ -179,7 +182,7 @@ RUNS = {"base": (False, True), "base_sync": (False, False), "lora": (True, True)
 
 def bench_7b(bw_GBps: float, batch: int, n_adapters: int, prompt_len: int, new: int, rank: int,
              model: str = "llama-7b", lora_chunk: int = 128, out_dir: str = ".", labels=tuple(RUNS),
-             tp: int = 1, unified: bool = True, strategy: str = "slora") -> dict:
+             tp: int = 1, unified: bool = True, strategy: str = "slora", lora_kernel: dict | None = None) -> dict:
     cfg = preset(model)
     if tp > 1:  # drawn straight into their shards (the engine keeps them there)
         params = jax.block_until_ready(serving.init_random_params(cfg, EngineConfig(tp=tp), jnp.bfloat16, 0))
@@ -188,6 +191,7 @@ def bench_7b(bw_GBps: float, batch: int, n_adapters: int, prompt_len: int, new: 
     ec = EngineConfig(num_pages=2048, page_size=16, lora_chunk=lora_chunk, max_model_len=prompt_len + new + 16,
                       max_num_seqs=batch, max_batch_tokens=max(batch, 2048), attention_impl="pallas",
                       lora_impl="pallas", tp=tp, tp_lora_strategy=strategy, unified_memory=unified,
+                      lora_kernel=dict(lora_kernel or {}),
                       **({} if unified else dict(max_loras=batch, max_lora_rank=rank)))
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     ctx = prompt_len + new // 2
@@ -255,12 +259,14 @@ def main():
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (EngineConfig.tp)")
     ap.add_argument("--strategy", default="slora", help="LoRA under TP: slora | replicated_a")
     ap.add_argument("--slots", action="store_true", help="dense adapter slots (unified_memory=False)")
+    ap.add_argument("--kernel", default="", help="EngineConfig.lora_kernel overrides, e.g. paged_warps=4,paged_k_steps=4")
     ap.add_argument("--tag", default="", help="suffix of the JSON name (engine{tag}.json), e.g. for XLA_FLAGS variants")
     args = ap.parse_args()
     res = {"benchmark": "engine", "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
            "command": "python scripts/bench_engine.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                                    if k in ("batch", "adapters", "rank", "new", "model", "lora_chunk",
-                                                                            "tp", "strategy")) + (" --slots" if args.slots else ""),
+                                                                            "tp", "strategy", "kernel") and v != "")
+                      + (" --slots" if args.slots else ""),
            "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()}
     res["measured_ceilings"] = measure_ceilings(small=jax.default_backend() == "cpu")
@@ -274,7 +280,8 @@ def main():
     if bad := set(labels) - set(RUNS):
         ap.error(f"unknown --labels {sorted(bad)}; choose from {list(RUNS)}")
     res["llama_7b"] = bench_7b(bw, args.batch, args.adapters, 128, args.new, args.rank, args.model,
-                               args.lora_chunk, args.out, labels, args.tp, not args.slots, args.strategy)
+                               args.lora_chunk, args.out, labels, args.tp, not args.slots, args.strategy,
+                               {k: int(v) for k, v in (kv.split("=") for kv in args.kernel.split(",") if kv)})
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"engine{args.tag}.json"), "w") as f:
         json.dump(res, f, indent=2)

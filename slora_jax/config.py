@@ -232,6 +232,9 @@ class EngineConfig:
     attention_impl: str = "auto"  # "pallas" (the paged-attention kernel) | "reference"; auto: pallas on a GPU
     lora_impl: str = "auto"  # "pallas" (one-launch SGMV on pool pages) | "reference" | a baseline of
     # `slora_jax.ops.IMPLS` (on weights gathered to slots each step); auto: pallas on a GPU
+    # `ops.KernelConfig` fields the Pallas LoRA kernels take instead of their defaults (ablations and
+    # tuning from a config, e.g. {paged_warps: 4}); unknown names are refused when the engine starts.
+    lora_kernel: dict[str, int] = dataclasses.field(default_factory=dict)
     layer_loop: str = "unrolled"  # "unrolled" (per-layer weight buffers, a Python loop) | "scan"
     overlap_steps: bool = True  # dispatch step t+1 before reading step t's tokens (host work overlaps device)
     scheduler: str = "fcfs"  # "fcfs" | "early_abort" | "cluster" (engine/scheduler.py)

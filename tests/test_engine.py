@@ -13,6 +13,8 @@ from slora_jax.adapters import random_adapter, save_peft_adapter
 from slora_jax.config import PROJECTIONS, preset
 from slora_jax.engine import Engine, SamplingParams
 from slora_jax.engine.request import Status
+from slora_jax.errors import ConfigError
+from slora_jax.ops import KernelConfig
 from test_model import random_prompts
 from test_model_lora import setup  # noqa: F401  (fixture: base model + 3 peft adapters)
 from test_model_lora import ADAPTERS
@@ -311,3 +313,19 @@ def test_public_api_names():
     from slora_jax import Engine as E, SamplingParams as SP
 
     assert E is Engine and SP is SamplingParams and {"Engine", "SamplingParams"} <= set(slora_jax.__all__)
+
+
+def test_lora_kernel_overrides_reach_the_kernels():
+    """`EngineConfig.lora_kernel` becomes the `KernelConfig` of every step's LoRA input; unknown names are refused."""
+    with pytest.raises(ConfigError, match="bogus"):
+        tiny_engine(lora_kernel={"bogus": 1})
+    engine = tiny_engine(lora_kernel={"paged_warps": 4, "paged_k_steps": 2})
+    seen, batch_lora = [], engine.store.batch_lora
+
+    def spy(names, slot_T, rows, impl="reference", kernel=None):
+        seen.append(kernel)
+        return batch_lora(names, slot_T, rows, impl, kernel)
+
+    engine.store.batch_lora = spy
+    engine.generate([[5, 6, 7], [8, 9]], ["a1", "a2"], SamplingParams(max_new_tokens=3))
+    assert seen and all(k == KernelConfig(paged_warps=4, paged_k_steps=2) for k in seen)

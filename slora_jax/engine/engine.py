@@ -36,10 +36,11 @@ from slora_jax.engine.request import Completion, Request, Status, TokenEvent
 from slora_jax.engine.sampling import SamplingBatch, SamplingParams, request_key_data, sample_batch
 from slora_jax.engine.packing import pack, unpack
 from slora_jax.engine.scheduler import make_scheduler
-from slora_jax.errors import AdapterError, RequestError
+from slora_jax.errors import AdapterError, ConfigError, RequestError
 from slora_jax.memory.allocator import OutOfPages, PageAllocator
 from slora_jax.memory.kv_cache import PagedKVCache
 from slora_jax.memory.pool import PoolLayout, create_pool
+from slora_jax.ops.lora import KernelConfig
 from slora_jax.model import forward, init_random_params, load_checkpoint, unstack_layers
 from slora_jax.parallel import serving
 
@@ -107,6 +108,17 @@ class _InFlight:
     row_of: dict[int, int]  # request id -> row
 
 
+def _kernel_config(overrides: dict) -> KernelConfig | None:
+    """`EngineConfig.lora_kernel` as a `KernelConfig` (None: the defaults); unknown fields are a `ConfigError`."""
+    if not overrides:
+        return None
+    known = {f.name for f in dataclasses.fields(KernelConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"EngineConfig.lora_kernel: unknown KernelConfig fields {unknown}; known: {sorted(known)}")
+    return KernelConfig(**overrides)
+
+
 class Engine:
     def __init__(self, cfg: LlamaConfig, params, engine_config: EngineConfig | None = None, tokenizer=None,
                  clock: Callable[[], float] = time.monotonic):
@@ -134,6 +146,7 @@ class Engine:
             self.store = SlotAdapterStore(cfg, ec.max_loras, ec.max_lora_rank,
                                           host_budget_bytes=ec.host_adapter_budget_bytes, dtype=self.dtype)
         self.scheduler = make_scheduler(ec)
+        self._kernel = _kernel_config(ec.lora_kernel)
         self.max_pages_per_seq = -(-ec.max_model_len // ec.page_size)
         if self.max_pages_per_seq > ec.num_pages:
             raise ValueError(f"max_model_len {ec.max_model_len} needs {self.max_pages_per_seq} pages; "
@@ -466,7 +479,7 @@ class Engine:
                 req.inflight += 1
                 rows.append((row, req))
             t += n
-        lora = self.store.batch_lora(names, slot, R, self.config.lora_impl) if names else None
+        lora = self.store.batch_lora(names, slot, R, self.config.lora_impl, self._kernel) if names else None
         self.bytes_read["weights"] += self._weight_bytes
         self.bytes_read["kv"] += kv_tokens * self._kv_token_bytes
         self.bytes_read["adapters"] += sum(self.store.read_elems(n) for n in names) * self.dtype.itemsize
