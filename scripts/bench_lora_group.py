@@ -11,7 +11,9 @@ resident, so the rotated calls below do not find their weights in L2.
 Variants (`--variants`, `KernelConfig` overrides): `per_proj_k4` (one launch pair per
 projection, 4 K chunks per shrink program: `main` before grouping), `per_proj` (the
 same with the `default_k_steps` heuristic), `group` (one pair for q, k, v; heuristic),
-`group_k4`, `group_k8` (explicit K chunks per shrink program).
+`group_k4`, `group_k8`, `group_k16` (explicit K chunks per shrink program), `group_n4` (4 N
+chunks per expand program), `group_w1` / `group_w4` / `group_w8` (warps per program of both
+kernels; the default is 2), `group_w4_k4`.
 
 Method (as scripts/bench_kernels.py): every variant is checked against
 `lora_reference` per projection first. One jitted function chains `n_rot` = 8
@@ -57,6 +59,12 @@ VARIANTS = {
     "group": dict(),
     "group_k4": dict(paged_k_steps=4),
     "group_k8": dict(paged_k_steps=8),
+    "group_k16": dict(paged_k_steps=16),
+    "group_n4": dict(paged_n_steps=4),
+    "group_w1": dict(paged_warps=1),
+    "group_w4": dict(paged_warps=4),
+    "group_w8": dict(paged_warps=8),
+    "group_w4_k4": dict(paged_warps=4, paged_k_steps=4),
 }
 
 
@@ -114,6 +122,8 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny shapes, for a CPU check")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"from {list(VARIANTS)}")
     p.add_argument("--tokens", type=int, nargs="*")
+    p.add_argument("--attention", nargs="*", help="of mha (Llama-7B q/k/v), gqa (k, v 4096 -> 1024); default both")
+    p.add_argument("--adapters", type=int, nargs="*", help="distinct adapters per case (default 16 64)")
     p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     p.add_argument("--name", default="lora_group")
     args = p.parse_args(argv)
@@ -138,6 +148,8 @@ def main(argv=None):
     H, r, C = st.hidden, st.rank, st.chunk
     ranks_S = np.full(st.resident, r, np.int32)
     for attn, kv in st.kv_width.items():
+        if args.attention and attn not in args.attention:
+            continue
         dense = [random_slot_weights(jax.random.key(g), ranks_S, H, o, dtype=jnp.bfloat16)
                  for g, o in enumerate((H, kv, kv))]
         n_pages = st.resident * -(-r * (4 * H + 2 * kv) // C // (st.page_elems // C))  # whole pages each
@@ -147,7 +159,7 @@ def main(argv=None):
             xs = [jax.random.normal(jax.random.key(100 + j), (T, H), jnp.bfloat16) for j in range(st.n_rot)]
             ys0 = tuple(jax.random.normal(jax.random.key(99 + g), (T, o), jnp.bfloat16)
                         for g, o in enumerate((H, kv, kv)))
-            for n in sorted({min(n, T) for n in st.adapters}):
+            for n in sorted({min(n, T) for n in (args.adapters or st.adapters)}):
                 slots = [draw(T, n, st.resident, rng) for _ in range(st.n_rot)]
                 # As the engine builds it: tile bounds fixed by (T, segments), not by the draw.
                 metas = jax.device_put([build_lora_meta(s, max_segments=n, static_tiles=True) for s in slots])
