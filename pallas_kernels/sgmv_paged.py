@@ -106,12 +106,10 @@ def _tile_adapter(tile_slot_ref, rank_ref, tile, g, n_adapters: int):
     return safe, jnp.where(slot >= 0, rank_ref[g * n_adapters + safe], 0)
 
 
-def _shrink_kernel(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_ref, pages_ref, a_row_ref,
-                   rows_ref, x_ref, vpart_ref, *, block_m: int, block_r: int, chunk: int, n_in: int,
-                   k_steps: int, n_groups: int, n_adapters: int, rows_per_page: int, n_tokens: int, mixed: bool):
-    split = pl.program_id(0) // n_groups
-    g = pl.program_id(0) % n_groups
-    tile = pl.program_id(1)
+def _shrink_program(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_ref, pages_ref, a_row_ref,
+                    rows_ref, x_ref, vpart_ref, split, g, tile, *, block_m: int, block_r: int, chunk: int, n_in: int,
+                    k_steps: int, n_adapters: int, rows_per_page: int, n_tokens: int, mixed: bool, done=None):
+    """Split `split` of projection `g`'s shrink for `tile`; `done(g, tile)` runs after its partial is stored."""
     safe, rank = _tile_adapter(tile_slot_ref, rank_ref, tile, g, n_adapters)
     max_pages = pages_ref.shape[0] // n_adapters
 
@@ -137,13 +135,23 @@ def _shrink_kernel(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_r
                                        preferred_element_type=jnp.float32)
         plgpu.store(rows_at(vpart_ref, (g, split), rows_M, 0, block_r, mixed=mixed), acc_MxR,
                     mask=jnp.broadcast_to(row_ok_M[:, None], (block_m, block_r)))
+        if done is not None:
+            done(g, tile)
+
+
+def _shrink_kernel(*refs, n_groups: int, **static):
+    _shrink_program(*refs, pl.program_id(0) // n_groups, pl.program_id(0) % n_groups, pl.program_id(1), **static)
 
 
 def _expand_block(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_ref, pages_ref, b_row_ref,
                   rows_ref, vpart_ref, y_ref, o_ref, nblk, tile, *, g: int, block_m: int, block_r: int, chunk: int,
                   n_out: int, n_steps: int, k_splits: int, n_adapters: int, rows_per_page: int, n_tokens: int,
-                  mixed: bool):
-    """Program `(nblk, tile)` of projection `g` (static): `n_steps` chunks of `y_g += v_g @ B_g`."""
+                  mixed: bool, wait=None):
+    """Program `(nblk, tile)` of projection `g` (static): `n_steps` chunks of `y_g += v_g @ B_g`.
+
+    `wait` (the one-launch kernel: returns once the tile's shrink is done): B and y are
+    loaded before it, the partials after.
+    """
     safe, rank = _tile_adapter(tile_slot_ref, rank_ref, tile, g, n_adapters)
     max_pages = pages_ref.shape[0] // n_adapters
 
@@ -153,14 +161,19 @@ def _expand_block(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_re
                                      n_tokens=n_tokens)
         rank_ok_R = _iota(block_r) < rank
         precision = lax.Precision.HIGHEST if y_ref.dtype == jnp.float32 else None
-        vmask_MxR = row_ok_M[:, None] & rank_ok_R[None, :]
-        v_MxR = jnp.zeros((block_m, block_r), jnp.float32)
-        for s in range(k_splits):
-            v_MxR += plgpu.load(rows_at(vpart_ref, (g, s), rows_M, 0, block_r, mixed=mixed), mask=vmask_MxR,
-                                other=0.0)
-        v_MxR = v_MxR.astype(rows_ref.dtype)
         b_first = b_row_ref[g * n_adapters + safe]
-        for u in range(n_steps):
+
+        def v_sum():
+            vmask_MxR = row_ok_M[:, None] & rank_ok_R[None, :]
+            v_MxR = jnp.zeros((block_m, block_r), jnp.float32)
+            for s in range(k_splits):
+                # After a wait the partials are other programs' stores of this launch: read
+                # them volatile, never from a stale L1 line.
+                v_MxR += plgpu.load(rows_at(vpart_ref, (g, s), rows_M, 0, block_r, mixed=mixed), mask=vmask_MxR,
+                                    other=0.0, volatile=wait is not None)
+            return v_MxR.astype(rows_ref.dtype)
+
+        def load_b(u):
             j_raw = nblk * n_steps + u
             ok = j_raw < n_out
             j = jnp.minimum(j_raw, n_out - 1)
@@ -168,29 +181,100 @@ def _expand_block(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_re
                                    rows_per_page=rows_per_page, block_r=block_r)
             b_RxC = plgpu.load(rows_at(rows_ref, (), phys_R, 0, chunk, mixed=mixed),
                                mask=jnp.broadcast_to((rank_ok_R & ok)[:, None], (block_r, chunk)), other=0)
+            return j, b_RxC, jnp.broadcast_to((row_ok_M & ok)[:, None], (block_m, chunk))
+
+        def load_y(j, ymask_MxC):
+            return plgpu.load(rows_at(y_ref, (), rows_M, j * chunk, chunk, mixed=mixed), mask=ymask_MxC, other=0)
+
+        def add(v_MxR, j, b_RxC, ymask_MxC, y_MxC=None):
             d_MxC = jnp.dot(v_MxR, b_RxC, precision=precision, preferred_element_type=jnp.float32)
-            ymask_MxC = jnp.broadcast_to((row_ok_M & ok)[:, None], (block_m, chunk))
-            y_MxC = plgpu.load(rows_at(y_ref, (), rows_M, j * chunk, chunk, mixed=mixed), mask=ymask_MxC, other=0)
+            if y_MxC is None:
+                y_MxC = load_y(j, ymask_MxC)
             plgpu.store(rows_at(o_ref, (), rows_M, j * chunk, chunk, mixed=mixed),
                         (y_MxC.astype(jnp.float32) + d_MxC).astype(y_MxC.dtype), mask=ymask_MxC)
 
+        if wait is None:  # the split pair: the partials are ready
+            v_MxR = v_sum()
+            for u in range(n_steps):
+                add(v_MxR, *load_b(u))
+        else:  # one launch: this program's B and y loads overlap the shrink still running
+            chunks = [load_b(u) for u in range(n_steps)]
+            chunks = [(j, b_RxC, ymask_MxC, load_y(j, ymask_MxC)) for j, b_RxC, ymask_MxC in chunks]
+            wait(g, tile)
+            v_MxR = v_sum()
+            for chunk_args in chunks:
+                add(v_MxR, *chunk_args)
 
-def _expand_kernel(*refs, n_out: tuple[int, ...], n_steps: tuple[int, ...], **static):
-    """Dispatch program `(n, tile)` to its projection: static block ranges `[first_g, first_g + n_blocks_g)`."""
+
+def _expand_programs(meta_refs, y_refs, o_refs, n, tile, *, n_out: tuple[int, ...], n_steps: tuple[int, ...],
+                     wait=None, **static):
+    """Program `(n, tile)` of the expand, sent to its projection's static block range `[first_g, first_g + n_blocks_g)`."""
     G = len(n_out)
-    meta_refs, y_refs, o_refs = refs[:9], refs[9 : 9 + G], refs[9 + G :]
-    n = pl.program_id(0)
-    tile = pl.program_id(1)  # read here: interpret mode cannot discharge a program id inside a `pl.when`
     first = 0
     for g in range(G):
         n_blocks = -(-n_out[g] // n_steps[g])
         body = functools.partial(_expand_block, *meta_refs, y_refs[g], o_refs[g], n - first, tile, g=g,
-                                 n_out=n_out[g], n_steps=n_steps[g], **static)
+                                 n_out=n_out[g], n_steps=n_steps[g], wait=wait, **static)
         if G == 1:
             body()
         else:
             pl.when((n >= first) & (n < first + n_blocks))(body)
         first += n_blocks
+
+
+def _expand_kernel(*refs, n_out: tuple[int, ...], **static):
+    G = len(n_out)
+    # program ids read here: interpret mode cannot discharge one inside a `pl.when`
+    _expand_programs(refs[:9], refs[9 : 9 + G], refs[9 + G :], pl.program_id(0), pl.program_id(1), n_out=n_out,
+                     **static)
+
+
+def _one_launch_kernel(*refs, n_out: tuple[int, ...], n_steps: tuple[int, ...], n_groups: int, n_tiles: int,
+                       k_splits: int, n_shrink: int, n_blocks: int, shrink: dict, expand: dict, barriers: bool):
+    """Programs `[0, n_shrink)` are the shrink's (split-major within a tile), the rest the expand's.
+
+    Shrink program done: a CTA barrier, then +1 on its (projection, tile) counter (an
+    acq_rel atomic, so the partial's stores are visible first). Expand program: its B
+    and y loads, then it polls the counter (volatile loads) until all `k_splits` are
+    in, then an acq_rel atomic and a barrier, then the partials. Waiting cannot
+    deadlock: programs start in id order, so every shrink program has started (and
+    needs no other) before any expand program waits. `barriers=False` (interpret mode,
+    which has no barrier and runs programs one after another) leaves the barriers out.
+    """
+    G = n_groups
+    (perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_ref, pages_ref, a_row_ref, b_row_ref, rows_ref,
+     x_ref) = refs[:10]
+    y_refs = refs[11 : 11 + G]
+    vpart_ref, count_ref = refs[11 + G], refs[12 + G]
+    o_refs = refs[13 + G :]
+    p = pl.program_id(0)
+
+    def done(g, tile):
+        if barriers:
+            plgpu.debug_barrier()
+        plgpu.atomic_add(count_ref, g * n_tiles + tile, jnp.ones((), jnp.int32))
+
+    def wait(g, tile):
+        idx = g * n_tiles + tile
+        poll = lambda _: plgpu.load(count_ref.at[idx], volatile=True)  # noqa: E731
+        lax.while_loop(lambda c: c < k_splits, poll, poll(None))
+        plgpu.atomic_add(count_ref, idx, jnp.zeros((), jnp.int32))
+        if barriers:
+            plgpu.debug_barrier()
+
+    @pl.when(p < n_shrink)
+    def _():
+        a = p % (k_splits * G)
+        _shrink_program(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_ref, pages_ref, a_row_ref,
+                        rows_ref, x_ref, vpart_ref, a // G, a % G, p // (k_splits * G), done=done, **shrink)
+
+    @pl.when(p >= n_shrink)
+    def _():
+        q = p - n_shrink
+        meta = (perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_ref, pages_ref, b_row_ref, rows_ref,
+                vpart_ref)
+        _expand_programs(meta, y_refs, o_refs, q % n_blocks, q // n_blocks, n_out=n_out, n_steps=n_steps, wait=wait,
+                         k_splits=k_splits, **expand)
 
 
 def _check(block_m: int, block_r: int, chunk: int, h: int, name: str) -> None:
@@ -271,6 +355,60 @@ def sgmv_expand_paged_group(ys_TxO, vpart_GxKxTxR, rows_NxC, pages_SxP, rank_GxS
         interpret=interpret,
         name=f"sgmv_expand_paged_x{G}",
     )(*args)
+
+
+def sgmv_paged_group_one_launch(ys_TxO, x_TxI, rows_NxC, pages_SxP, rank_GxS, a_row_GxS, b_row_GxS, perm_T,
+                                tile_start, tile_end, tile_slot, *, rows_per_page: int, r_block: int, block_m: int,
+                                k_steps: int | None = None, active_tiles: int | None = None, n_steps: int = 2,
+                                num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None,
+                                mixed_index: bool | None = None) -> tuple[jax.Array, ...]:
+    """The split pair's shrink and expand as one launch (experimental); returns the outputs `ys_TxO`.
+
+    Same programs and results as `sgmv_shrink_paged_group` then `sgmv_expand_paged_group`
+    (the partials still go through HBM), on a 1-D grid: the shrink's programs first,
+    then the expand's, which wait on a per-(projection, tile) counter of finished
+    splits (`_one_launch_kernel`). One launch fewer, and each expand program's B and y
+    loads overlap the shrink instead of following it.
+    """
+    ys_TxO = tuple(ys_TxO)
+    T, H_in = x_TxI.shape
+    G, S = rank_GxS.shape
+    C = rows_NxC.shape[1]
+    NT = tile_slot.shape[0]
+    if len(ys_TxO) != G:
+        raise ValueError(f"{len(ys_TxO)} outputs and {G} rank rows")
+    _check(block_m, r_block, C, H_in, "H_in")
+    for y in ys_TxO:
+        _check(block_m, r_block, C, y.shape[1], "H_out")
+    n_in = H_in // C
+    if k_steps is None:
+        k_steps = default_k_steps(n_in, G * (active_tiles or NT))
+    k_steps = max(1, min(k_steps, n_in))
+    k_splits = -(-n_in // k_steps)
+    n_out = tuple(y.shape[1] // C for y in ys_TxO)
+    steps = tuple(max(1, min(n_steps, n)) for n in n_out)
+    n_blocks = sum(-(-n // st) for n, st in zip(n_out, steps))
+    interpret, mixed = _modes(interpret, mixed_index)
+    common = dict(block_m=block_m, block_r=r_block, chunk=C, n_adapters=S, rows_per_page=rows_per_page, n_tokens=T,
+                  mixed=mixed)
+    kernel = functools.partial(_one_launch_kernel, n_out=n_out, n_steps=steps, n_groups=G, n_tiles=NT,
+                               k_splits=k_splits, n_shrink=k_splits * G * NT, n_blocks=n_blocks,
+                               shrink=dict(n_in=n_in, k_steps=k_steps, **common), expand=common,
+                               barriers=not interpret)
+    args = (perm_T, tile_start, tile_end, tile_slot, rank_GxS.reshape(-1), pages_SxP.reshape(-1),
+            a_row_GxS.reshape(-1), b_row_GxS.reshape(-1), rows_NxC, x_TxI, jnp.zeros((G * NT,), jnp.int32), *ys_TxO)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((G, k_splits, T, r_block), jnp.float32),
+                   jax.ShapeDtypeStruct((G * NT,), jnp.int32),
+                   *(jax.ShapeDtypeStruct(y.shape, y.dtype) for y in ys_TxO)),
+        grid=((k_splits * G + n_blocks) * NT,),
+        input_output_aliases={10: 1, **{11 + g: 2 + g for g in range(G)}},
+        compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"sgmv_paged_one_launch_x{G}",
+    )(*args)
+    return tuple(out[2:])
 
 
 # ----------------------------------------------------------------------------- jnp reference

@@ -34,6 +34,7 @@ H_IN, H_OUT, S = 64, 32, 7
 CFG = KernelConfig(shrink_block_k=16, expand_block_n=16, chunk=16, unroll_k=2, fused=True, interpret=True,
                    paged_k_steps=3, paged_n_steps=1)  # pages: 2 K splits, the second with a masked tail
 SPLIT = dataclasses.replace(CFG, fused=False)  # the two-launch shrink + expand pair (the default)
+ONE = dataclasses.replace(SPLIT, paged_one_launch=True)  # the same programs in one launch (pages only)
 _add = jax.jit(add_lora, static_argnames=("impl", "config"))
 _add_group = jax.jit(add_lora_group, static_argnames=("impl", "config"))
 
@@ -88,14 +89,16 @@ CASES = [
 ]
 
 
-# Every case on pages with the split pair (the engine's path); the dense layouts alternate
-# between the one-launch kernel and the split pair (each sees every block size and dtype).
+# Every case on pages with the split pair (the engine's path) and with its one-launch form;
+# the dense layouts alternate between the one-launch kernel and the split pair (each sees
+# every block size and dtype).
 @pytest.mark.parametrize("T,layout,dtype,block_m,weights", [
     *(c + ("paged_split",) for c in CASES),
+    *(c + ("paged_one",) for c in CASES),
     *(c + (("dense", "dense_split")[i % 2],) for i, c in enumerate(CASES)),
 ])
 def test_pallas_matches_reference(T, layout, dtype, block_m, weights):
-    cfg = SPLIT if weights.endswith("split") else CFG
+    cfg = {"paged_one": ONE}.get(weights, SPLIT if weights.endswith("split") else CFG)
     err = run_case(T, layout, np.array(RANKS), dtype, seed=T + block_m, block_m=block_m, cfg=cfg,
                    paged=weights.startswith("paged"))
     assert err < (1e-5 if dtype == jnp.float32 else 1e-2), err
@@ -171,14 +174,16 @@ def run_group_case(T, layout, ranks_GxS, dtype, seed, block_m=16, cfg=SPLIT, row
 GROUP_RANKS = np.array([[16, 0, 8, 24, 4, 64, 1], [16, 8, 0, 24, 1, 64, 0], [0, 8, 8, 24, 4, 128, 0]])
 
 
+@pytest.mark.parametrize("cfg", [SPLIT, ONE], ids=["pair", "one_launch"])
 @pytest.mark.parametrize("T,layout,dtype,block_m,rows_per_page", [
     (1, "distinct", jnp.float32, 16, 128),
     (37, "mixed_none", jnp.bfloat16, 16, 24),  # pages smaller than a rank block
     (64, "skewed", jnp.float32, 32, 128),
 ])
-def test_paged_group_matches_reference(T, layout, dtype, block_m, rows_per_page):
-    """q, k, v in one launch pair: per-projection ranks (0: not targeted), GQA widths, empty tiles."""
-    err = run_group_case(T, layout, GROUP_RANKS, dtype, seed=T, block_m=block_m, rows_per_page=rows_per_page)
+def test_paged_group_matches_reference(T, layout, dtype, block_m, rows_per_page, cfg):
+    """q, k, v in one launch pair (or one launch): per-projection ranks (0: not targeted), GQA widths, empty tiles."""
+    err = run_group_case(T, layout, GROUP_RANKS, dtype, seed=T, block_m=block_m, rows_per_page=rows_per_page,
+                         cfg=cfg)
     assert err < (1e-5 if dtype == jnp.float32 else 1e-2), err
 
 
@@ -189,8 +194,9 @@ def test_paged_group_matches_reference(T, layout, dtype, block_m, rows_per_page)
     seed=st.integers(0, 2**16),
 )
 def test_paged_group_random_layouts_and_ranks(ranks, layout, seed):
-    """Same shapes every example (one interpret compile), random slots and per-projection ranks."""
-    assert run_group_case(48, layout, np.array(ranks), jnp.float32, seed=seed) < 1e-5
+    """Same shapes every example (one interpret compile each), random slots and per-projection ranks."""
+    for cfg in (SPLIT, ONE):
+        assert run_group_case(48, layout, np.array(ranks), jnp.float32, seed=seed, cfg=cfg) < 1e-5
 
 
 def test_add_lora_group_falls_back_per_projection():

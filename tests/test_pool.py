@@ -224,7 +224,7 @@ def test_model_with_adapters_in_pages_equals_dense_slots():
 
 def test_model_grouped_lora_equals_reference():
     """The Pallas split pair on pages with q/k/v and gate/up in one launch pair each (`layer_group_fn`)
-    gives the jnp path's logits, in 4 launch pairs a layer instead of 7."""
+    gives the jnp path's logits, in 4 launch pairs a layer instead of 7 (or 4 single launches)."""
     from slora_jax.memory.paged_lora import PagedLora
     from slora_jax.ops import KernelConfig, build_lora_meta
 
@@ -252,6 +252,12 @@ def test_model_grouped_lora_equals_reference():
         text = run.trace(params, CFG, toks, pos, cache, lora("pallas", interpret=False, group_projections=group)
                          ).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("xla.gpu.triton") == 2 * pairs
+    # One launch per group instead of a pair (`paged_one_launch`): same logits, 4 launches a layer.
+    got, _ = run(params, CFG, toks, pos, cache, lora("pallas", interpret=True, paged_one_launch=True))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+    text = run.trace(params, CFG, toks, pos, cache, lora("pallas", interpret=False, paged_one_launch=True)
+                     ).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 4
 
 
 def test_capacity_report():

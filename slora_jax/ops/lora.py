@@ -33,7 +33,12 @@ import numpy as np
 
 from pallas_kernels.sgmv_expand import expand_reference, sgmv_expand
 from pallas_kernels.sgmv_fused import sgmv_fused, sgmv_fused_paged
-from pallas_kernels.sgmv_paged import read_paged, sgmv_expand_paged_group, sgmv_shrink_paged_group
+from pallas_kernels.sgmv_paged import (
+    read_paged,
+    sgmv_expand_paged_group,
+    sgmv_paged_group_one_launch,
+    sgmv_shrink_paged_group,
+)
 from pallas_kernels.sgmv_shrink import sgmv_shrink, shrink_reference
 
 
@@ -344,6 +349,9 @@ class KernelConfig:
     # over 64 adapters (28.7 vs 38.0-44.9 us), other rows within noise; neutral in the 7B engine step
     # (benchmarks/NOTES_lora_kernels.md, session 8).
     paged_warps: int = 2
+    # split pair, pages: shrink and expand in one launch, the expand's programs waiting on per-tile counters
+    # (`sgmv_paged_group_one_launch`). Experimental: correct in interpret mode, not yet timed on a GPU.
+    paged_one_launch: bool = False
     chunk: int = 64  # fused, dense slots: K/N block (pages: the pool's row width C)
     n_split_max: int = 16  # fused: most programs sharing one tile's H_out
     target_programs: int = 256  # fused: tiles x splits aimed at (splits = this // used tiles)
@@ -497,6 +505,11 @@ def _add_paged_group(ys_TxO, x_TxI, ws: tuple[PagedWeights, ...], meta: LoraMeta
                   mixed_index=cfg.mixed_index)
     rank_GxS = jnp.stack([w.rank for w in ws])
     r_block = _pow2_ceil(max(16, *(w.r_max for w in ws)))
+    if cfg.paged_one_launch:
+        return sgmv_paged_group_one_launch(
+            ys_TxO, x_TxI, w0.rows, w0.pages, rank_GxS, jnp.stack([w.a_row for w in ws]),
+            jnp.stack([w.b_row for w in ws]), *tiles, r_block=r_block, k_steps=cfg.paged_k_steps,
+            active_tiles=meta.active_tiles, n_steps=cfg.paged_n_steps, num_warps=cfg.paged_warps, **common)
     vpart = sgmv_shrink_paged_group(x_TxI, w0.rows, w0.pages, rank_GxS, jnp.stack([w.a_row for w in ws]), *tiles,
                                     r_block=r_block, k_steps=cfg.paged_k_steps, active_tiles=meta.active_tiles,
                                     num_warps=cfg.paged_warps, **common)
