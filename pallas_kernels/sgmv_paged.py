@@ -161,7 +161,6 @@ def _expand_block(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_re
                                      n_tokens=n_tokens)
         rank_ok_R = _iota(block_r) < rank
         precision = lax.Precision.HIGHEST if y_ref.dtype == jnp.float32 else None
-        b_first = b_row_ref[g * n_adapters + safe]
 
         def v_sum():
             vmask_MxR = row_ok_M[:, None] & rank_ok_R[None, :]
@@ -173,7 +172,7 @@ def _expand_block(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_re
                                     other=0.0, volatile=wait is not None)
             return v_MxR.astype(rows_ref.dtype)
 
-        def load_b(u):
+        def load_b(b_first, u):
             j_raw = nblk * n_steps + u
             ok = j_raw < n_out
             j = jnp.minimum(j_raw, n_out - 1)
@@ -195,10 +194,12 @@ def _expand_block(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_re
 
         if wait is None:  # the split pair: the partials are ready
             v_MxR = v_sum()
+            b_first = b_row_ref[g * n_adapters + safe]
             for u in range(n_steps):
-                add(v_MxR, *load_b(u))
+                add(v_MxR, *load_b(b_first, u))
         else:  # one launch: this program's B and y loads overlap the shrink still running
-            chunks = [load_b(u) for u in range(n_steps)]
+            b_first = b_row_ref[g * n_adapters + safe]
+            chunks = [load_b(b_first, u) for u in range(n_steps)]
             chunks = [(j, b_RxC, ymask_MxC, load_y(j, ymask_MxC)) for j, b_RxC, ymask_MxC in chunks]
             wait(g, tile)
             v_MxR = v_sum()
