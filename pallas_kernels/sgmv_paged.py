@@ -39,6 +39,10 @@ each adapter's rank.
 
 `k_steps=None` picks K chunks per program with `default_k_steps`.
 
+`sgmv_paged_group_one_launch` (experimental) runs the same shrink and expand programs in
+one launch: the expand's programs load their B and y blocks, then wait on per-(projection,
+tile) counters that the shrink's programs raise (`_one_launch_kernel`).
+
 Triton rules kept: block sizes are powers of two (`block_m`, R, C); every dot is 2-D
 with both sides >= 16.
 """
