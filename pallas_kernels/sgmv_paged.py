@@ -39,9 +39,11 @@ each adapter's rank.
 
 `k_steps=None` picks K chunks per program with `default_k_steps`.
 
-`sgmv_paged_group_one_launch` (experimental) runs the same shrink and expand programs in
-one launch: the expand's programs load their B and y blocks, then wait on per-(projection,
-tile) counters that the shrink's programs raise (`_one_launch_kernel`).
+`sgmv_paged_group_one_launch` runs the same shrink and expand programs in one launch: the
+expand's programs load their B and y blocks, then wait on per-(projection, tile) counters
+that the shrink's programs raise (`_one_launch_kernel`). It relies on programs starting in
+id order (as NVIDIA GPUs dispatch them); `ops.lora` uses it for small calls
+(`KernelConfig.paged_one_launch_max_tokens`), where it measured faster.
 
 Triton rules kept: block sizes are powers of two (`block_m`, R, C); every dot is 2-D
 with both sides >= 16.
@@ -235,16 +237,17 @@ def _expand_kernel(*refs, n_out: tuple[int, ...], **static):
 
 
 def _one_launch_kernel(*refs, n_out: tuple[int, ...], n_steps: tuple[int, ...], n_groups: int, n_tiles: int,
-                       k_splits: int, n_shrink: int, n_blocks: int, shrink: dict, expand: dict, barriers: bool):
+                       k_splits: int, n_shrink: int, n_blocks: int, shrink: dict, expand: dict, gpu_sync: bool):
     """Programs `[0, n_shrink)` are the shrink's (split-major within a tile), the rest the expand's.
 
     Shrink program done: a CTA barrier, then +1 on its (projection, tile) counter (an
     acq_rel atomic, so the partial's stores are visible first). Expand program: its B
-    and y loads, then it polls the counter (volatile loads) until all `k_splits` are
-    in, then an acq_rel atomic and a barrier, then the partials. Waiting cannot
+    and y loads, then it polls the counter (acq_rel atomics adding 0) until all
+    `k_splits` are in, then a barrier, then the partials (volatile loads). Waiting cannot
     deadlock: programs start in id order, so every shrink program has started (and
-    needs no other) before any expand program waits. `barriers=False` (interpret mode,
-    which has no barrier and runs programs one after another) leaves the barriers out.
+    needs no other) before any expand program waits. `gpu_sync=False` (interpret mode,
+    which has no barrier and runs programs one after another) leaves the barriers and the
+    poll loop out.
     """
     G = n_groups
     (perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_ref, pages_ref, a_row_ref, b_row_ref, rows_ref,
@@ -255,17 +258,20 @@ def _one_launch_kernel(*refs, n_out: tuple[int, ...], n_steps: tuple[int, ...], 
     p = pl.program_id(0)
 
     def done(g, tile):
-        if barriers:
+        if gpu_sync:
             plgpu.debug_barrier()
         plgpu.atomic_add(count_ref, g * n_tiles + tile, jnp.ones((), jnp.int32))
 
     def wait(g, tile):
         idx = g * n_tiles + tile
-        poll = lambda _: plgpu.load(count_ref.at[idx], volatile=True)  # noqa: E731
-        lax.while_loop(lambda c: c < k_splits, poll, poll(None))
-        plgpu.atomic_add(count_ref, idx, jnp.zeros((), jnp.int32))
-        if barriers:
+        # Poll with an acq_rel atomic (+0), not with loads: a loop of loads whose result
+        # nothing uses is dead code, and JAX dropped it (session 10: no wait on the GPU).
+        poll = lambda _: plgpu.atomic_add(count_ref, idx, jnp.zeros((), jnp.int32))  # noqa: E731
+        if gpu_sync:
+            lax.while_loop(lambda c: c < k_splits, poll, poll(None))
             plgpu.debug_barrier()
+        else:  # interpret mode ran every shrink program already (and cannot discharge the loop)
+            poll(None)
 
     @pl.when(p < n_shrink)
     def _():
@@ -367,7 +373,7 @@ def sgmv_paged_group_one_launch(ys_TxO, x_TxI, rows_NxC, pages_SxP, rank_GxS, a_
                                 k_steps: int | None = None, active_tiles: int | None = None, n_steps: int = 2,
                                 num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None,
                                 mixed_index: bool | None = None) -> tuple[jax.Array, ...]:
-    """The split pair's shrink and expand as one launch (experimental); returns the outputs `ys_TxO`.
+    """The split pair's shrink and expand as one launch; returns the outputs `ys_TxO`.
 
     Same programs and results as `sgmv_shrink_paged_group` then `sgmv_expand_paged_group`
     (the partials still go through HBM), on a 1-D grid: the shrink's programs first,
@@ -399,7 +405,7 @@ def sgmv_paged_group_one_launch(ys_TxO, x_TxI, rows_NxC, pages_SxP, rank_GxS, a_
     kernel = functools.partial(_one_launch_kernel, n_out=n_out, n_steps=steps, n_groups=G, n_tiles=NT,
                                k_splits=k_splits, n_shrink=k_splits * G * NT, n_blocks=n_blocks,
                                shrink=dict(n_in=n_in, k_steps=k_steps, **common), expand=common,
-                               barriers=not interpret)
+                               gpu_sync=not interpret)
     args = (perm_T, tile_start, tile_end, tile_slot, rank_GxS.reshape(-1), pages_SxP.reshape(-1),
             a_row_GxS.reshape(-1), b_row_GxS.reshape(-1), rows_NxC, x_TxI, jnp.zeros((G * NT,), jnp.int32), *ys_TxO)
     out = pl.pallas_call(

@@ -13,8 +13,9 @@ projection, 4 K chunks per shrink program: `main` before grouping), `per_proj` (
 same with the `default_k_steps` heuristic), `group` (one pair for q, k, v; heuristic),
 `group_k4`, `group_k8`, `group_k16` (explicit K chunks per shrink program), `group_n4` (4 N
 chunks per expand program), `group_w1` / `group_w4` / `group_w8` (warps per program of both
-kernels; the default is 2), `group_w4_k4`, `group_one` / `per_proj_one` (shrink and expand in one
-launch, `KernelConfig.paged_one_launch`).
+kernels; the default is 2), `group_w4_k4`, `group_one` / `per_proj_one` (shrink and expand always in one
+launch; by default only calls of <= `KernelConfig.paged_one_launch_max_tokens` tokens),
+`group_pair` / `per_proj_pair` (never in one launch).
 
 Method (as scripts/bench_kernels.py): every variant is checked against
 `lora_reference` per projection first. One jitted function chains `n_rot` = 8
@@ -66,8 +67,10 @@ VARIANTS = {
     "group_w4": dict(paged_warps=4),
     "group_w8": dict(paged_warps=8),
     "group_w4_k4": dict(paged_warps=4, paged_k_steps=4),
-    "group_one": dict(paged_one_launch=True),
-    "per_proj_one": dict(group_projections=False, paged_one_launch=True),
+    "group_one": dict(paged_one_launch_max_tokens=1 << 30),
+    "per_proj_one": dict(group_projections=False, paged_one_launch_max_tokens=1 << 30),
+    "group_pair": dict(paged_one_launch_max_tokens=0),
+    "per_proj_pair": dict(group_projections=False, paged_one_launch_max_tokens=0),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +34,8 @@ H_IN, H_OUT, S = 64, 32, 7
 # Small blocks so the tiny shapes still take several K steps, splits and N blocks.
 CFG = KernelConfig(shrink_block_k=16, expand_block_n=16, chunk=16, unroll_k=2, fused=True, interpret=True,
                    paged_k_steps=3, paged_n_steps=1)  # pages: 2 K splits, the second with a masked tail
-SPLIT = dataclasses.replace(CFG, fused=False)  # the two-launch shrink + expand pair (the default)
-ONE = dataclasses.replace(SPLIT, paged_one_launch=True)  # the same programs in one launch (pages only)
+SPLIT = dataclasses.replace(CFG, fused=False, paged_one_launch_max_tokens=0)  # the two-launch shrink + expand pair
+ONE = dataclasses.replace(SPLIT, paged_one_launch_max_tokens=1 << 30)  # the same programs in one launch (pages only)
 _add = jax.jit(add_lora, static_argnames=("impl", "config"))
 _add_group = jax.jit(add_lora_group, static_argnames=("impl", "config"))
 
@@ -306,6 +307,46 @@ def test_rank_not_multiple_of_block_is_padded():
     for cfg in (CFG, SPLIT):
         out = _add(y, x, w, meta, config=cfg)
         np.testing.assert_allclose(out, lora_reference(y, x, w, jnp.asarray(slot_T)), rtol=1e-5, atol=1e-5)
+
+
+def test_one_launch_lowering_keeps_the_wait(monkeypatch, capsys):
+    """The expand programs' wait survives into the Triton module as a loop of atomics.
+
+    Interpret mode runs programs in order, so it cannot see a missing wait; the first GPU
+    run did (session 10): a poll of plain loads whose result nothing used was dropped,
+    and the expand read partials the shrink had not yet written.
+    """
+    import pallas_kernels.sgmv_paged as sp
+
+    monkeypatch.setattr(sp.pl, "pallas_call", functools.partial(sp.pl.pallas_call, debug=True))
+    T, H = 64, 256
+    w = random_slot_weights(jax.random.key(0), [8, 16, 64, 24], H, 128)
+    ws = paged_group_from_slots((w,), 64, 96, np.random.default_rng(0))
+    meta = build_lora_meta(np.arange(T) % 5 - 1)
+    y = jnp.zeros((T, 128), jnp.bfloat16)
+    cfg = dataclasses.replace(ONE, interpret=False)
+    f = jax.jit(lambda y, x, ws, m: add_lora_group((y,), x, ws, m, config=cfg))
+    f.trace(y, jnp.zeros((T, H), jnp.bfloat16), ws, meta).lower(lowering_platforms=("cuda",))
+    module = capsys.readouterr().out.split("The Triton module for pallas_call")[-1]
+    assert module.count("scf.while") == 1
+    loop = module[module.index("scf.while"):]
+    body = loop[loop.index("} do {") : loop.index('} "while:"')]
+    assert "tt.atomic_rmw add, acq_rel, gpu" in body
+    assert module.count("tt.atomic_rmw add, acq_rel, gpu") == 3  # shrink's +1; expand's first poll and loop poll
+
+
+@pytest.mark.parametrize("T,launches", [(1, 1), (16, 1), (17, 2), (64, 2)])
+def test_default_one_launch_for_small_calls(T, launches):
+    """By default the paged pair runs as one launch for calls of <= 16 tokens, as two above."""
+    assert KernelConfig().paged_one_launch_max_tokens == 16
+    w = random_slot_weights(jax.random.key(0), [8, 16, 24], 256, 128)
+    ws = paged_group_from_slots((w,), 64, 96, np.random.default_rng(0))
+    meta = build_lora_meta(np.arange(T) % 4 - 1)
+    cfg = KernelConfig(interpret=False)
+    f = jax.jit(lambda y, x, ws, m: add_lora_group((y,), x, ws, m, config=cfg))
+    x, y = jnp.zeros((T, 256), jnp.bfloat16), jnp.zeros((T, 128), jnp.bfloat16)
+    text = f.trace(y, x, ws, meta).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == launches
 
 
 @pytest.mark.parametrize("mixed_index", [True, False])

@@ -249,13 +249,14 @@ def test_model_grouped_lora_equals_reference():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
     # Per scanned layer: q/k/v, o, gate/up, down -> 4 launch pairs grouped, 7 one projection at a time.
     for group, pairs in ((True, 4), (False, 7)):
-        text = run.trace(params, CFG, toks, pos, cache, lora("pallas", interpret=False, group_projections=group)
+        text = run.trace(params, CFG, toks, pos, cache, lora("pallas", interpret=False, group_projections=group,
+                                                                   paged_one_launch_max_tokens=0)
                          ).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("xla.gpu.triton") == 2 * pairs
-    # One launch per group instead of a pair (`paged_one_launch`): same logits, 4 launches a layer.
-    got, _ = run(params, CFG, toks, pos, cache, lora("pallas", interpret=True, paged_one_launch=True))
+    # One launch per group instead of a pair (`paged_one_launch_max_tokens`): same logits, 4 launches a layer.
+    got, _ = run(params, CFG, toks, pos, cache, lora("pallas", interpret=True, paged_one_launch_max_tokens=1 << 30))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
-    text = run.trace(params, CFG, toks, pos, cache, lora("pallas", interpret=False, paged_one_launch=True)
+    text = run.trace(params, CFG, toks, pos, cache, lora("pallas", interpret=False, paged_one_launch_max_tokens=1 << 30)
                      ).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 4
 

@@ -349,9 +349,11 @@ class KernelConfig:
     # over 64 adapters (28.7 vs 38.0-44.9 us), other rows within noise; neutral in the 7B engine step
     # (benchmarks/NOTES_lora_kernels.md, session 8).
     paged_warps: int = 2
-    # split pair, pages: shrink and expand in one launch, the expand's programs waiting on per-tile counters
-    # (`sgmv_paged_group_one_launch`). Experimental: correct in interpret mode, not yet timed on a GPU.
-    paged_one_launch: bool = False
+    # split pair, pages: calls of at most this many tokens run shrink and expand as one launch, the expand's
+    # programs waiting on per-tile counters (`sgmv_paged_group_one_launch`); 0: never. H200, Llama-7B decode
+    # step: 5.04-5.06 vs 5.23-5.24 ms at batch 1, 5.24 vs 5.43-5.49 at batch 8, 8.22 vs 8.20 at batch 64
+    # (benchmarks/NOTES_lora_kernels.md, session 10).
+    paged_one_launch_max_tokens: int = 16
     chunk: int = 64  # fused, dense slots: K/N block (pages: the pool's row width C)
     n_split_max: int = 16  # fused: most programs sharing one tile's H_out
     target_programs: int = 256  # fused: tiles x splits aimed at (splits = this // used tiles)
@@ -505,7 +507,7 @@ def _add_paged_group(ys_TxO, x_TxI, ws: tuple[PagedWeights, ...], meta: LoraMeta
                   mixed_index=cfg.mixed_index)
     rank_GxS = jnp.stack([w.rank for w in ws])
     r_block = _pow2_ceil(max(16, *(w.r_max for w in ws)))
-    if cfg.paged_one_launch:
+    if x_TxI.shape[0] <= cfg.paged_one_launch_max_tokens:
         return sgmv_paged_group_one_launch(
             ys_TxO, x_TxI, w0.rows, w0.pages, rank_GxS, jnp.stack([w.a_row for w in ws]),
             jnp.stack([w.b_row for w in ws]), *tiles, r_block=r_block, k_steps=cfg.paged_k_steps,
