@@ -247,6 +247,10 @@ class EngineConfig:
     max_resident_adapters: int = 1024
     prefetch_adapters: int = 4  # adapters of the first queued requests staged ahead (packed, copied); 0: off
     adapter_stage_threads: int = 4  # host threads packing and copying adapters (pool loads and prefetch)
+    # A step with other rows to run leaves a new request whose adapter is still being staged for a later
+    # step, instead of waiting for the staging threads before it dispatches (needs prefetch_adapters > 0).
+    # The step schedule then depends on host timing; tokens do not (each request samples from its own seed).
+    defer_unstaged_starts: bool = True
     seed: int = 0  # for requests without a seed of their own
     tp: int = 1  # tensor-parallel size (devices of one mesh axis)
     tp_lora_strategy: str = "slora"  # tp > 1: one of TP_LORA_STRATEGIES

@@ -39,7 +39,8 @@ def test_mixed_stream_with_preemption_matches_peft(setup, tiny_model_dirs, tmp_p
     # The adapters need 61 pages of the 56 (they swap), KV runs short: requests get preempted.
     engine = Engine.from_pretrained(tiny_model_dirs["llama3_gqa"], adapters=dirs, dtype="float32",
                                     num_pages=56, page_size=4, lora_chunk=16, max_num_seqs=4,
-                                    max_batch_tokens=16, max_model_len=48, attention_impl=impl, lora_impl=impl)
+                                    max_batch_tokens=16, max_model_len=48, attention_impl=impl, lora_impl=impl,
+                                    defer_unstaged_starts=False)  # a fixed schedule: the preemptions it asserts
     rng = np.random.default_rng(0)
     lens = [5, 17, 9, 1, 12, 20, 3, 8]
     new = [14, 20, 10, 16, 12, 20, 15, 10]
@@ -68,16 +69,20 @@ def test_mixed_stream_with_preemption_matches_peft(setup, tiny_model_dirs, tmp_p
 
 
 def tiny_engine(**kw):
+    """A tiny engine with 3 adapters. Starts are never deferred unless asked (`defer_unstaged_starts`):
+    tests that count preemptions or evictions need a schedule that host timing cannot change."""
     cfg = preset("tiny")
     engine = Engine.from_pretrained("tiny", dtype="float32", **{"num_pages": 96, "page_size": 4, "lora_chunk": 16,
-                                                                 "max_model_len": 64, **kw})
+                                                                 "max_model_len": 64, "defer_unstaged_starts": False,
+                                                                 **kw})
     for i, r in enumerate([2, 8, 24]):
         engine.add_adapter(f"a{i}", random_adapter(cfg, r, ("q", "k", "v", "o", "down")[: 2 + i], seed=i, name=f"a{i}"))
     return engine
 
 
-def test_random_workload_with_aborts_frees_everything():
-    engine = tiny_engine(max_num_seqs=6, max_batch_tokens=32, num_pages=72)
+@pytest.mark.parametrize("defer", [False, True])
+def test_random_workload_with_aborts_frees_everything(defer):
+    engine = tiny_engine(max_num_seqs=6, max_batch_tokens=32, num_pages=72, defer_unstaged_starts=defer)
     rng = np.random.default_rng(1)
     ids = []
     for step in range(40):
@@ -93,7 +98,9 @@ def test_random_workload_with_aborts_frees_everything():
         engine.step()
     outs = [engine.completion(i) for i in ids]
     assert {o.finish_reason for o in outs} <= {"stop", "length", "abort"}
-    assert "abort" in {o.finish_reason for o in outs} and sum(o.num_preemptions for o in outs) > 0
+    assert "abort" in {o.finish_reason for o in outs}
+    if not defer:  # deferred starts make the schedule depend on the staging threads' timing
+        assert sum(o.num_preemptions for o in outs) > 0
     for o in outs:
         if o.finish_reason == "length":
             assert len(o.token_ids) == engine._requests[o.request_id].sampling.max_new_tokens
@@ -231,6 +238,54 @@ def test_prefetching_queued_adapters_keeps_outputs():
     assert on.store.stats["prefetch_hits"] > 0 and on.store.stats["evictions"] > 0 and not on.store._staged
     with pytest.raises(ValueError, match="prefetch_adapters"):
         tiny_engine(prefetch_adapters=-1)
+
+
+def test_a_request_whose_adapter_is_still_staging_starts_later_without_blocking(monkeypatch):
+    """With other rows to run, a new request whose adapter the staging threads are still packing
+    waits in the queue (the step dispatches at once) and starts once it is packed; its tokens
+    are the ones it gets when loads block. With nothing else to run, the load waits."""
+    import threading
+    import time
+
+    from slora_jax.adapters.store import AdapterStore
+
+    gate = threading.Event()
+    pack = AdapterStore._pack
+
+    def slow_pack(self, adapter, placement):
+        if adapter.name == "a1":
+            gate.wait(30)
+        return pack(self, adapter, placement)
+
+    prompts = random_prompts(250, [5, 7], seed=11)
+    sp = SamplingParams(max_new_tokens=12)
+    want = [o.token_ids for o in tiny_engine().generate(prompts, ["a0", "a1"], sp)]
+    monkeypatch.setattr(AdapterStore, "_pack", slow_pack)
+    engine = tiny_engine(defer_unstaged_starts=True)
+    first = engine.submit(prompts[0], "a0", sp)
+    engine.step()  # nothing else to run: a0's load waits for its packing
+    assert engine._requests[first].status is Status.RUNNING
+    second = engine.submit(prompts[1], "a1", sp)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        engine.step()
+    assert time.perf_counter() - t0 < 20  # did not wait for the gate
+    assert engine._requests[second].status is Status.WAITING and engine.store.stats["start_deferred"] >= 3
+    assert "a1" in engine.store._staged
+    gate.set()
+    while engine.has_unfinished():
+        engine.step()
+    assert [engine.completion(i).token_ids for i in (first, second)] == want
+    assert engine.store.stats["prefetch_hits"] >= 1
+    gate.clear()
+    engine = tiny_engine(defer_unstaged_starts=False)
+    engine.submit(prompts[0], "a0", sp)
+    engine.step()
+    engine.submit(prompts[1], "a1", sp)
+    threading.Timer(0.5, gate.set).start()
+    t0 = time.perf_counter()
+    engine.step()  # waits for the pack
+    assert time.perf_counter() - t0 >= 0.4 and engine.store.stats["start_deferred"] == 0
 
 
 def test_string_prompts_with_the_model_folders_tokenizer(tmp_path, tiny_model_dirs):

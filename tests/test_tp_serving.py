@@ -31,8 +31,9 @@ ADAPTER_RANKS = {"r3": (3, ("q", "v")), "r8": (8, ("q", "k", "v", "o")), "r16": 
 # Every adapter in the first step (the store's batch bounds are set at once: one compile).
 ROWS = [("r8", 5), ("r6", 1), ("r3", 3), ("r16", 7), (None, 9), ("r8", 6), ("r16", 4), (None, 2)]
 # One token bucket (min_batch_tokens = max_batch_tokens): one compile of the step per engine.
+# Starts never deferred: a schedule host timing cannot change (the evictions asserted below).
 ENGINE = dict(max_num_seqs=4, max_batch_tokens=32, min_batch_tokens=32, max_model_len=32, num_pages=64, page_size=4,
-              lora_chunk=16, attention_impl="reference")
+              lora_chunk=16, attention_impl="reference", defer_unstaged_starts=False)
 SLOTS = dict(unified_memory=False, max_loras=3, max_lora_rank=16)  # 4 adapters through 3 dense slots
 
 

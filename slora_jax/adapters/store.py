@@ -185,6 +185,13 @@ class AdapterStore:
     def resident(self, name: str) -> Resident:
         return self._resident[name]
 
+    def ready(self, name: str) -> bool:
+        """`load(name)` would not wait for the staging threads: resident, or staged and packed."""
+        if name in self._resident:
+            return True
+        staged = self._staged.get(name)
+        return staged is not None and staged[1].done()
+
     def prefetch(self, name: str) -> None:
         """Start packing `name`'s rows (unless the host tier has them) and copying them to the
         device, without taking pages.
@@ -419,6 +426,9 @@ class SlotAdapterStore(AdapterStore):
 
     def prefetch(self, name: str) -> None:
         pass  # the ablation loads synchronously (no staging into fixed slots)
+
+    def ready(self, name: str) -> bool:
+        return True  # nothing to wait for: `load` packs on the engine thread
 
     def _zero_slots(self, proj: str) -> SlotWeights:
         """Zeroed `[L, max_loras, ...]` slots of one projection (placement: `_write_slot` keeps it)."""
