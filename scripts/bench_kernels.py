@@ -29,7 +29,7 @@ thread pool) `--ahead` cases at a time, which are then timed with no compile run
 H200 the compile threads and XLA's autotuning on the GPU left most rows noisy); the
 timing calls the compiled executable. Executables are shared between cases of the same signature:
 impls other than the dense split pair get the metadata as `build_lora_meta(...,
-static_tiles=True)` gives it (as the engine does; they do not read `active_tiles`),
+static_tiles=True)` gives it (as the engine does: `active_tiles` is the tile bound),
 so they compile once for all popularities; dense impls also share across rank cases
 of the same padded R. `loop` unrolls a matmul pair per segment and per call, so it is
 skipped beyond 8 segments a call (`--loop-max-segments`; at 8 it already measured 5x
@@ -219,9 +219,9 @@ def sizes_by_layout(name, cfg, paged) -> bool:
 
 
 def static_tiles(meta):
-    """`meta` as `build_lora_meta(static_tiles=True)` gives it (the engine's choice): impls that do not read
-    `active_tiles` then share one compile across popularities."""
-    return dataclasses.replace(meta, active_tiles=1 << max(0, len(meta.tile_slot) - 1).bit_length())
+    """`meta` as `build_lora_meta(static_tiles=True)` gives it (the engine's choice: `active_tiles` is the
+    tile bound), so impls share one compile across popularities."""
+    return dataclasses.replace(meta, active_tiles=len(meta.tile_slot))
 
 
 def page_plan(ranks_S, h_in: int, h_out: int, chunk: int):

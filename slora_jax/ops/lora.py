@@ -241,10 +241,13 @@ def build_lora_meta(slot_T, *, max_segments: int | None = None, block_m: int | N
       block_m: rows per tile (default `default_block_m(T)`).
 
     The static `active_tiles` (real tile count rounded up to a power of two) lets
-    the split shrink kernel size its split-K to the work actually present; being
+    the split shrink kernels size their split-K to the work actually present; being
     static, each of its log2(T) values compiles the step once. `static_tiles=True`
-    sets it to the tile bound instead (one compile per shape; what a serving loop
-    wants: the one-launch kernel sizes its work from `used_tiles` at run time).
+    sets it to the tile bound NT instead (one compile per shape; what a serving loop
+    wants: the one-launch kernel sizes its work from `used_tiles` at run time). NT
+    itself, not NT rounded up: at the campaigns' 128-token bucket over 64 adapters
+    NT is 72, and 128 made the paged o shrink take 8 K chunks a program instead of 4,
+    which the 7B decode step measured slower (benchmarks/NOTES_lora_kernels.md, session 9).
     """
     slot_T = np.asarray(slot_T, np.int32)
     (T,) = slot_T.shape
@@ -274,7 +277,7 @@ def build_lora_meta(slot_T, *, max_segments: int | None = None, block_m: int | N
     tile_start[:n_t] = seg_start[g_of_tile] + within * bm
     tile_end[:n_t] = seg_start[g_of_tile] + seg_len[g_of_tile]
     tile_slot[:n_t] = seg_slot[g_of_tile]
-    active = _pow2_ceil(NT) if static_tiles else min(_pow2_ceil(max(n_t, 1)), _pow2_ceil(NT))
+    active = NT if static_tiles else min(_pow2_ceil(max(n_t, 1)), _pow2_ceil(NT))
     return LoraMeta(slot=slot_T, perm=perm_T, seg_start=seg_start, seg_len=seg_len, seg_slot=seg_slot,
                     num_segments=np.int32(n_seg), tile_start=tile_start, tile_end=tile_end,
                     tile_slot=tile_slot, used_tiles=np.int32(n_t), block_m=bm, active_tiles=active)
@@ -320,7 +323,7 @@ def build_lora_meta_jnp(slot_T: jax.Array, *, max_segments: int | None = None,
                     num_segments=n_seg.astype(jnp.int32), tile_start=tile_start.astype(jnp.int32),
                     tile_end=tile_end.astype(jnp.int32), tile_slot=tile_slot.astype(jnp.int32),
                     used_tiles=jnp.minimum(cum_g[-1], NT).astype(jnp.int32), block_m=bm,
-                    active_tiles=_pow2_ceil(NT))
+                    active_tiles=NT)
 
 
 # ----------------------------------------------------------------------------- kernels config
