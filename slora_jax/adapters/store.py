@@ -11,9 +11,9 @@
   through `evict_idle`).
 
 Loading into the pool is packing the adapter's rows on the host (skipped while the
-host tier keeps them from an earlier load), `jax.device_put` of them
-(asynchronous) and the donated `write_adapter` scatter. Packing and copying run on
-a background thread: `prefetch` (the engine calls it for the adapters of queued
+host tier keeps them from an earlier load), their `jax.device_put` (waited for on the
+staging thread) and the donated `write_adapter` scatter. Packing and copying run on
+background threads: `prefetch` (the engine calls it for the adapters of queued
 requests) starts them early, so they overlap the steps run before the adapter is
 needed, and `load` waits only for what is left. Bad input (a corrupt file, an
 adapter larger than the whole pool) raises `AdapterError` for that adapter and
@@ -101,10 +101,11 @@ class AdapterStore:
         self._staged: dict[str, tuple[AdapterPlacement, concurrent.futures.Future]] = {}
         self._stager: concurrent.futures.ThreadPoolExecutor | None = None  # started on first use
         self._free_slots = list(range(max_resident - 1, -1, -1))
-        # disk_loads, host_hits, packed_hits, pool_loads, pool_hits, prefetch_hits, evictions
+        # disk_loads, host_hits, packed_hits, pool_loads, pool_hits, prefetch_hits, evictions; the engine's
+        # start_deferred (`Engine._defer_start`)
         self.stats = collections.Counter()
         # Host seconds: load's evict / wait_staged (for the staging thread) / write; the staging
-        # threads' stage_pack / stage_put (summed over threads, so they overlap the rest).
+        # threads' stage_pack / stage_put (the copy, to its end; summed over threads, so they overlap the rest).
         self.seconds: collections.Counter = collections.Counter()
         self._seconds_lock = threading.Lock()
         self._table_pages, self._r_max = 1, 8  # batch shape bounds that only grow (few compiles)
@@ -186,7 +187,7 @@ class AdapterStore:
         return self._resident[name]
 
     def ready(self, name: str) -> bool:
-        """`load(name)` would not wait for the staging threads: resident, or staged and packed."""
+        """`load(name)` would not wait for the staging threads: resident, or staged (packed and copied)."""
         if name in self._resident:
             return True
         staged = self._staged.get(name)
@@ -222,7 +223,10 @@ class AdapterStore:
         if rows is None:
             rows = self._pack(adapter, placement)
         t1 = time.perf_counter()
-        rows_dev = self._put(rows)  # async copy
+        rows_dev = self._put(rows)
+        # Wait for the copy here, on the staging thread: a staged adapter is then on the device, so
+        # `ready` means `load` waits for nothing and its scatter's dispatch has its input at hand.
+        jax.block_until_ready(rows_dev)
         with self._seconds_lock:  # staging threads add up concurrently
             self.seconds["stage_pack"] += t1 - t0
             self.seconds["stage_put"] += time.perf_counter() - t1
