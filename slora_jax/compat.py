@@ -36,3 +36,18 @@ def auto_mesh_1d(devices: Sequence[jax.Device], axis_name: str) -> Mesh:
     if AxisType is None:
         return Mesh(devs, (axis_name,))
     return Mesh(devs, (axis_name,), axis_types=(AxisType.Auto,))
+
+
+def on_gpu_stream(f, stream: int):
+    """`f` lowered as a call that XLA may run on GPU stream `stream` beside the main one
+    (`jax.experimental.compute_on.compute_on2`, compute type `gpu_stream:N`; outputs in device
+    memory). XLA's `--xla_gpu_experimental_stream_annotation` turns the annotation on or off."""
+    from jax._src import core
+    from jax.experimental.compute_on import compute_on2
+
+    def run(*args):
+        n_out = len(jax.tree.leaves(jax.eval_shape(f, *args)))
+        return compute_on2(f, compute_type=f"gpu_stream:{stream}",
+                           out_memory_spaces=(core.MemorySpace.Device,) * n_out)(*args)
+
+    return run

@@ -259,6 +259,14 @@ def test_model_grouped_lora_equals_reference():
     text = run.trace(params, CFG, toks, pos, cache, lora("pallas", interpret=False, paged_one_launch_max_tokens=1 << 30)
                      ).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 4
+    # Each delta on GPU stream 1 (`lora_stream`), added after: same logits; 4 annotated calls a layer.
+    got, _ = run(params, CFG, toks, pos, cache, lora("pallas", interpret=True, lora_stream=1))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+    text = run.trace(params, CFG, toks, pos, cache, lora("pallas", interpret=False, lora_stream=1)
+                     ).lower(lowering_platforms=("cuda",)).as_text()
+    calls = [ln for ln in text.splitlines() if "call @compute_on" in ln]
+    assert text.count("xla.gpu.triton") == 4 and len(calls) == 4, calls
+    assert all('_xla_stream_annotation = "1"' in ln for ln in calls)
 
 
 def test_capacity_report():

@@ -17,6 +17,9 @@ from __future__ import annotations
 import flax.struct
 import jax
 
+import jax.numpy as jnp
+
+from slora_jax.compat import on_gpu_stream
 from slora_jax.config import LlamaConfig
 from slora_jax.memory.pool import AdapterTable, PoolLayout, paged_weights
 from slora_jax.ops.lora import KernelConfig, LoraMeta, SlotWeights, add_lora, add_lora_group, lora_reference
@@ -25,7 +28,18 @@ from slora_jax.ops.lora import KernelConfig, LoraMeta, SlotWeights, add_lora, ad
 def _add(impl: str, kernel: KernelConfig | None, meta: LoraMeta | None, y_TxO, x_TxI, w, slot_T):
     if impl == "reference":
         return lora_reference(y_TxO, x_TxI, w if isinstance(w, SlotWeights) else w.to_slots(), slot_T)
+    if kernel is not None and kernel.lora_stream:
+        return _beside(kernel.lora_stream, lambda zs, *a: (add_lora(zs[0], *a, impl=impl, config=kernel),),
+                       (y_TxO,), x_TxI, w, meta)[0]
     return add_lora(y_TxO, x_TxI, w, meta, impl=impl, config=kernel)
+
+
+def _beside(stream: int, op, ys_TxO, *args):
+    """`ys + op(zeros, *args)`, the op called on GPU stream `stream` (`KernelConfig.lora_stream`): it
+    needs no base output, so XLA may run it beside the base matmul."""
+    shapes = [(y.shape, y.dtype) for y in ys_TxO]
+    deltas = on_gpu_stream(lambda *a: tuple(op(tuple(jnp.zeros(s, d) for s, d in shapes), *a)), stream)(*args)
+    return tuple(y + d for y, d in zip(ys_TxO, deltas))
 
 
 @flax.struct.dataclass
@@ -73,9 +87,12 @@ class PagedLora:
             todo = [i for i, p in enumerate(projs) if p in self.projections]  # the others launch nothing
             if not todo:
                 return ys_TxO
-            done = add_lora_group([ys_TxO[i] for i in todo], x_TxI,
-                                  [self._weights(layer, cache_now, projs[i]) for i in todo], self.meta,
-                                  config=kernel)
+            ws = [self._weights(layer, cache_now, projs[i]) for i in todo]
+            group = lambda zs, x, ws, meta: add_lora_group(zs, x, ws, meta, config=kernel)  # noqa: E731
+            if kernel.lora_stream:
+                done = _beside(kernel.lora_stream, group, [ys_TxO[i] for i in todo], x_TxI, ws, self.meta)
+            else:
+                done = group([ys_TxO[i] for i in todo], x_TxI, ws, self.meta)
             out = list(ys_TxO)
             for i, y_TxO in zip(todo, done):
                 out[i] = y_TxO
