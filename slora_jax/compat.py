@@ -42,12 +42,19 @@ def on_gpu_stream(f, stream: int):
     """`f` lowered as a call that XLA may run on GPU stream `stream` beside the main one
     (`jax.experimental.compute_on.compute_on2`, compute type `gpu_stream:N`; outputs in device
     memory). XLA's `--xla_gpu_experimental_stream_annotation` turns the annotation on or off."""
+    from jax.experimental import compute_on as co
+
+    kind = f"gpu_stream:{stream}"
+    if not hasattr(co, "compute_on2"):  # older releases: the context manager around a jitted call
+        def run_legacy(*args):
+            with co.compute_on(kind):
+                return jax.jit(f)(*args)
+
+        return run_legacy
     from jax._src import core
-    from jax.experimental.compute_on import compute_on2
 
     def run(*args):
-        n_out = len(jax.tree.leaves(jax.eval_shape(f, *args)))
-        return compute_on2(f, compute_type=f"gpu_stream:{stream}",
-                           out_memory_spaces=(core.MemorySpace.Device,) * n_out)(*args)
+        device = jax.tree.map(lambda _: core.MemorySpace.Device, jax.eval_shape(f, *args))
+        return co.compute_on2(f, compute_type=kind, out_memory_spaces=device)(*args)
 
     return run
