@@ -153,7 +153,7 @@ def test_same_seed_same_tokens_whatever_the_batch():
 def test_bad_requests_and_adapters(tmp_path):
     from slora_jax.errors import RequestError
 
-    engine = tiny_engine()
+    engine = tiny_engine(defer_unstaged_starts=True)  # "huge" below meets `_defer_start` first
     good = engine.submit([1, 2], "a0", SamplingParams(max_new_tokens=3))
     bad_calls = [
         (lambda: engine.submit([1, 2], "nope"), "unknown adapter"),
