@@ -288,6 +288,49 @@ def test_a_request_whose_adapter_is_still_staging_starts_later_without_blocking(
     assert time.perf_counter() - t0 >= 0.4 and engine.store.stats["start_deferred"] == 0
 
 
+def test_deferred_starts_stage_a_bounded_set_and_pack_each_adapter_once(monkeypatch):
+    """Many new requests whose adapters are not packed yet: at most `max(prefetch_adapters,
+    adapter_stage_threads)` are staged for deferred starts (the rest wait unstaged), none is
+    dropped and packed again while its request waits, and every request ends."""
+    import collections
+    import threading
+
+    from slora_jax.adapters.store import AdapterStore
+
+    gate, packs = threading.Event(), collections.Counter()
+    pack = AdapterStore._pack
+
+    def slow_pack(self, adapter, placement):
+        packs[adapter.name] += 1
+        if adapter.name != "a0":
+            gate.wait(30)
+        return pack(self, adapter, placement)
+
+    monkeypatch.setattr(AdapterStore, "_pack", slow_pack)
+    engine = tiny_engine(defer_unstaged_starts=True, prefetch_adapters=2, adapter_stage_threads=2,
+                         max_num_seqs=16, num_pages=400)
+    cfg = preset("tiny")
+    names = [f"b{i}" for i in range(10)]
+    for i, name in enumerate(names):
+        engine.add_adapter(name, random_adapter(cfg, 4, ("q", "v"), seed=10 + i, name=name))
+    sp = SamplingParams(max_new_tokens=6)
+    prompts = random_prompts(250, [5] * (len(names) + 1), seed=3)
+    ids = [engine.submit(prompts[0], "a0", SamplingParams(max_new_tokens=40))]
+    engine.step()  # a0 loads (nothing else to run)
+    ids += [engine.submit(p, n, sp) for p, n in zip(prompts[1:], names)]
+    for _ in range(5):
+        engine.step()
+        assert len(engine._deferred) <= 2 and len(engine.store._staged) <= 4
+    waiting = [engine._requests[i] for i in ids[1:]]
+    assert all(r.status is Status.WAITING for r in waiting) and engine.store.stats["start_deferred"] >= 5 * 2
+    gate.set()
+    while engine.has_unfinished():
+        engine.step()
+        assert len(engine._deferred) <= 2 and len(engine.store._staged) <= 4
+    assert [engine.completion(i).finish_reason for i in ids] == ["length"] * len(ids)
+    assert all(packs[n] == 1 for n in names), packs  # none dropped while waiting, so none packed twice
+
+
 def test_string_prompts_with_the_model_folders_tokenizer(tmp_path, tiny_model_dirs):
     import shutil
 

@@ -154,7 +154,9 @@ class Engine:
         self._requests: dict[int, Request] = {}
         self._next_id = 0
         self._preempted_now: set[int] = set()
-        self._deferred: list[str] = []  # adapters of requests `_defer_start` left for a later step
+        # Adapters of waiting requests `_defer_start` left for a later step, kept staged until those
+        # requests start or end (at most `max(prefetch_adapters, adapter_stage_threads)` of them).
+        self._deferred: list[str] = []
         self._inflight: _InFlight | None = None  # the dispatched step whose tokens are not read yet
         self.num_steps = 0
         # Host seconds spent by step() in each phase (cumulative): admit (the waiting queue, the
@@ -385,11 +387,16 @@ class Engine:
         if (req.adapter is None or not (ec.defer_unstaged_starts and ec.prefetch_adapters)
                 or self.store.ready(req.adapter)):
             return False
-        try:
-            self.store.prefetch(req.adapter)
-        except AdapterError:
-            return False  # `load` reports it, for this request
         if req.adapter not in self._deferred:
+            if len(self._deferred) >= max(ec.prefetch_adapters, ec.adapter_stage_threads):
+                # Staging is full: wait unstaged (it comes once the deferred ahead have started), rather
+                # than stage more than the threads can pack, or drop staged rows that are soon needed.
+                self.store.stats["start_deferred"] += 1
+                return True
+            try:
+                self.store.prefetch(req.adapter)
+            except AdapterError:
+                return False  # `load` reports it, for this request
             self._deferred.append(req.adapter)
         self.store.stats["start_deferred"] += 1
         return True
@@ -403,15 +410,19 @@ class Engine:
     def _prefetch(self, now: float) -> None:
         """Stage the adapters of the first queued requests (in the scheduler's order), so their
         packing and host-to-device copies overlap the steps they wait through."""
-        # The adapters of requests deferred this step (`_defer_start`) stay staged, the rest up to the limit.
-        names, self._deferred = [n for n in self._deferred if not self.store.is_resident(n)], []
+        # The first queued requests' adapters (up to the limit), and those of deferred starts
+        # (`_defer_start`) while a request of theirs waits.
+        waiting = [r for r in self._requests.values() if r.status is Status.WAITING]
+        queued = {r.adapter for r in waiting}
+        self._deferred = [n for n in self._deferred if n in queued and not self.store.is_resident(n)]
+        window: list[str] = []
         if self.config.prefetch_adapters:
-            waiting = [r for r in self._requests.values() if r.status is Status.WAITING]
             for r in self.scheduler.order([], waiting, now, self.store.is_resident):
-                if len(names) >= self.config.prefetch_adapters:
+                if len(window) >= self.config.prefetch_adapters:
                     break
-                if r.adapter is not None and not self.store.is_resident(r.adapter) and r.adapter not in names:
-                    names.append(r.adapter)
+                if r.adapter is not None and not self.store.is_resident(r.adapter) and r.adapter not in window:
+                    window.append(r.adapter)
+        names = window + [n for n in self._deferred if n not in window]
         self.store.prefetch_only(names)
 
     def _reserve(self, need: int, req: Request, was_waiting: bool, order: list[Request], planned: set[int]) -> bool:
