@@ -42,10 +42,18 @@ def on_gpu_stream(f, stream: int):
     """`f` lowered as a call that XLA may run on GPU stream `stream` beside the main one
     (`jax.experimental.compute_on.compute_on2`, compute type `gpu_stream:N`; outputs in device
     memory). XLA's `--xla_gpu_experimental_stream_annotation` turns the annotation on or off."""
+    import inspect
+
     from jax.experimental import compute_on as co
 
     kind = f"gpu_stream:{stream}"
-    if not hasattr(co, "compute_on2"):  # older releases: the context manager around a jitted call
+    # JAX 0.10 has the function form as `compute_on2` beside the context manager `compute_on`;
+    # 0.11 gives the function form the name `compute_on`; older releases have the manager alone.
+    if "out_memory_spaces" in inspect.signature(co.compute_on).parameters:
+        wrap = co.compute_on
+    elif hasattr(co, "compute_on2"):
+        wrap = co.compute_on2
+    else:
         def run_legacy(*args):
             with co.compute_on(kind):
                 return jax.jit(f)(*args)
@@ -55,6 +63,6 @@ def on_gpu_stream(f, stream: int):
 
     def run(*args):
         device = jax.tree.map(lambda _: core.MemorySpace.Device, jax.eval_shape(f, *args))
-        return co.compute_on2(f, compute_type=kind, out_memory_spaces=device)(*args)
+        return wrap(f, compute_type=kind, out_memory_spaces=device)(*args)
 
     return run

@@ -222,27 +222,34 @@ def test_model_with_adapters_in_pages_equals_dense_slots():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
 
 
-def test_model_grouped_lora_equals_reference():
-    """The Pallas split pair on pages with q/k/v and gate/up in one launch pair each (`layer_group_fn`)
-    gives the jnp path's logits, in 4 launch pairs a layer instead of 7 (or 4 single launches)."""
+def paged_lora_case(slots_BxT: np.ndarray):
+    """The model's inputs for `slots_BxT` (rows of `adapters()`, -1 none) on a fresh pool:
+    (params, tokens, positions, paged cache, `lora(impl, **KernelConfig fields)` -> `PagedLora`)."""
     from slora_jax.memory.paged_lora import PagedLora
     from slora_jax.ops import KernelConfig, build_lora_meta
 
     params = init_random_params(CFG, jax.random.key(5), jnp.float32)
     layout, alloc, pool, ads, entries = resident_adapters()
-    B, T = 3, 4
-    kv_pages = alloc.alloc(B * 1, "kv", "kv").reshape(B, 1)
-    slots = np.array([[1, 1, 0, -1], [2, 0, 0, 1], [-1, 2, 2, 1]], np.int32)
+    B, T = slots_BxT.shape
+    kv_pages = alloc.alloc(B * -(-T // layout.page_size), "kv", "kv").reshape(B, -1)
     toks = jnp.asarray(np.random.default_rng(6).integers(0, CFG.vocab_size, (B, T)).astype(np.int32))
     pos = jnp.asarray(np.arange(T)[None].repeat(B, 0).astype(np.int32))
     cache = PagedKVCache.batched(pool, jnp.asarray(kv_pages), layout, T)
     table = AdapterTable.build(entries, 4, 96)
-    meta = build_lora_meta(slots.reshape(-1), max_segments=4)
+    meta = build_lora_meta(slots_BxT.reshape(-1), max_segments=4)
 
     def lora(impl, **kernel):
-        return PagedLora(table, jnp.asarray(slots), layout, CFG, 16, ("q", "k", "v", "o", "gate", "up", "down"),
+        return PagedLora(table, jnp.asarray(slots_BxT), layout, CFG, 16, ("q", "k", "v", "o", "gate", "up", "down"),
                          meta, impl, KernelConfig(**kernel))
 
+    return params, toks, pos, cache, lora
+
+
+def test_model_grouped_lora_equals_reference():
+    """The Pallas split pair on pages with q/k/v and gate/up in one launch pair each (`layer_group_fn`)
+    gives the jnp path's logits, in 4 launch pairs a layer instead of 7 (or 4 single launches)."""
+    slots = np.array([[1, 1, 0, -1], [2, 0, 0, 1], [-1, 2, 2, 1]], np.int32)
+    params, toks, pos, cache, lora = paged_lora_case(slots)
     run = jax.jit(forward, static_argnums=1)
     want, _ = run(params, CFG, toks, pos, cache, lora("reference"))
     got, _ = run(params, CFG, toks, pos, cache, lora("pallas", interpret=True))

@@ -357,10 +357,12 @@ class KernelConfig:
     # step: 5.04-5.06 vs 5.23-5.24 ms at batch 1, 5.24 vs 5.43-5.49 at batch 8, 8.22 vs 8.20 at batch 64
     # (benchmarks/NOTES_lora_kernels.md, session 10).
     paged_one_launch_max_tokens: int = 16
-    # Experimental, not yet run on a GPU: N > 0 computes each LoRA delta (zeros + the op) as a call
-    # annotated for GPU stream N (`compat.on_gpu_stream`), added to the base output after, so XLA may run
-    # the latency-bound LoRA kernels beside the base matmul that reads the same x. 0: the op accumulates
-    # into the base output on the main stream (`memory.paged_lora`).
+    # Ablation, off: N > 0 computes each LoRA delta (zeros + the op) as a call annotated for GPU stream N
+    # (`compat.on_gpu_stream`), added to the base output after, so XLA may run the latency-bound LoRA
+    # kernels beside the base matmul that reads the same x. 0: the op accumulates into the base output on
+    # the main stream (`memory.paged_lora`). H200, Llama-7B decode step at batch 64 with XLA's latency-hiding
+    # scheduler: 8.47 ms against 8.26 without (session 11): the q/k/v delta's call ends before the q/k
+    # matmul starts, and the zeros and adds cost more than the overlap of the o delta gives.
     lora_stream: int = 0
     chunk: int = 64  # fused, dense slots: K/N block (pages: the pool's row width C)
     n_split_max: int = 16  # fused: most programs sharing one tile's H_out
