@@ -329,6 +329,7 @@ def test_deferred_starts_stage_a_bounded_set_and_pack_each_adapter_once(monkeypa
         assert len(engine._deferred) <= 2 and len(engine.store._staged) <= 4
     assert [engine.completion(i).finish_reason for i in ids] == ["length"] * len(ids)
     assert all(packs[n] == 1 for n in names), packs  # none dropped while waiting, so none packed twice
+    assert engine.store.stats["packs"] == len(names) + 1 and engine.store.stats["start_deferred_unstaged"] > 0
 
 
 def test_string_prompts_with_the_model_folders_tokenizer(tmp_path, tiny_model_dirs):

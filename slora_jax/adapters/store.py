@@ -101,8 +101,8 @@ class AdapterStore:
         self._staged: dict[str, tuple[AdapterPlacement, concurrent.futures.Future]] = {}
         self._stager: concurrent.futures.ThreadPoolExecutor | None = None  # started on first use
         self._free_slots = list(range(max_resident - 1, -1, -1))
-        # disk_loads, host_hits, packed_hits, pool_loads, pool_hits, prefetch_hits, evictions; the engine's
-        # start_deferred (`Engine._defer_start`)
+        # disk_loads, host_hits, packed_hits, packs (by the staging threads), pool_loads, pool_hits,
+        # prefetch_hits, evictions; the engine's start_deferred and start_deferred_unstaged (`Engine._defer_start`)
         self.stats = collections.Counter()
         # Host seconds: load's evict / wait_staged (for the staging thread) / write; the staging
         # threads' stage_pack / stage_put (summed over threads, so they overlap the rest).
@@ -220,12 +220,14 @@ class AdapterStore:
                rows: np.ndarray | None) -> tuple[np.ndarray, jax.Array]:
         """On the staging thread: pack `adapter`'s rows unless `rows` are given; start their copy."""
         t0 = time.perf_counter()
-        if rows is None:
+        packed = rows is None
+        if packed:
             rows = self._pack(adapter, placement)
         t1 = time.perf_counter()
         rows_dev = self._put(rows)  # async copy (waiting for it here took 14 ms a rank-8 adapter on an H200
         # and did not shorten load's write: session 11)
         with self._seconds_lock:  # staging threads add up concurrently
+            self.stats["packs"] += packed
             self.seconds["stage_pack"] += t1 - t0
             self.seconds["stage_put"] += time.perf_counter() - t1
         return rows, rows_dev

@@ -392,6 +392,7 @@ class Engine:
                 # Staging is full: wait unstaged (it comes once the deferred ahead have started), rather
                 # than stage more than the threads can pack, or drop staged rows that are soon needed.
                 self.store.stats["start_deferred"] += 1
+                self.store.stats["start_deferred_unstaged"] += 1
                 return True
             try:
                 self.store.prefetch(req.adapter)
