@@ -244,6 +244,9 @@ class EngineConfig:
     max_loras: int = 8  # unified_memory=False: number of adapter slots
     max_lora_rank: int = 64  # unified_memory=False: every slot's rank
     host_adapter_budget_bytes: int = 8 << 30
+    # Packed-row buffers the host tier dropped, kept (up to this many bytes) to pack adapters into again:
+    # packing into fresh host memory stalls on page faults (adapters/spares.py); 0: always fresh memory.
+    host_adapter_spare_bytes: int = 2 << 30
     max_resident_adapters: int = 1024
     prefetch_adapters: int = 4  # adapters of the first queued requests staged ahead (packed, copied); 0: off
     adapter_stage_threads: int = 4  # host threads packing and copying adapters (pool loads and prefetch)
@@ -260,8 +263,9 @@ class EngineConfig:
                      "max_model_len", "tp", "adapter_stage_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.prefetch_adapters < 0:
-            raise ValueError(f"EngineConfig.prefetch_adapters must be >= 0, got {self.prefetch_adapters}")
+        for name in ("prefetch_adapters", "host_adapter_spare_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"EngineConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.attention_impl not in ("auto", "pallas", "reference"):
             raise ValueError(
                 f"EngineConfig.attention_impl must be 'auto', 'pallas' or 'reference', got {self.attention_impl!r}")
@@ -327,7 +331,8 @@ class AdapterSetConfig:
     distinct: int = 0
     dir: str = ""  # where random adapters are written and reused ("": <output_dir>/_adapters)
     # Read each weight folder once and give the system in-memory adapters (every adapter in host memory, as
-    # in S-LoRA's experiments; adapters sharing a folder share its arrays). hf_peft loads folders regardless.
+    # in S-LoRA's experiments; adapters sharing a folder share its arrays), held by the engine systems in the
+    # model's dtype with scales folded (`LoraAdapter.folded`). hf_peft loads folders regardless.
     in_memory: bool = False
     seed: int = 0
 

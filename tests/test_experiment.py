@@ -222,3 +222,26 @@ def test_gc_timer_counts_collections():
     assert t.collections == 2 and t.seconds > 0
     gc.collect()
     assert t.collections == 2  # not counted once the block is left
+
+
+def test_in_memory_adapters_are_read_once_per_folder_and_folded_for_the_engine(tmp_path):
+    import numpy as np
+
+    from slora_jax.config import AdapterSetConfig, preset
+    from slora_jax.experiment.runner import adapter_folders, in_memory_adapters
+
+    cfg = preset("tiny")
+    folders = adapter_folders(AdapterSetConfig(n=5, ranks=(4, 8), distinct=2), cfg, str(tmp_path))
+    cache = {}
+    raw = in_memory_adapters(folders, cfg, cache)
+    folded = in_memory_adapters(folders, cfg, cache, "bfloat16")
+    assert [n for n, _ in folded] == [f"adapter{i}" for i in range(5)]
+    key = next(iter(raw[0][1].modules))
+    # adapters of one folder share its arrays, in both forms; each folder was read once
+    assert folded[0][1].modules[key].a is folded[2][1].modules[key].a
+    assert raw[1][1].modules[key].a is raw[3][1].modules[key].a and len(cache) == 4
+    for (_, r), (_, f) in zip(raw, folded):
+        m, fm = r.modules[key], f.modules[key]
+        assert fm.scale == 1.0 and fm.a.dtype.name == "bfloat16" and m.a.dtype == np.float32
+        np.testing.assert_array_equal(fm.b.astype(np.float32),
+                                      (m.b * np.float32(m.scale)).astype(fm.b.dtype).astype(np.float32))

@@ -15,12 +15,15 @@ from slora_jax.memory.allocator import PageAllocator
 from slora_jax.memory.kv_cache import PagedKVCache
 from slora_jax.memory.pool import (
     AdapterTable,
+    WHOLE,
     PoolLayout,
     adapter_rows,
+    adapter_shard_rows,
     create_pool,
     gather_slots,
     lora_from_pages,
     place_adapter,
+    rows_shape,
     write_adapter,
 )
 from slora_jax.model import DenseKVCache, forward, init_random_params
@@ -135,6 +138,27 @@ def test_adapter_rows_equal_the_reference_bit_for_bit(chunk, page_size, dtype):
         got = adapter_rows(ad, placement, cfg, layout, dtype)  # so rows it fails to zero show
         assert got.dtype == want.dtype and got.shape == want.shape
         np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+        # Into a reused buffer full of stale bytes, and from the adapter kept folded (no casts): the same rows.
+        shape = rows_shape(placement, cfg, layout)
+        for src in (ad, ad.folded(dtype)):
+            out = np.frombuffer(np.full(want.nbytes, 0xFF, np.uint8).tobytes(), dtype).reshape(shape).copy()
+            got = adapter_shard_rows(src, placement, cfg, layout, WHOLE, dtype, out)
+            assert got is out
+            np.testing.assert_array_equal(got[0].view(np.uint8), want.view(np.uint8))
+        with pytest.raises(ValueError, match="out must be"):
+            adapter_shard_rows(ad, placement, cfg, layout, WHOLE, dtype, np.empty(shape[1:], dtype))
+
+
+def test_folded_adapter_keeps_the_product_and_is_idempotent():
+    ad = mixed_adapter(CFG, ("q", "down"), 3)
+    f = ad.folded(jnp.float32)
+    key = next(iter(f.modules))
+    assert f.folded(jnp.float32).modules[key] is f.modules[key]
+    for key, m in ad.modules.items():
+        fm = f.modules[key]
+        assert fm.scale == 1.0 and fm.a.dtype == np.float32 and fm.rank == m.rank
+        a, b = m.a.astype(np.float32), m.b.astype(np.float32)  # modules of several dtypes
+        np.testing.assert_allclose(fm.a @ fm.b, m.scale * (a @ b), rtol=1e-5, atol=1e-5)
 
 
 def test_pages_freed_by_kv_hold_an_adapter():

@@ -195,3 +195,42 @@ def test_host_budget_check_measures_each_adapter_once(tmp_path, monkeypatch):
         pool = store.load(pool, name)
         store._evict_one_idle()
     assert sorted(set(calls)) == [f"m{i}" for i in range(6)] and len(calls) == 6
+
+
+def test_dropped_rows_are_packed_into_again_and_loads_stay_exact(tmp_path):
+    per = place_adapter(random_adapter(CFG, 8, ("q", "v", "down")), CFG, LAYOUT)
+    rows_bytes = adapter_rows(random_adapter(CFG, 8, ("q", "v", "down")), per, CFG, LAYOUT, jnp.float32).nbytes
+    layout = PoolLayout.for_model(CFG, per.num_pages, 16, 64)  # room for one adapter: every load evicts
+    store = AdapterStore(CFG, layout, PageAllocator(layout.num_pages), host_budget_bytes=rows_bytes,
+                         dtype=jnp.float32, stage_threads=2, spare_bytes=4 * rows_bytes)
+    ads = [random_adapter(CFG, 8, ("q", "v", "down"), seed=i, name=f"m{i}") for i in range(4)]
+    for ad in ads[:2]:
+        store.add(ad)
+    for ad in ads[2:]:
+        store.add(ad.folded(jnp.float32))
+    pool = create_pool(layout, jnp.float32)
+    for i in [0, 1, 2, 3, 0, 2, 1, 3, 3, 0]:
+        store.prefetch_only([f"m{(i + 1) % 4}"])  # a staged copy in flight while rows are dropped
+        pool = store.load(pool, f"m{i}")
+        assert_resident_equal(store, pool, layout, f"m{i}", ads[i])
+    # Each load's rows push the previous ones out of the 1-adapter host budget, into the spares.
+    assert store.stats["spare_packs"] >= 4 and store.spares.reuses == store.stats["spare_packs"]
+    assert store.stats["packs"] + store.stats["packed_hits"] >= 10
+
+
+def test_rows_a_staging_will_copy_are_not_recycled(tmp_path):
+    per = place_adapter(random_adapter(CFG, 8, ("q", "v", "down")), CFG, LAYOUT)
+    layout = PoolLayout.for_model(CFG, per.num_pages, 16, 64)  # room for one adapter
+    store = AdapterStore(CFG, layout, PageAllocator(layout.num_pages), dtype=jnp.float32, spare_bytes=1 << 30)
+    for i in range(2):
+        store.add(random_adapter(CFG, 8, ("q", "v", "down"), seed=i, name=f"m{i}"))
+    pool = create_pool(layout, jnp.float32)
+    pool = store.load(store.load(pool, "m0"), "m1")  # m0 evicted from the pool, its rows kept on the host
+    store.prefetch("m0")  # a packed hit: the staging copies the host tier's rows
+    staged_rows = store._staged["m0"][1].result()[0]
+    assert staged_rows is store._host["m0"].rows
+    store.host_budget_bytes = 0
+    store._trim_host()  # drops both adapters' rows
+    assert store._host["m0"].rows is None and store.spares.bytes == staged_rows.nbytes  # m1's alone
+    out = store.spares.take(staged_rows.shape, staged_rows.dtype)
+    assert out is not None and not np.shares_memory(out, staged_rows)

@@ -37,6 +37,7 @@ import numpy as np
 from slora_jax.adapters.adapter import LoraAdapter
 from slora_jax.adapters.pack import pack_slots
 from slora_jax.adapters.peft import load_adapter
+from slora_jax.adapters.spares import SpareBuffers
 from slora_jax.config import PROJECTIONS, LlamaConfig
 from slora_jax.errors import AdapterError
 from slora_jax.memory.allocator import OutOfPages, PageAllocator
@@ -45,8 +46,10 @@ from slora_jax.memory.pool import (
     AdapterPlacement,
     AdapterTable,
     PoolLayout,
-    adapter_rows,
+    WHOLE,
+    adapter_shard_rows,
     place_adapter,
+    rows_shape,
     write_adapter,
 )
 from slora_jax.ops.lora import KernelConfig, LoraMeta, SlotWeights, build_lora_meta
@@ -62,7 +65,7 @@ class HostEntry:
 
     adapter: LoraAdapter | None  # as read; None once packed, for an adapter that disk can give again
     placement: AdapterPlacement | None = None
-    rows: np.ndarray | None = None  # `adapter_rows` in the store's dtype, with `placement`
+    rows: np.ndarray | None = None  # `AdapterStore._pack`'s rows in the store's dtype, with `placement`
     # (id, bytes) of the adapter last measured: `LoraAdapter.nbytes` walks every module, and the
     # budget check sums all entries on every load (25 ms a load with 1000 adapters, H200 host).
     _adapter_bytes: tuple[int, int] = dataclasses.field(default=(0, 0), repr=False)
@@ -89,9 +92,12 @@ class Resident:
 class AdapterStore:
     def __init__(self, cfg: LlamaConfig, layout: PoolLayout, allocator: PageAllocator,
                  host_budget_bytes: int = 8 << 30, dtype=jnp.bfloat16, max_resident: int = 1024,
-                 stage_threads: int = 1):
+                 stage_threads: int = 1, spare_bytes: int = 0):
         self.cfg, self.layout, self.allocator = cfg, layout, allocator
+        self.shards = WHOLE  # how packed rows are cut (a sharded store: one part per device)
         self.stage_threads = stage_threads
+        # Row buffers the host tier dropped, packed into again (`spares.py`: fresh host memory is slow)
+        self.spares = SpareBuffers(spare_bytes)
         self.dtype = jnp.dtype(dtype)
         self.host_budget_bytes = host_budget_bytes
         self._paths: dict[str, str] = {}
@@ -101,7 +107,8 @@ class AdapterStore:
         self._staged: dict[str, tuple[AdapterPlacement, concurrent.futures.Future]] = {}
         self._stager: concurrent.futures.ThreadPoolExecutor | None = None  # started on first use
         self._free_slots = list(range(max_resident - 1, -1, -1))
-        # disk_loads, host_hits, packed_hits, packs (by the staging threads), pool_loads, pool_hits,
+        # disk_loads, host_hits, packed_hits, packs (by the staging threads; spare_packs of them into
+        # recycled buffers), pool_loads, pool_hits,
         # prefetch_hits, evictions; the engine's start_deferred and start_deferred_unstaged (`Engine._defer_start`)
         self.stats = collections.Counter()
         # Host seconds: load's evict / wait_staged (for the staging thread) / write; the staging
@@ -164,6 +171,8 @@ class AdapterStore:
             if used <= self.host_budget_bytes:
                 break
             used -= entry.nbytes
+            if entry.rows is not None and name not in self._staged:  # a staged copy may still read them
+                self.spares.give(entry.rows)
             if name in self._paths:  # disk can give it again
                 del self._host[name]
             else:  # an in-memory adapter stays; its rows can be packed again
@@ -226,6 +235,7 @@ class AdapterStore:
         t1 = time.perf_counter()
         rows_dev = self._put(rows)  # async copy (waiting for it here took 14 ms a rank-8 adapter on an H200
         # and did not shorten load's write: session 11)
+        self.spares.copying(rows, rows_dev)
         with self._seconds_lock:  # staging threads add up concurrently
             self.stats["packs"] += packed
             self.seconds["stage_pack"] += t1 - t0
@@ -237,7 +247,12 @@ class AdapterStore:
         missing ones, drop the staged rows of others. An adapter that cannot be staged
         (corrupt, too large) is skipped; its error comes when a request loads it."""
         for name in set(self._staged) - set(names):
-            self._staged.pop(name)[1].cancel()  # not packed yet: the thread does not pack it at all
+            future = self._staged.pop(name)[1]
+            if not future.cancel() and future.done() and future.exception() is None:  # packed and sent
+                rows = future.result()[0]
+                entry = self._host.get(name)
+                if entry is None or entry.rows is not rows:  # rows the host tier does not keep
+                    self.spares.give(rows)
         for name in names:
             try:
                 self.prefetch(name)
@@ -334,12 +349,17 @@ class AdapterStore:
 
     # ------------------------------------------------- where adapter rows live (hooks of a sharded store)
     def _pack(self, adapter: LoraAdapter, placement: AdapterPlacement) -> np.ndarray:
-        """Host rows of `adapter` for `placement` (on a staging thread)."""
-        return adapter_rows(adapter, placement, self.cfg, self.layout, self.dtype)
+        """Host rows `[num_shards, L, rows, C]` of `adapter` for `placement` (on a staging thread),
+        into a spare buffer when one of their size is free."""
+        out = self.spares.take(rows_shape(placement, self.cfg, self.layout, self.shards), self.dtype)
+        if out is not None:
+            with self._seconds_lock:
+                self.stats["spare_packs"] += 1
+        return adapter_shard_rows(adapter, placement, self.cfg, self.layout, self.shards, self.dtype, out)
 
     def _put(self, rows: np.ndarray) -> jax.Array:
         """Start the host-to-device copy of packed rows (on a staging thread)."""
-        return jax.device_put(rows)
+        return jax.device_put(rows[0])
 
     def _write(self, pool: jax.Array, rows_dev: jax.Array, pages: np.ndarray) -> jax.Array:
         """Copied rows into their pages; returns the pool (donated)."""

@@ -141,7 +141,8 @@ class Engine:
             self.store = tp.adapter_store(ec, self.layout, self.allocator, self.dtype)
         elif ec.unified_memory:
             self.store = AdapterStore(cfg, self.layout, self.allocator, ec.host_adapter_budget_bytes, self.dtype,
-                                      ec.max_resident_adapters, ec.adapter_stage_threads)
+                                      ec.max_resident_adapters, ec.adapter_stage_threads,
+                                      ec.host_adapter_spare_bytes)
         else:
             self.store = SlotAdapterStore(cfg, ec.max_loras, ec.max_lora_rank,
                                           host_budget_bytes=ec.host_adapter_budget_bytes, dtype=self.dtype)

@@ -110,16 +110,20 @@ def adapter_folders(ac: AdapterSetConfig, cfg: LlamaConfig, default_dir: str) ->
     return [(f"adapter{i}", folders[i % k]) for i in range(ac.n)]
 
 
-def in_memory_adapters(folders: list[tuple[str, str]], cfg: LlamaConfig,
-                       cache: dict | None = None) -> list[tuple[str, LoraAdapter]]:
+def in_memory_adapters(folders: list[tuple[str, str]], cfg: LlamaConfig, cache: dict | None = None,
+                       dtype: str | None = None) -> list[tuple[str, LoraAdapter]]:
     """(name, in-memory adapter) for each (name, folder): each folder read once (into `cache`, keyed
-    `("adapter", folder)`), adapters of the same folder sharing its arrays."""
+    `("adapter", folder, dtype)`), adapters of the same folder sharing its arrays; with `dtype`,
+    `LoraAdapter.folded` into it (as the engine's pool holds them: packing is then a copy)."""
     cache = {} if cache is None else cache
     out = []
     for name, folder in folders:
-        if ("adapter", folder) not in cache:
-            cache[("adapter", folder)] = load_adapter(folder, cfg)
-        out.append((name, dataclasses.replace(cache[("adapter", folder)], name=name)))
+        key = ("adapter", folder, dtype)
+        if key not in cache:
+            if ("adapter", folder, None) not in cache:
+                cache[("adapter", folder, None)] = load_adapter(folder, cfg)
+            cache[key] = cache[("adapter", folder, None)].folded(dtype) if dtype else cache[("adapter", folder, None)]
+        out.append((name, dataclasses.replace(cache[key], name=name)))
     return out
 
 
@@ -380,7 +384,8 @@ def run_point(exp: ExperimentConfig, out_dir: str, point: dict[str, Any] | None 
         adapters: list[tuple[str, Any]] = adapter_folders(exp.adapters, cfg,
                                                           os.path.join(exp.output_dir, "_adapters"))
         if exp.adapters.in_memory and exp.system != "hf_peft":
-            adapters = in_memory_adapters(adapters, cfg, models)
+            adapters = in_memory_adapters(adapters, cfg, models,
+                                          exp.model.dtype if exp.system in ENGINE_SYSTEMS else None)
         trace = build_trace(exp.workload, exp.adapters.n)
         if write:
             save_trace(trace, os.path.join(out_dir, "trace.jsonl"))

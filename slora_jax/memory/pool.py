@@ -201,18 +201,32 @@ def adapter_rows(adapter: LoraAdapter, placement: AdapterPlacement, cfg: LlamaCo
     return adapter_shard_rows(adapter, placement, cfg, layout, WHOLE, dtype)[0]
 
 
+def rows_shape(placement: AdapterPlacement, cfg: LlamaConfig, layout: PoolLayout,
+               shards: WholeAdapter = WHOLE) -> tuple[int, int, int, int]:
+    """Shape `[num_shards, L, num_pages * rows_per_page', C]` of `adapter_shard_rows`' result."""
+    rows_per_page = shards.layout(layout).rows_per_page
+    return (shards.num_shards, cfg.num_hidden_layers, placement.num_pages * rows_per_page, layout.lora_chunk)
+
+
 def adapter_shard_rows(adapter: LoraAdapter, placement: AdapterPlacement, cfg: LlamaConfig, layout: PoolLayout,
-                       shards: WholeAdapter, dtype=jnp.bfloat16) -> np.ndarray:
+                       shards: WholeAdapter, dtype=jnp.bfloat16, out: np.ndarray | None = None) -> np.ndarray:
     """`adapter_rows` of every shard: host `[num_shards, L, num_pages * rows_per_page', C]`.
 
     `placement` is `place_adapter(..., shards)`; shard `i`'s rows are what slab `i`
     of the adapter's pages holds (`rows_per_page'` of `shards.layout(layout)`).
-    Each module is cast once, then split.
+    Each module is cast once, then split. `out` (C-contiguous, `rows_shape(...)` and
+    `dtype`; its contents are overwritten) is written instead of a new array.
     """
-    c, L, dtype = layout.lora_chunk, cfg.num_hidden_layers, jnp.dtype(dtype)
-    n = shards.num_shards
+    c, L, dtype, n = layout.lora_chunk, cfg.num_hidden_layers, jnp.dtype(dtype), shards.num_shards
     bits = np.dtype(f"u{dtype.itemsize}")
-    rows_DxLxNxC = np.empty((n, L, placement.num_pages * shards.layout(layout).rows_per_page, c), dtype)
+    shape = rows_shape(placement, cfg, layout, shards)
+    if out is None:
+        rows_DxLxNxC = np.empty(shape, dtype)
+    elif out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {dtype.name} array of shape {shape}, got "
+                         f"{out.dtype.name} {out.shape}")
+    else:
+        rows_DxLxNxC = out
     bits_DxLxNxC = rows_DxLxNxC.view(bits)
     bits_DxLxNxC[:, :, placement.num_rows :] = 0  # the last page's unused rows
     for proj, p in placement.projections.items():
@@ -225,8 +239,8 @@ def adapter_shard_rows(adapter: LoraAdapter, placement: AdapterPlacement, cfg: L
             if m is None:  # a layer the adapter does not target
                 a_DxLxJxRxC[:, layer] = b_DxLxJxRxC[:, layer] = 0
                 continue
-            a_IxR = m.a.astype(np.float32, copy=False).astype(dtype, copy=False)
-            b_RxO = (m.b.astype(np.float32, copy=False) * np.float32(m.scale)).astype(dtype, copy=False)
+            m = m.folded(dtype)  # no copy for an adapter kept folded
+            a_IxR, b_RxO = m.a, m.b
             for i in range(n):
                 a_i, b_i = shards.split(proj, i, p.rank, a_IxR.view(bits), b_RxO.view(bits))
                 _put_chunk_major(a_DxLxJxRxC[i, layer], a_i.T)

@@ -32,7 +32,7 @@ from slora_jax.adapters.store import AdapterStore, SlotAdapterStore
 from slora_jax.config import PROJECTIONS, EngineConfig, LlamaConfig
 from slora_jax.errors import ConfigError
 from slora_jax.memory.allocator import PageAllocator
-from slora_jax.memory.pool import AdapterPlacement, PoolLayout, adapter_shard_rows, place_adapter
+from slora_jax.memory.pool import AdapterPlacement, PoolLayout, place_adapter
 from slora_jax.model.checkpoint import read_config
 from slora_jax.model.llama import Params
 from slora_jax.ops.lora import SlotWeights
@@ -124,7 +124,7 @@ class TensorParallel:
         if ec.unified_memory:
             return ShardedAdapterStore(self.cfg, layout, allocator, self.mesh, self.strategy,
                                        ec.host_adapter_budget_bytes, dtype, ec.max_resident_adapters,
-                                       ec.adapter_stage_threads)
+                                       ec.adapter_stage_threads, ec.host_adapter_spare_bytes)
         return ShardedSlotAdapterStore(self.cfg, self.mesh, self.strategy, ec.max_loras, ec.max_lora_rank,
                                        rank_block=16 if self.lora_impl == "pallas" else 1,
                                        host_budget_bytes=ec.host_adapter_budget_bytes, dtype=dtype)
@@ -150,16 +150,13 @@ class ShardedAdapterStore(AdapterStore):
 
     def __init__(self, cfg: LlamaConfig, layout: PoolLayout, allocator: PageAllocator, mesh, strategy: str,
                  host_budget_bytes: int = 8 << 30, dtype=jnp.bfloat16, max_resident: int = 1024,
-                 stage_threads: int = 1):
-        super().__init__(cfg, layout, allocator, host_budget_bytes, dtype, max_resident, stage_threads)
+                 stage_threads: int = 1, spare_bytes: int = 0):
+        super().__init__(cfg, layout, allocator, host_budget_bytes, dtype, max_resident, stage_threads, spare_bytes)
         self.mesh, self.shards = mesh, TPShards(tp_size(mesh), strategy)
         self.shards.layout(layout)  # checks that a slab holds whole rows
 
     def _place(self, adapter: LoraAdapter) -> AdapterPlacement:
         return place_adapter(adapter, self.cfg, self.layout, self.shards)
-
-    def _pack(self, adapter: LoraAdapter, placement: AdapterPlacement) -> np.ndarray:
-        return adapter_shard_rows(adapter, placement, self.cfg, self.layout, self.shards, self.dtype)
 
     def _put(self, rows: np.ndarray) -> jax.Array:
         return put_shards(rows, self.mesh)
