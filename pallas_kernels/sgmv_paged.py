@@ -236,6 +236,23 @@ def _expand_kernel(*refs, n_out: tuple[int, ...], **static):
                      **static)
 
 
+def wait_for_count(count_ref, idx, target: int, *, gpu_sync: bool) -> None:
+    """Spin until `count_ref[idx] >= target` (other programs of this launch raise it), then a CTA barrier.
+
+    The poll is an acq_rel atomic (+0), not a load: a loop of loads whose result nothing
+    uses is dead code, and JAX dropped it (session 10: no wait on the GPU).
+    `gpu_sync=False` (interpret mode, which runs programs in order and has no barrier, and
+    cannot discharge the loop) polls once.
+    """
+    idx = jnp.asarray(idx, jnp.int32)  # traced: interpret mode's atomic takes no Python int
+    poll = lambda _: plgpu.atomic_add(count_ref, idx, jnp.zeros((), jnp.int32))  # noqa: E731
+    if gpu_sync:
+        lax.while_loop(lambda c: c < target, poll, poll(None))
+        plgpu.debug_barrier()
+    else:
+        poll(None)
+
+
 def _one_launch_kernel(*refs, n_out: tuple[int, ...], n_steps: tuple[int, ...], n_groups: int, n_tiles: int,
                        k_splits: int, n_shrink: int, n_blocks: int, shrink: dict, expand: dict, gpu_sync: bool):
     """Programs `[0, n_shrink)` are the shrink's (split-major within a tile), the rest the expand's.
@@ -263,15 +280,7 @@ def _one_launch_kernel(*refs, n_out: tuple[int, ...], n_steps: tuple[int, ...], 
         plgpu.atomic_add(count_ref, g * n_tiles + tile, jnp.ones((), jnp.int32))
 
     def wait(g, tile):
-        idx = g * n_tiles + tile
-        # Poll with an acq_rel atomic (+0), not with loads: a loop of loads whose result
-        # nothing uses is dead code, and JAX dropped it (session 10: no wait on the GPU).
-        poll = lambda _: plgpu.atomic_add(count_ref, idx, jnp.zeros((), jnp.int32))  # noqa: E731
-        if gpu_sync:
-            lax.while_loop(lambda c: c < k_splits, poll, poll(None))
-            plgpu.debug_barrier()
-        else:  # interpret mode ran every shrink program already (and cannot discharge the loop)
-            poll(None)
+        wait_for_count(count_ref, g * n_tiles + tile, k_splits, gpu_sync=gpu_sync)
 
     @pl.when(p < n_shrink)
     def _():

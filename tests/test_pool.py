@@ -300,6 +300,28 @@ def test_model_grouped_lora_equals_reference():
     assert all('_xla_stream_annotation = "1"' in ln for ln in calls)
 
 
+def test_model_base_and_lora_in_one_launch_equals_reference():
+    """`KernelConfig.linear_max_tokens`: each projection group's base matmul and LoRA in one launch
+    (`PagedLora.layer_linear_fn`, row tables built once a forward, each layer's rows by offset) gives the
+    jnp path's logits, in 4 launches a layer and no XLA matmul for the projections."""
+    slots = np.array([[1, 1, 0, -1], [2, 0, 0, 1], [-1, 2, 2, 1]], np.int32)
+    params, toks, pos, cache, lora = paged_lora_case(slots)
+    run = jax.jit(forward, static_argnums=1)
+    want, _ = run(params, CFG, toks, pos, cache, lora("reference"))
+    fused = dict(linear_max_tokens=64, linear_block_n=16, linear_block_k=16)
+    got, _ = run(params, CFG, toks, pos, cache, lora("pallas", interpret=True, **fused))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+    text = run.trace(params, CFG, toks, pos, cache, lora("pallas", interpret=False, **fused)
+                     ).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 4  # q/k/v, o, gate/up, down
+    assert text.count("lora_linear_x3") >= 1 and text.count("lora_linear_x2") >= 1
+    # Calls past the bound take the XLA matmul and the split pair.
+    text = run.trace(params, CFG, toks, pos, cache, lora("pallas", interpret=False, linear_max_tokens=8,
+                                                               paged_one_launch_max_tokens=0)
+                     ).lower(lowering_platforms=("cuda",)).as_text()
+    assert "lora_linear_x" not in text and text.count("xla.gpu.triton") == 8
+
+
 def test_capacity_report():
     from slora_jax.memory.pool import capacity
 

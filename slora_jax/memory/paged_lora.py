@@ -8,6 +8,10 @@ over the layer's pool rows, or the layer's `SlotWeights`), driven by the step's
 With the split pair (`KernelConfig.fused` False, `group_projections` True),
 `PagedLora` also offers `layer_group_fn`: projections sharing x (q, k, v; gate,
 up) are one `ops.add_lora_group` shrink and expand launch instead of one pair each.
+With `KernelConfig.linear_max_tokens` > 0, `layer_linear_fn` also computes
+the base projections: calls of that many tokens or fewer are one launch for the
+base matmul and its LoRA (`ops.lora_linear_group`), reading row tables built once
+a forward (`prepare`) and shared by every layer.
 `impl="reference"` is the jnp path (`PagedWeights.to_slots` then
 `lora_reference`); the baselines of `ops.IMPLS` run on the gathered slots.
 """
@@ -21,8 +25,18 @@ import jax.numpy as jnp
 
 from slora_jax.compat import on_gpu_stream
 from slora_jax.config import LlamaConfig
-from slora_jax.memory.pool import AdapterTable, PoolLayout, paged_weights
-from slora_jax.ops.lora import KernelConfig, LoraMeta, SlotWeights, add_lora, add_lora_group, lora_reference
+from slora_jax.memory.pool import PROJECTIONS, AdapterTable, PoolLayout, paged_weights
+from slora_jax.ops.lora import (
+    KernelConfig,
+    LoraMeta,
+    SlotWeights,
+    add_lora,
+    add_lora_group,
+    linear_fits,
+    lora_linear_group,
+    lora_reference,
+    paged_row_tables,
+)
 
 
 def _add(impl: str, kernel: KernelConfig | None, meta: LoraMeta | None, y_TxO, x_TxI, w, slot_T):
@@ -53,9 +67,27 @@ class PagedLora:
     meta: LoraMeta | None = None  # needed unless impl == "reference"
     impl: str = flax.struct.field(pytree_node=False, default="reference")
     kernel: KernelConfig | None = flax.struct.field(pytree_node=False, default=None)
+    # proj -> (a_tab [1, S, H_in/C, R], b_tab [1, S, H_out/C, R]) of layer 0's rows (`prepare`)
+    row_tables: dict | None = None
 
     def per_layer(self):
         return None
+
+    def _linear_on(self) -> bool:
+        k = self.kernel or KernelConfig()
+        return self.impl == "pallas" and k.linear_max_tokens > 0 and not k.fused and not k.lora_stream
+
+    def prepare(self) -> "PagedLora":
+        """With base + LoRA in one launch: the row tables of every targeted projection, built once a forward."""
+        if not self._linear_on() or self.row_tables is not None:
+            return self
+        return self.replace(row_tables={proj: self._row_tables(proj) for proj in self.projections})
+
+    def _row_tables(self, proj: str):
+        """`proj`'s row tables over layer 0's rows (`ops.paged_row_tables`)."""
+        rows = jnp.zeros((1, self.layout.lora_chunk), jnp.bfloat16)  # only the page tables and ranks are read
+        return paged_row_tables((paged_weights(rows, self.layout, self.table, proj, *self.cfg.projection_shape(proj),
+                                               self.r_max),))
 
     def _weights(self, layer: jax.Array, cache_now, proj: str):
         # The whole pool as rows (a free reshape) with this layer's page ids: slicing out
@@ -99,6 +131,31 @@ class PagedLora:
             return tuple(out)
 
         return lora_group
+
+    def layer_linear_fn(self, layer: jax.Array, layer_weights, cache_now):
+        """`linear(projs, x, ws)`: base projections and their LoRA in one launch where `linear_fits` (else None)."""
+        del layer_weights
+        if not self._linear_on():
+            return None
+        kernel = self.kernel
+
+        def linear(projs: tuple[str, ...], x_TxI: jax.Array, ws_IxO: tuple[jax.Array, ...]):
+            if not any(p in self.projections for p in projs):
+                return None  # no adapter targets them: XLA's matmul alone
+            pws = [self._weights(layer, cache_now, p) for p in projs]
+            if not linear_fits(x_TxI.shape[0], pws, kernel):
+                return None
+            # a projection no adapter targets (q targeted, v not) has all ranks 0: an all -1 table
+            tabs = [self.row_tables[p] if p in (self.row_tables or {}) else self._row_tables(p) for p in projs]
+            n_out = max(b.shape[2] for _, b in tabs)
+            a_tab = jnp.concatenate([a for a, _ in tabs])
+            b_tab = jnp.concatenate([jnp.pad(b, ((0, 0), (0, 0), (0, n_out - b.shape[2]), (0, 0)), constant_values=-1)
+                                     for _, b in tabs])
+            row_offset = layer * self.layout.num_pages * self.layout.rows_per_page  # layer `layer`'s rows
+            return lora_linear_group(x_TxI, ws_IxO, pws, self.meta, tables=(a_tab, b_tab), row_offset=row_offset,
+                                     config=kernel)
+
+        return linear
 
 
 @flax.struct.dataclass

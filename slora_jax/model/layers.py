@@ -9,7 +9,9 @@ Attention is passed in as a callable `attend(q, k, v) -> (o, aux)` so that the
 layer knows nothing about where K/V live (dense cache, paged pool, or none).
 LoRA is passed in as a callable `lora(proj, y, x) -> y` for the same reason, and
 optionally as `lora_group(projs, ys, x) -> ys` for projections that share x (q, k,
-v; gate, up), so a LoRA source can serve them with one launch.
+v; gate, up), so a LoRA source can serve them with one launch; or as
+`linear(projs, x, ws) -> ys | None`, which computes the base projections too (from
+their weights `ws`, one launch for base and LoRA), None leaving them to the others.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ _kernel_init = nn.initializers.normal(stddev=0.02)
 AttendFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
 LoraFn = Callable[[str, jax.Array, jax.Array], jax.Array]
 LoraGroupFn = Callable[[tuple[str, ...], tuple[jax.Array, ...], jax.Array], tuple[jax.Array, ...]]
+LinearFn = Callable[[tuple[str, ...], jax.Array, tuple[jax.Array, ...]], "tuple[jax.Array, ...] | None"]
 
 
 def no_lora(proj: str, y: jax.Array, x: jax.Array) -> jax.Array:
@@ -55,9 +58,11 @@ class Projection(nn.Module):
     param_dtype: Any = jnp.bfloat16
 
     @nn.compact
-    def __call__(self, x_TxI: jax.Array) -> jax.Array:
+    def __call__(self, x_TxI: jax.Array, weight_only: bool = False) -> jax.Array:
+        """`x @ W`, or (`weight_only`) W itself in x's dtype, for a kernel that computes the product."""
         w_IxO = self.param("kernel", _kernel_init, (x_TxI.shape[-1], self.features), self.param_dtype)
-        return jnp.dot(x_TxI, w_IxO.astype(x_TxI.dtype))
+        w_IxO = w_IxO.astype(x_TxI.dtype)
+        return w_IxO if weight_only else jnp.dot(x_TxI, w_IxO)
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> jax.Array:
@@ -109,21 +114,29 @@ class DecoderLayer(nn.Module):
         attend: AttendFn,
         lora: LoraFn = no_lora,
         lora_group: LoraGroupFn | None = None,
+        linear: LinearFn | None = None,
     ) -> tuple[jax.Array, Any]:
         cfg, pd = self.cfg, self.param_dtype
         B, S, H = h_BxSxH.shape
         N, K, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
-        def base(name: str, x_TxI: jax.Array) -> jax.Array:
-            return Projection(cfg.projection_shape(name)[1], pd, name=name)(x_TxI)
-
-        def proj(name: str, x_TxI: jax.Array) -> jax.Array:
-            return lora(name, base(name, x_TxI), x_TxI)
+        def weight(name: str, x_TxI: jax.Array) -> jax.Array:
+            return Projection(cfg.projection_shape(name)[1], pd, name=name)(x_TxI, weight_only=True)
 
         def projs(names: tuple[str, ...], x_TxI: jax.Array) -> tuple[jax.Array, ...]:
+            ws = tuple(weight(n, x_TxI) for n in names)
+            done = None if linear is None else linear(names, x_TxI, ws)
+            if done is not None:
+                return done
+            ys = tuple(jnp.dot(x_TxI, w) for w in ws)
             if lora_group is None:
-                return tuple(proj(n, x_TxI) for n in names)
-            return lora_group(names, tuple(base(n, x_TxI) for n in names), x_TxI)
+                return tuple(lora(n, y, x_TxI) for n, y in zip(names, ys))
+            return lora_group(names, ys, x_TxI)
+
+        def proj(name: str, x_TxI: jax.Array) -> jax.Array:
+            w_IxO = weight(name, x_TxI)
+            done = None if linear is None else linear((name,), x_TxI, (w_IxO,))
+            return lora(name, jnp.dot(x_TxI, w_IxO), x_TxI) if done is None else done[0]
 
         x_TxH = RMSNorm(cfg.rms_norm_eps, pd, name="attn_norm")(h_BxSxH).reshape(B * S, H)
         q_TxO, k_TxO, v_TxO = projs(("q", "k", "v"), x_TxH)

@@ -44,7 +44,10 @@ class LoraInputs(NamedTuple):
     `forward` by offering the same two methods, and optionally a third,
     `layer_group_fn(layer, layer_weights, cache_now) -> lora_group | None`: a hook
     `lora_group(projs, ys, x) -> ys` for projections sharing x (q, k, v; gate, up),
-    used instead of one `lora` call each (`DecoderLayer`'s `lora_group`).
+    used instead of one `lora` call each (`DecoderLayer`'s `lora_group`); a fourth,
+    `layer_linear_fn(...) -> linear | None`, whose `linear(projs, x, ws) -> ys | None`
+    computes base projections and LoRA together (`DecoderLayer`'s `linear`); and
+    `prepare() -> source`, called once a forward before the layers.
     """
 
     weights: dict[str, SlotWeights]
@@ -159,6 +162,8 @@ def decoder_stack(
     of the MLP width) and a `lora` object whose hook also does the all-reduces.
     """
     rope = rope_tables(cfg, jnp.maximum(pos_BxS, 0))
+    if hasattr(lora, "prepare"):  # once a step, before the layers (e.g. tables every layer reads)
+        lora = lora.prepare()
     lora_w = None if lora is None else lora.per_layer()
     if isinstance(layer_params, (list, tuple)):
         # Per-layer trees (`unstack_layers`): a Python loop, each layer's weights their own
@@ -197,8 +202,10 @@ def _decoder_layer(carry, i, layer_params, lora_w, lora, rope, pos_BxS, *, cfg: 
     lora_fn = no_lora if lora is None else lora.layer_fn(i, lora_w, lambda: live[0])
     group_fn = getattr(lora, "layer_group_fn", None)
     lora_group = None if group_fn is None else group_fn(i, lora_w, lambda: live[0])
+    linear_fn = getattr(lora, "layer_linear_fn", None)
+    linear = None if linear_fn is None else linear_fn(i, lora_w, lambda: live[0])
     return DecoderLayer(cfg, h_BxSxH.dtype).apply({"params": layer_params}, h_BxSxH, rope, attend, lora_fn,
-                                                  lora_group)
+                                                  lora_group, linear)
 
 
 # The Python layer loop calls this: every layer has the same argument shapes, so the layer

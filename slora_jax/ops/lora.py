@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.lora_linear import MAX_TOKENS as LINEAR_MAX_TOKENS
+from pallas_kernels.lora_linear import lora_linear_paged_group, paged_row_table
 from pallas_kernels.sgmv_expand import expand_reference, sgmv_expand
 from pallas_kernels.sgmv_fused import sgmv_fused, sgmv_fused_paged
 from pallas_kernels.sgmv_paged import (
@@ -364,6 +366,16 @@ class KernelConfig:
     # scheduler: 8.47 ms against 8.26 without (session 11): the q/k/v delta's call ends before the q/k
     # matmul starts, and the zeros and adds cost more than the overlap of the o delta gives.
     lora_stream: int = 0
+    # Calls of at most this many tokens (and at most `lora_linear.MAX_TOKENS`) on pages compute the base
+    # projection and its LoRA in one launch (`lora_linear_group`, `pallas_kernels.lora_linear`): the LoRA's
+    # latency-bound programs run beside the base matmul's programs, which stream W. 0: never (XLA's matmul,
+    # then the split pair).
+    linear_max_tokens: int = 0
+    linear_block_n: int = 64  # one launch with the base: columns per matmul program (<= the pool's row width C)
+    linear_block_k: int = 128  # one launch with the base: H_in per matmul loop step
+    linear_shrink_unroll: int = 2  # one launch with the base: C-wide chunks per shrink loop step
+    linear_warps: int = 4
+    linear_stages: int = 3
     chunk: int = 64  # fused, dense slots: K/N block (pages: the pool's row width C)
     n_split_max: int = 16  # fused: most programs sharing one tile's H_out
     target_programs: int = 256  # fused: tiles x splits aimed at (splits = this // used tiles)
@@ -598,6 +610,65 @@ def add_lora_group(ys_TxO, x_TxI: jax.Array, ws, meta: LoraMeta, *, impl: str = 
     if impl == "pallas" and not cfg.fused and cfg.group_projections and _paged_group(ws, x_TxI):
         return _add_paged_group(ys_TxO, x_TxI, ws, meta, cfg)
     return tuple(add_lora(y, x_TxI, w, meta, impl=impl, config=config) for y, w in zip(ys_TxO, ws))
+
+
+def paged_row_tables(ws, r_block: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Row tables of `PagedWeights` of one pool (`lora_linear_group`): `a_tab [G, S, H_in/C, R]`,
+    `b_tab [G, S, max H_out/C, R]` int32, the pool row of each row of each chunk, -1 past each rank.
+
+    A page id names the same rows in every layer, so one build serves every layer's call
+    (with `row_offset` moving to the layer's rows). `r_block`: a power of two >= 16 bounding
+    every rank (default: from the weights' `r_max`).
+    """
+    ws = tuple(ws)
+    C = ws[0].rows.shape[1]
+    R = r_block or _pow2_ceil(max(16, *(w.r_max for w in ws)))
+    table = functools.partial(paged_row_table, rows_per_page=ws[0].rows_per_page, r_block=R)
+    a = jnp.stack([table(w.pages, w.rank, w.a_row, w.h_in // C) for w in ws])
+    n_out = max(w.h_out for w in ws) // C
+    return a, jnp.stack([table(w.pages, w.rank, w.b_row, n_out) for w in ws])
+
+
+def lora_linear_group(x_TxI: jax.Array, ws_IxO, ws, meta: LoraMeta, *, tables=None, row_offset=None,
+                      config: KernelConfig | None = None) -> tuple[jax.Array, ...]:
+    """`x @ W_g` plus each token's LoRA delta, for projections sharing x, on `PagedWeights` of one pool.
+
+    Args:
+      x_TxI: input `[T, H_in]`, the base weights' dtype.
+      ws_IxO: the base weights `[H_in, N_g]`, one per projection.
+      ws: their `PagedWeights` (one pool and page table, as `add_lora_group` takes them).
+      meta: the step's `LoraMeta`.
+      tables: `paged_row_tables(ws)` (build them once a step and pass them to every layer's
+        call, with `row_offset` the layer's first pool row); None builds them here.
+    Returns `y_g [T, N_g]` in x's dtype. Calls of at most `config.linear_max_tokens` (and
+    `pallas_kernels.lora_linear.MAX_TOKENS`) tokens are one launch
+    (`lora_linear_paged_group`); longer ones are XLA's matmul then `add_lora_group`.
+    """
+    cfg = config or KernelConfig()
+    ws_IxO, ws = tuple(ws_IxO), tuple(ws)
+    if len(ws_IxO) != len(ws):
+        raise ValueError(f"{len(ws_IxO)} base weights for {len(ws)} LoRA weights")
+    if not linear_fits(x_TxI.shape[0], ws, cfg):
+        if tables is not None and row_offset is not None:
+            raise ValueError("tables with a row_offset need the one-launch path (see `linear_fits`)")
+        ys = tuple(jnp.dot(x_TxI, w.astype(x_TxI.dtype)) for w in ws_IxO)
+        return add_lora_group(ys, x_TxI, ws, meta, config=cfg)
+    a_tab, b_tab = paged_row_tables(ws) if tables is None else tables
+    return lora_linear_paged_group(
+        x_TxI, ws_IxO, ws[0].rows, jnp.stack([w.rank for w in ws]), a_tab, b_tab, meta.slot, meta.perm,
+        meta.tile_start, meta.tile_end, meta.tile_slot, row_offset, block_m=meta.block_m,
+        block_n=cfg.linear_block_n, block_k=cfg.linear_block_k, shrink_unroll=cfg.linear_shrink_unroll,
+        num_warps=cfg.linear_warps, num_stages=cfg.linear_stages, interpret=cfg.interpret,
+        mixed_index=cfg.mixed_index)
+
+
+def linear_fits(n_tokens: int, ws, cfg: KernelConfig) -> bool:
+    """Whether `lora_linear_group` runs as one launch for a call of `n_tokens` on `ws`."""
+    if not (0 < n_tokens <= min(cfg.linear_max_tokens, LINEAR_MAX_TOKENS) and _paged_group(tuple(ws))):
+        return False
+    C = ws[0].rows.shape[1]
+    return (C % cfg.linear_block_n == 0 and ws[0].h_in % cfg.linear_block_k == 0
+            and all(w.h_out % cfg.linear_block_n == 0 for w in ws))
 
 
 def shrink(x_TxI: jax.Array, w: Weights, meta: LoraMeta, *, impl: str = "pallas",

@@ -1,0 +1,276 @@
+"""Base projection and its gathered LoRA in one launch: `y_g = x @ W_g + (x @ A_g[slot]) @ B_g[slot]`.
+
+Why: at decode the LoRA kernels are latency-bound. Each program waits on a chain of
+loads for a few KB, so a launch takes ~10 us for ~4 us of adapter bytes, and four
+launches a layer cost the 7B step ~1.3 ms (benchmarks/NOTES_lora_kernels.md, sessions
+8-12). Here the LoRA work runs in the same launch as the base matmul that streams W, so
+its latency hides under that stream and what is left is its bytes.
+
+Contract
+--------
+G projections share x (q, k, v; gate, up; or one). T tokens in their original order,
+S adapters of the batch, NT tiles (as in `sgmv_shrink`: `perm`, `tile_start`,
+`tile_end`, `tile_slot`):
+  x      `[T, H_in]`, bf16 or fp32 (the weights' dtype); T <= 256 (decode-sized calls).
+  ws     G base weights `[H_in, N_g]`, x's dtype.
+  rows   `[num_rows, C]`: the pool as rows of C elements (`slora_jax.memory.pool`).
+  rank   `[G, S]` int32, projection g's rank of adapter s (0: not targeted).
+  a_tab  `[G, S, H_in / C, R]` int32: pool row of row i of chunk j of `A_g^T` of adapter
+         s, -1 past its rank (`paged_row_table`; R = `r_block`, a power of two >= 16
+         bounding every rank).
+  b_tab  `[G, S, max_g N_g / C, R]` int32: the same for `B_g` (scale folded in).
+  slot   `[T]` int32, each token's adapter, -1 for none.
+  row_offset `[1]` int32, added to every table entry (the engine's tables are layer 0's:
+         layer l's rows are the same pages `l * num_pages` further on).
+Returns `y_g [T, N_g]` in x's dtype: the base product plus the LoRA delta (fp32
+accumulation of both; `v = x @ A` is rounded to the weights' dtype before `@ B`, as the
+split pair does). `lora=False` leaves the LoRA out (the plain Pallas GEMM, a baseline).
+Reference: `lora_linear_reference`.
+
+Work. A 1-D grid: first G x NT shrink programs, then sum_g N_g / block_n matmul
+programs (static ranges, one per projection).
+  Shrink `(tile, g)`: `v_g[rows of tile] = x[rows] @ A_g^T` over all of H_in (a loop of
+    C-wide chunks, `shrink_unroll` a step), stored fp32 to an HBM scratch; then it adds
+    1 to projection g's counter (a CTA barrier first, then an acq_rel atomic). Padding
+    tiles and rank-0 adapters only add 1.
+  Matmul `(n, g)`: `acc = x @ W_g[:, n-block]` (a loop over H_in in `block_k` steps,
+    Triton-pipelined with `num_stages`), then it polls g's counter until all NT shrink
+    programs are in, reads `v_g` for all T rows, and for each adapter s adds
+    `where(slot == s, v_g, 0) @ B_g[s][:, n-block]`: B is read once per column block,
+    at each adapter's own rank (rows past it are masked, never read).
+The wait cannot deadlock if programs start in id order (NVIDIA GPUs dispatch blocks
+that way; CUDA does not promise it, the same assumption as `sgmv_paged_group_one_launch`):
+every shrink program has then started before any matmul program waits, and no shrink
+program waits. By the time a matmul program has streamed its W slab the shrink is long
+done, so the poll costs one atomic. Interpret mode runs programs in order and has no
+barrier, so the poll loop and barriers are left out there.
+
+Every load in the two loops has an address known from the loop index and one table
+entry (no page-table chain inside a loop), so Triton's pipeliner can issue the next
+steps' loads early.
+
+Triton rules kept: block sizes are powers of two (T block, `block_n`, `block_k`, C, R);
+every dot is 2-D with both sides >= 16.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.compat import compiler_params, default_interpret, pl, plgpu
+from pallas_kernels.sgmv_paged import paged_group_reference, wait_for_count
+from pallas_kernels.sgmv_shrink import _iota, rows_at, tile_rows
+
+MAX_TOKENS = 256
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def paged_row_table(pages_SxP, rank_S, first_S, n_chunks: int, *, rows_per_page: int, r_block: int):
+    """`[S, n_chunks, r_block]` int32: pool row of row i of chunk j of each adapter's matrix, -1 past its rank.
+
+    The matrix starts at virtual row `first_S[s]` and is chunk-major (chunk j is `rank`
+    consecutive virtual rows, `PagedWeights`). Built once a step with jnp; every layer's
+    call reads the same table, since a page id names the same rows in every layer.
+    """
+    i_R = jnp.arange(r_block, dtype=jnp.int32)
+    v_SxJxR = (first_S[:, None, None] + jnp.arange(n_chunks, dtype=jnp.int32)[None, :, None] * rank_S[:, None, None]
+               + i_R[None, None, :])
+    page_SxJxR = jnp.take_along_axis(pages_SxP, (v_SxJxR // rows_per_page).reshape(pages_SxP.shape[0], -1), axis=1,
+                                     mode="clip").reshape(v_SxJxR.shape)
+    phys = page_SxJxR * rows_per_page + v_SxJxR % rows_per_page
+    return jnp.where(i_R[None, None, :] < rank_S[:, None, None], phys, -1).astype(jnp.int32)
+
+
+def _shrink_program(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_ref, a_tab_ref, off_ref, rows_ref,
+                    x_ref, v_ref, tile, g, *, n_adapters: int, n_in: int, chunk: int, block_m: int, block_r: int,
+                    unroll: int, n_tokens: int, mixed: bool):
+    slot = tile_slot_ref[tile]
+    safe = jnp.maximum(slot, 0)
+    rank = jnp.where(slot >= 0, rank_ref[g * n_adapters + safe], 0)
+    off = off_ref[0]
+
+    @pl.when(rank > 0)
+    def _():
+        rows_M, row_ok_M = tile_rows(perm_ref, tile_start_ref, tile_end_ref, tile, block_m=block_m,
+                                     n_tokens=n_tokens)
+        xmask_MxC = jnp.broadcast_to(row_ok_M[:, None], (block_m, chunk))
+        precision = lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None  # fp32: no TF32
+        tab0 = (g * n_adapters + safe) * n_in * block_r
+
+        def step(i, acc_MxR):
+            for u in range(unroll):
+                j = jnp.minimum(i * unroll + u, n_in - 1)
+                ok = i * unroll + u < n_in
+                phys_R = a_tab_ref[pl.ds(tab0 + j * block_r, block_r)]
+                ok_R = (phys_R >= 0) & ok
+                at_RxC = plgpu.load(rows_at(rows_ref, (), jnp.where(ok_R, phys_R + off, 0), 0, chunk, mixed=mixed),
+                                    mask=jnp.broadcast_to(ok_R[:, None], (block_r, chunk)), other=0)
+                x_MxC = plgpu.load(rows_at(x_ref, (), rows_M, j * chunk, chunk, mixed=mixed), mask=xmask_MxC & ok,
+                                   other=0)
+                acc_MxR += lax.dot_general(x_MxC, at_RxC, (((1,), (1,)), ((), ())), precision=precision,
+                                           preferred_element_type=jnp.float32)
+            return acc_MxR
+
+        acc_MxR = lax.fori_loop(0, -(-n_in // unroll), step, jnp.zeros((block_m, block_r), jnp.float32))
+        plgpu.store(rows_at(v_ref, (g,), rows_M, 0, block_r, mixed=mixed), acc_MxR,
+                    mask=jnp.broadcast_to(row_ok_M[:, None], (block_m, block_r)))
+
+
+def _matmul_program(x_ref, w_ref, o_ref, n, *, n_tokens: int, block_t: int, block_n: int, block_k: int,
+                    h_in: int, mixed: bool, lora=None):
+    """Column block n of `o = x @ w`, then `lora(acc)` (the delta added in registers) before the store."""
+    i_T = _iota(block_t)
+    ok_T = i_T < n_tokens
+    # Rows past T point one past the end: masked on the GPU, and dropped (not written onto a
+    # real row) by interpret mode's read-modify-write stores.
+    rows_T = jnp.where(ok_T, i_T, n_tokens)
+    n0 = n * block_n
+    precision = lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
+    xmask = jnp.broadcast_to(ok_T[:, None], (block_t, block_k))
+
+    def step(k, acc_TxN):
+        x_TxK = plgpu.load(rows_at(x_ref, (), rows_T, k * block_k, block_k, mixed=mixed), mask=xmask, other=0)
+        w_KxN = w_ref[pl.ds(k * block_k, block_k), pl.ds(n0, block_n)]
+        return acc_TxN + jnp.dot(x_TxK, w_KxN, precision=precision, preferred_element_type=jnp.float32)
+
+    acc_TxN = lax.fori_loop(0, h_in // block_k, step, jnp.zeros((block_t, block_n), jnp.float32))
+    if lora is not None:
+        acc_TxN = lora(acc_TxN, rows_T, ok_T, n0)
+    plgpu.store(rows_at(o_ref, (), rows_T, n0, block_n, mixed=mixed), acc_TxN.astype(o_ref.dtype),
+                mask=jnp.broadcast_to(ok_T[:, None], (block_t, block_n)))
+
+
+def _expand_into(acc_TxN, rows_T, ok_T, n0, *, slot_ref, b_tab_ref, off_ref, rows_ref, v_ref, g: int, n_adapters: int,
+                 n_out_max: int, chunk: int, block_t: int, block_n: int, block_r: int, mixed: bool, wait):
+    """`acc += sum_s where(slot == s, v_g, 0) @ B_g[s][:, n0:n0 + block_n]` once g's shrink is done."""
+    wait(g)
+    slot_T = plgpu.load(slot_ref.at[rows_T], mask=ok_T, other=-1)
+    # The shrink's stores of this launch: read volatile, never from a stale L1 line. Rows of
+    # tokens with no adapter were never written; the select below drops them.
+    v_TxR = plgpu.load(rows_at(v_ref, (g,), rows_T, 0, block_r, mixed=mixed),
+                       mask=jnp.broadcast_to(ok_T[:, None], (block_t, block_r)), other=0.0, volatile=True)
+    j = n0 // chunk
+    col = n0 % chunk
+    precision = lax.Precision.HIGHEST if rows_ref.dtype == jnp.float32 else None
+    tab_g = g * n_adapters * n_out_max * block_r + j * block_r
+    off = off_ref[0]
+
+    def step(s, acc):
+        phys_R = b_tab_ref[pl.ds(tab_g + s * n_out_max * block_r, block_r)]
+        ok_R = phys_R >= 0
+        b_RxN = plgpu.load(rows_at(rows_ref, (), jnp.where(ok_R, phys_R + off, 0), col, block_n, mixed=mixed),
+                           mask=jnp.broadcast_to(ok_R[:, None], (block_r, block_n)), other=0)
+        sel_TxR = (slot_T == s)[:, None] & ok_R[None, :]
+        vs_TxR = jnp.where(sel_TxR, v_TxR, 0.0).astype(rows_ref.dtype)
+        return acc + jnp.dot(vs_TxR, b_RxN, precision=precision, preferred_element_type=jnp.float32)
+
+    return lax.fori_loop(0, n_adapters, step, acc_TxN)
+
+
+def _kernel(*refs, G: int, n_out: tuple[int, ...], n_shrink: int, block_n: int, n_tiles: int, lora: bool,
+            gpu_sync: bool, shrink: dict, matmul: dict, expand: dict):
+    (perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, slot_ref, rank_ref, a_tab_ref, b_tab_ref, off_ref,
+     rows_ref, x_ref) = refs[:11]
+    w_refs = refs[11 : 11 + G]
+    # refs[11 + G] is the counters' input, aliased to count_ref
+    v_ref, count_ref = refs[12 + G], refs[13 + G]
+    o_refs = refs[14 + G :]
+    p = pl.program_id(0)
+
+    def wait(g):
+        wait_for_count(count_ref, g, n_tiles, gpu_sync=gpu_sync)
+
+    if lora:
+        @pl.when(p < n_shrink)
+        def _():
+            tile, g = p // G, p % G
+            _shrink_program(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_ref, a_tab_ref, off_ref,
+                            rows_ref, x_ref, v_ref, tile, g, **shrink)
+            if gpu_sync:
+                plgpu.debug_barrier()
+            plgpu.atomic_add(count_ref, g, jnp.ones((), jnp.int32))
+
+    q = p - n_shrink
+    first = 0
+    for g in range(G):
+        n_blocks = n_out[g] // block_n
+        add = (functools.partial(_expand_into, slot_ref=slot_ref, b_tab_ref=b_tab_ref, off_ref=off_ref,
+                                 rows_ref=rows_ref, v_ref=v_ref, g=g, wait=wait, **expand) if lora else None)
+        body = functools.partial(_matmul_program, x_ref, w_refs[g], o_refs[g], q - first, lora=add, **matmul)
+        pl.when((q >= first) & (q < first + n_blocks))(body)
+        first += n_blocks
+
+
+def lora_linear_paged_group(x_TxI, ws_IxO, rows_NxC, rank_GxS, a_tab_GxSxJxR, b_tab_GxSxJxR, slot_T, perm_T,
+                            tile_start, tile_end, tile_slot, row_offset=None, *, block_m: int, lora: bool = True,
+                            block_n: int = 64, block_k: int = 128, shrink_unroll: int = 2, num_warps: int = 4,
+                            num_stages: int = 3, interpret: bool | None = None,
+                            mixed_index: bool | None = None) -> tuple[jax.Array, ...]:
+    """`x @ W_g` plus each token's LoRA delta for G projections, one launch; returns the G outputs (module doc)."""
+    ws_IxO = tuple(ws_IxO)
+    T, H_in = x_TxI.shape
+    G = len(ws_IxO)
+    C = rows_NxC.shape[1]
+    S = rank_GxS.shape[1]
+    R = a_tab_GxSxJxR.shape[-1]
+    if not 1 <= T <= MAX_TOKENS:
+        raise ValueError(f"lora_linear takes 1..{MAX_TOKENS} tokens (decode-sized calls), got {T}")
+    for what, v in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k), ("chunk C", C), ("r_block", R)):
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"{what} must be a power of two >= 16, got {v}")
+    if H_in % block_k or H_in % C:
+        raise ValueError(f"H_in={H_in} must be a multiple of block_k={block_k} and of the row width C={C}")
+    if C % block_n and block_n % C:
+        raise ValueError(f"block_n={block_n} and the row width C={C} must divide one another")
+    if block_n > C:
+        raise ValueError(f"block_n={block_n} must be at most the row width C={C} (one chunk of B a block)")
+    for w in ws_IxO:
+        if w.shape[0] != H_in or w.shape[1] % block_n:
+            raise ValueError(f"weight {w.shape} does not take x {x_TxI.shape} in blocks of {block_n} columns")
+    if rank_GxS.shape[0] != G or a_tab_GxSxJxR.shape[:3] != (G, S, H_in // C) or b_tab_GxSxJxR.shape[:2] != (G, S):
+        raise ValueError(f"tables {a_tab_GxSxJxR.shape} / {b_tab_GxSxJxR.shape} and ranks {rank_GxS.shape} do not "
+                         f"match {G} projections of H_in={H_in} over {S} adapters")
+    interpret = default_interpret() if interpret is None else interpret
+    mixed = (not interpret) if mixed_index is None else mixed_index
+    NT = tile_slot.shape[0]
+    n_out = tuple(w.shape[1] for w in ws_IxO)
+    n_shrink = G * NT if lora else 0
+    block_t = _pow2_ceil(max(16, T))
+    kernel = functools.partial(
+        _kernel, G=G, n_out=n_out, n_shrink=n_shrink, block_n=block_n, n_tiles=NT, lora=lora, gpu_sync=not interpret,
+        shrink=dict(n_adapters=S, n_in=H_in // C, chunk=C, block_m=block_m, block_r=R, unroll=shrink_unroll,
+                    n_tokens=T, mixed=mixed),
+        matmul=dict(n_tokens=T, block_t=block_t, block_n=block_n, block_k=block_k, h_in=H_in, mixed=mixed),
+        expand=dict(n_adapters=S, n_out_max=b_tab_GxSxJxR.shape[2], chunk=C, block_t=block_t, block_n=block_n,
+                    block_r=R, mixed=mixed))
+    off = jnp.zeros((1,), jnp.int32) if row_offset is None else jnp.asarray(row_offset, jnp.int32).reshape(1)
+    args = (perm_T, tile_start, tile_end, tile_slot, slot_T, rank_GxS.reshape(-1), a_tab_GxSxJxR.reshape(-1),
+            b_tab_GxSxJxR.reshape(-1), off, rows_NxC, x_TxI, *ws_IxO, jnp.zeros((G,), jnp.int32))
+    out = pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((G, T, R), jnp.float32), jax.ShapeDtypeStruct((G,), jnp.int32),
+                   *(jax.ShapeDtypeStruct((T, n), x_TxI.dtype) for n in n_out)),
+        grid=(n_shrink + sum(n // block_n for n in n_out),),
+        input_output_aliases={11 + G: 1},
+        compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"lora_linear_x{G}" if lora else f"skinny_matmul_x{G}",
+    )(*args)
+    return tuple(out[2:])
+
+
+def lora_linear_reference(x_TxI, ws_IxO, rows_NxC, pages_SxP, rank_GxS, a_row_GxS, b_row_GxS, slot_T, *,
+                          rows_per_page: int, r_max: int) -> tuple[jax.Array, ...]:
+    """jnp: `x @ W_g` (fp32 accumulate) plus `paged_group_reference`'s delta, rounded once to x's dtype."""
+    base = tuple(jnp.dot(x_TxI, w_IxO, preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
+                 for w_IxO in ws_IxO)
+    out = paged_group_reference(base, x_TxI, rows_NxC, pages_SxP, rank_GxS, a_row_GxS, b_row_GxS, slot_T,
+                                rows_per_page=rows_per_page, r_max=r_max)
+    return tuple(y.astype(x_TxI.dtype) for y in out)

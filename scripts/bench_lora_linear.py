@@ -1,0 +1,229 @@
+"""Time the fused base projection + LoRA kernel (`pallas_kernels.lora_linear`) against XLA's matmul plus the split pair.
+
+Decode-shaped calls of Llama-7B (bf16): the attention's q, k, v (three 4096 -> 4096
+projections sharing x, G = 3) and o (4096 -> 4096, G = 1); T tokens drawn from n
+distinct rank-16 adapters of 512 resident in pool pages (rows of C = 128, 256 KiB
+pages, shuffled page ids), the batch's adapters as the engine passes them (S = 64 rows,
+the unused ones rank 0).
+
+Variants per case:
+  `xla`        x @ W per projection (XLA's GEMM): the base model alone.
+  `xla_pair`   the same plus `add_lora_group` with the default `KernelConfig` (the
+               engine's path: the split pair, one launch at <= 16 tokens).
+  `pallas[c]`  `lora_linear_paged_group(lora=False)` with launch config c: the plain Pallas GEMM.
+  `fused[c]`   `lora_linear_paged_group` with config c: base and LoRA in one launch.
+Configs `c` are `bn{block_n}_bk{block_k}_s{num_stages}_w{num_warps}_u{shrink_unroll}`.
+
+Method (as scripts/bench_lora_group.py): every LoRA variant is checked against
+`lora_linear_reference` first (error of the delta, relative to the delta). One jit
+chains `n_rot` = 16 calls, each on its own x, its own base weights (16 layers' worth:
+the weights come from HBM, not L2) and its own adapter draw; per call = median over 5
+trials of (t(2 reps) - t(reps)) / (reps n_rot). The row tables are built outside the
+timed chain (the engine builds them once a step for all layers); their build is timed
+on its own. Floor = (base weights + the drawn adapters' A and B + x + y) bytes over the
+copy bandwidth measured in the same run. JSON to `--out`.
+
+    python scripts/bench_lora_linear.py --out DIR
+    python scripts/bench_lora_linear.py --smoke     # CPU check (interpret mode, tiny shapes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_kernels import git_commit, measure_ceilings, slope_time  # noqa: E402
+from pallas_kernels.lora_linear import lora_linear_paged_group, lora_linear_reference, paged_row_table  # noqa: E402
+from slora_jax.ops import KernelConfig, PagedWeights, add_lora_group, build_lora_meta, random_slot_weights  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    hidden: int
+    rank: int
+    chunk: int
+    page_elems: int
+    resident: int
+    batch_adapters: int
+    n_rot: int
+    cases: tuple  # (group, T, n)
+
+
+FULL = Setup(4096, 16, 128, 131072, 512, 64, 16,
+             (("qkv", 64, 47), ("o", 64, 47), ("qkv", 64, 8), ("o", 64, 8), ("qkv", 16, 16), ("o", 16, 16),
+              ("qkv", 1, 1), ("o", 1, 1)))
+SMOKE = Setup(256, 16, 64, 4096, 16, 8, 2, (("qkv", 16, 5), ("o", 1, 1)))
+DEFAULT = (64, 128, 3, 4, 2)
+SWEEP = ((32, 128, 3, 4, 2), (128, 128, 3, 4, 2), (64, 256, 3, 4, 2), (64, 64, 4, 4, 2), (64, 128, 4, 4, 2),
+         (64, 128, 2, 4, 2), (64, 128, 3, 8, 2), (64, 128, 3, 4, 1), (64, 128, 3, 4, 4), (32, 256, 4, 4, 2))
+
+
+def cname(c) -> str:
+    return "bn{}_bk{}_s{}_w{}_u{}".format(*c)
+
+
+def launch(c) -> dict:
+    bn, bk, st, w, u = c
+    return dict(block_n=bn, block_k=bk, num_stages=st, num_warps=w, shrink_unroll=u)
+
+
+def batch_weights(pws, ids: np.ndarray, S: int):
+    """The drawn adapters as the batch's rows 0..n-1 of S (the rest rank 0), as the engine's table holds them."""
+    n = len(ids)
+    pad = lambda a, fill=0: jnp.concatenate([a[ids], jnp.full((S - n, *a.shape[1:]), fill, a.dtype)])  # noqa: E731
+    return tuple(dataclasses.replace(pw, pages=pad(pw.pages), rank=pad(pw.rank), a_row=pad(pw.a_row),
+                                     b_row=pad(pw.b_row)) for pw in pws)
+
+
+def tables(bws, r_block: int):
+    C = bws[0].rows.shape[1]
+    n_out = max(w.h_out for w in bws) // C
+    a = jnp.stack([paged_row_table(w.pages, w.rank, w.a_row, w.h_in // C, rows_per_page=w.rows_per_page,
+                                   r_block=r_block) for w in bws])
+    b = jnp.stack([paged_row_table(w.pages, w.rank, w.b_row, n_out, rows_per_page=w.rows_per_page, r_block=r_block)
+                   for w in bws])
+    return a, b
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, for a CPU check")
+    p.add_argument("--sweep", action="store_true", help="also time the config sweep (first two cases only)")
+    p.add_argument("--cases", nargs="*", help="group:T:n, e.g. qkv:64:47 (default: the full list)")
+    p.add_argument("--budget-s", type=float, default=1e9, help="stop starting cases after this many seconds")
+    p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    p.add_argument("--name", default="lora_linear")
+    args = p.parse_args(argv)
+    st = SMOKE if args.smoke else FULL
+    t_start = time.perf_counter()
+    cases = [(g, int(t), int(n)) for g, t, n in (c.split(":") for c in args.cases)] if args.cases else st.cases
+    interpret = args.smoke or jax.default_backend() != "gpu"
+    dev = jax.devices()[0]
+    ceilings = measure_ceilings(small=args.smoke)
+    print(f"device {dev.device_kind}  jax {jax.__version__}  ceilings {ceilings}", flush=True)
+    result = {"benchmark": args.name, "git_commit": git_commit(), "device": dev.device_kind,
+              "jax_version": jax.__version__, "measured_ceilings": ceilings,
+              "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]), "rows": []}
+    os.makedirs(args.out, exist_ok=True)
+    out_path = os.path.join(args.out, f"{args.name}.json")
+    rng = np.random.default_rng(0)
+    H, r, C, S = st.hidden, st.rank, st.chunk, st.batch_adapters
+    ranks_S = np.full(st.resident, r, np.int32)
+    groups = {"qkv": 3, "o": 1}
+    dense = {g: [random_slot_weights(jax.random.key(10 * i + j), ranks_S, H, H, dtype=jnp.bfloat16) for j in range(G)]
+             for i, (g, G) in enumerate(groups.items())}
+    paged = {}
+    for g, ws in dense.items():
+        n_pages = st.resident * -(-r * 2 * H * len(ws) // C // (st.page_elems // C))
+        paged[g] = PagedWeights.group_from_slots(ws, chunk=C, rows_per_page=st.page_elems // C,
+                                                 page_ids=rng.permutation(n_pages + n_pages // 8))
+    base = {g: [tuple(jax.random.normal(jax.random.key(1000 + 10 * j + k), (H, H), jnp.bfloat16) * 0.02
+                      for k in range(G)) for j in range(st.n_rot)] for g, G in groups.items()}
+    kcfg = KernelConfig(interpret=interpret)
+    r_block = 16
+    print(f"{'case':<14}{'variant':<28}{'us':>9}{'floor':>8}{'ratio':>7}{'err':>9}", flush=True)
+    for group, T, n in cases:
+        if time.perf_counter() - t_start > args.budget_s:
+            print(f"budget spent: {group}:{T}:{n} and later cases not run", flush=True)
+            break
+        G = groups[group]
+        xs = [jax.random.normal(jax.random.key(100 + j), (T, H), jnp.bfloat16) for j in range(st.n_rot)]
+        draws, metas, bwss, tabs = [], [], [], []
+        for _ in range(st.n_rot):
+            ids = rng.choice(st.resident, n, replace=False)
+            slot_T = rng.permutation(np.arange(T) % n).astype(np.int32)
+            draws.append(jnp.asarray(slot_T))
+            metas.append(build_lora_meta(slot_T, max_segments=min(T, S), static_tiles=True))
+            bwss.append(batch_weights(paged[group], ids, S))
+            tabs.append(tables(bwss[-1], r_block))
+        build = jax.jit(lambda bwss: [tables(bws, r_block) for bws in bwss])  # one build per call's adapters
+        jax.block_until_ready(build(bwss))
+        table_us = slope_time(lambda k: jax.block_until_ready([build(bwss) for _ in range(k)]), 8) / st.n_rot * 1e6
+        rows = bwss[0][0].rows
+        floor_bytes = (G * H * H + n * G * r * 2 * H + T * H + G * T * H) * 2
+        floor_us = floor_bytes / (ceilings["copy_GBps"] * 1e9) * 1e6
+        stack = lambda bws, f: jnp.stack([getattr(w, f) for w in bws])  # noqa: E731
+        want = [lora_linear_reference(xs[j], base[group][j], rows, bwss[j][0].pages, stack(bwss[j], "rank"),
+                                      stack(bwss[j], "a_row"), stack(bwss[j], "b_row"), draws[j],
+                                      rows_per_page=bwss[j][0].rows_per_page, r_max=r_block) for j in range(1)]
+        no_lora = lora_linear_reference(xs[0], base[group][0], rows, bwss[0][0].pages,
+                                        jnp.zeros_like(stack(bwss[0], "rank")), stack(bwss[0], "a_row"),
+                                        stack(bwss[0], "b_row"), draws[0], rows_per_page=bwss[0][0].rows_per_page,
+                                        r_max=r_block)
+
+        # Each call's inputs as a flat tuple of arrays (few jit arguments: dispatch must not time the host).
+        def lean(j, lora_meta):
+            m, bws = metas[j], bwss[j]
+            common = (xs[j], base[group][j], draws[j])
+            if lora_meta == "pair":
+                return common + (bws[0].pages, stack(bws, "rank"), stack(bws, "a_row"), stack(bws, "b_row"), m)
+            return common + (tabs[j], stack(bws, "rank"), m.perm, m.tile_start, m.tile_end, m.tile_slot)
+
+        def op_xla(rows, args, lora):
+            x, Ws, slot = args[:3]
+            ys = tuple(jnp.dot(x, W, preferred_element_type=jnp.float32).astype(x.dtype) for W in Ws)
+            if not lora:
+                return ys
+            pages, rank, a_row, b_row, meta = args[3:]
+            bws = tuple(PagedWeights(rows, pages, rank[g], a_row[g], b_row[g], bwss[0][0].rows_per_page, H, H, r_block)
+                        for g in range(G))
+            return add_lora_group(ys, x, bws, meta, config=kcfg)
+
+        def op_pallas(rows, args, lora, c):
+            x, Ws, slot, tab, rank, perm, ts, te, tsl = args
+            return lora_linear_paged_group(x, Ws, rows, rank, *tab, slot, perm, ts, te, tsl, block_m=metas[0].block_m,
+                                           lora=lora, interpret=interpret, **launch(c))
+
+        variants = [("xla", functools.partial(op_xla, lora=False), False, "pair"),
+                    ("xla_pair", functools.partial(op_xla, lora=True), True, "pair")]
+        configs = [DEFAULT] + (list(SWEEP) if args.sweep and (group, T, n) in cases[:2] else [])
+        for c in configs:
+            variants += [(f"pallas[{cname(c)}]", functools.partial(op_pallas, lora=False, c=c), False, "tab"),
+                         (f"fused[{cname(c)}]", functools.partial(op_pallas, lora=True, c=c), True, "tab")]
+        for name, op, lora, form in variants:
+            row = {"case": {"group": group, "tokens": T, "adapters": n, "rank": r, "variant": name},
+                   "floor_us": floor_us, "table_build_us": table_us}
+            try:
+                calls = [lean(j, form) for j in range(st.n_rot)]
+                got = jax.jit(op)(rows, calls[0])
+                ref = want[0] if lora else no_lora
+                f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+                errs = []
+                for o, w_, b_ in zip(got, ref, no_lora):
+                    scale = jnp.linalg.norm(f32(w_) - f32(b_)) if lora else jnp.linalg.norm(f32(w_))
+                    errs.append(float(jnp.linalg.norm(f32(o) - f32(w_)) / scale))
+                row["rel_err"] = max(errs)
+                chain = jax.jit(lambda rows, calls, op=op: [op(rows, a) for a in calls])
+                jax.block_until_ready(chain(rows, calls))
+                t0 = time.perf_counter()
+                jax.block_until_ready(chain(rows, calls))
+                reps = int(np.clip(4e-3 / max(time.perf_counter() - t0, 1e-7), 2, 200))
+                us = slope_time(lambda k: jax.block_until_ready([chain(rows, calls) for _ in range(k)]), reps)
+                us = us / st.n_rot * 1e6
+                row.update(median_us=us, floor_ratio=floor_us / us, reps=reps)
+            except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others' rows
+                row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+            result["rows"].append(row)
+            print(f"{group + ':' + str(T) + ':' + str(n):<14}{name:<28}{row.get('median_us', float('nan')):9.2f}"
+                  f"{floor_us:8.2f}{row.get('floor_ratio', float('nan')):7.2f}{row.get('rel_err', float('nan')):9.1e}"
+                  + (f"  {row['error'][:120]}" if "error" in row else ""), flush=True)
+            with open(out_path, "w") as f:
+                json.dump(result, f, indent=1)
+        print(f"{'':<14}table build (both tables, once a step): {table_us:.1f} us", flush=True)
+    print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()
