@@ -18,7 +18,8 @@ S adapters of the batch, NT tiles (as in `sgmv_shrink`: `perm`, `tile_start`,
   a_tab  `[G, S, H_in / C, R]` int32: pool row of row i of chunk j of `A_g^T` of adapter
          s, -1 past its rank (`paged_row_table`; R = `r_block`, a power of two >= 16
          bounding every rank).
-  b_tab  `[G, S, max_g N_g / C, R]` int32: the same for `B_g` (scale folded in).
+  b_tab  `[G, max_g N_g / C, S, R]` int32: the same for `B_g` (scale folded in), chunk-major
+         (a column chunk's entries of every adapter are contiguous).
   slot   `[T]` int32, each token's adapter, -1 for none.
   row_offset `[1]` int32, added to every table entry (the engine's tables are layer 0's:
          layer l's rows are the same pages `l * num_pages` further on).
@@ -36,8 +37,9 @@ programs (static ranges, one per projection).
   Matmul `(n, g)`: `acc = x @ W_g[:, n-block]` (a loop over H_in in `block_k` steps,
     Triton-pipelined with `num_stages`), then it polls g's counter until all NT shrink
     programs are in, reads `v_g` for all T rows, and for each adapter s adds
-    `where(slot == s, v_g, 0) @ B_g[s][:, n-block]`: B is read once per column block,
-    at each adapter's own rank (rows past it are masked, never read).
+    `where(slot == s, v_g, 0) @ B_g[s][:, n-block]` (`expand_unroll` adapters a loop step,
+    as one dot): B is read once per column block, at each adapter's own rank (rows past
+    it are masked, never read).
 The wait cannot deadlock if programs start in id order (NVIDIA GPUs dispatch blocks
 that way; CUDA does not promise it, the same assumption as `sgmv_paged_group_one_launch`):
 every shrink program has then started before any matmul program waits, and no shrink
@@ -148,30 +150,41 @@ def _matmul_program(x_ref, w_ref, o_ref, n, *, n_tokens: int, block_t: int, bloc
 
 
 def _expand_into(acc_TxN, rows_T, ok_T, n0, *, slot_ref, b_tab_ref, off_ref, rows_ref, v_ref, g: int, n_adapters: int,
-                 n_out_max: int, chunk: int, block_t: int, block_n: int, block_r: int, mixed: bool, wait):
-    """`acc += sum_s where(slot == s, v_g, 0) @ B_g[s][:, n0:n0 + block_n]` once g's shrink is done."""
+                 n_out_max: int, chunk: int, block_t: int, block_n: int, block_r: int, unroll: int, mixed: bool, wait):
+    """`acc += sum_s where(slot == s, v_g, 0) @ B_g[s][:, n0:n0 + block_n]` once g's shrink is done.
+
+    `unroll` = U adapters a loop step, as one `[T, U R] @ [U R, block_n]` dot: their table
+    entries for this column chunk are contiguous (`b_tab [G, J, S, R]`), so a step is one
+    vector load of U R row ids and one gather of U R rows of B. v is tiled U times across
+    (an exact dot with a 0/1 matrix), and each copy keeps only the tokens of its adapter.
+    """
     wait(g)
+    dtype = rows_ref.dtype
     slot_T = plgpu.load(slot_ref.at[rows_T], mask=ok_T, other=-1)
     # The shrink's stores of this launch: read volatile, never from a stale L1 line. Rows of
     # tokens with no adapter were never written; the select below drops them.
     v_TxR = plgpu.load(rows_at(v_ref, (g,), rows_T, 0, block_r, mixed=mixed),
                        mask=jnp.broadcast_to(ok_T[:, None], (block_t, block_r)), other=0.0, volatile=True)
+    UR = unroll * block_r
+    c_UR = _iota(UR)
+    tile_RxUR = (c_UR[None, :] % block_r == _iota(block_r)[:, None]).astype(dtype)
+    precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    v_TxUR = jnp.dot(v_TxR.astype(dtype), tile_RxUR, precision=precision, preferred_element_type=jnp.float32)
     j = n0 // chunk
     col = n0 % chunk
-    precision = lax.Precision.HIGHEST if rows_ref.dtype == jnp.float32 else None
-    tab_g = g * n_adapters * n_out_max * block_r + j * block_r
+    tab0 = (g * n_out_max + j) * n_adapters * block_r
     off = off_ref[0]
 
-    def step(s, acc):
-        phys_R = b_tab_ref[pl.ds(tab_g + s * n_out_max * block_r, block_r)]
-        ok_R = phys_R >= 0
-        b_RxN = plgpu.load(rows_at(rows_ref, (), jnp.where(ok_R, phys_R + off, 0), col, block_n, mixed=mixed),
-                           mask=jnp.broadcast_to(ok_R[:, None], (block_r, block_n)), other=0)
-        sel_TxR = (slot_T == s)[:, None] & ok_R[None, :]
-        vs_TxR = jnp.where(sel_TxR, v_TxR, 0.0).astype(rows_ref.dtype)
-        return acc + jnp.dot(vs_TxR, b_RxN, precision=precision, preferred_element_type=jnp.float32)
+    def step(i, acc):
+        phys_UR = b_tab_ref[pl.ds(tab0 + i * UR, UR)]
+        ok_UR = phys_UR >= 0
+        b_URxN = plgpu.load(rows_at(rows_ref, (), jnp.where(ok_UR, phys_UR + off, 0), col, block_n, mixed=mixed),
+                            mask=jnp.broadcast_to(ok_UR[:, None], (UR, block_n)), other=0)
+        sel_TxUR = (slot_T[:, None] == i * unroll + c_UR[None, :] // block_r) & ok_UR[None, :]
+        vs_TxUR = jnp.where(sel_TxUR, v_TxUR, 0.0).astype(dtype)
+        return acc + jnp.dot(vs_TxUR, b_URxN, precision=precision, preferred_element_type=jnp.float32)
 
-    return lax.fori_loop(0, n_adapters, step, acc_TxN)
+    return lax.fori_loop(0, n_adapters // unroll, step, acc_TxN)
 
 
 def _kernel(*refs, G: int, n_out: tuple[int, ...], n_shrink: int, block_n: int, n_tiles: int, lora: bool,
@@ -208,9 +221,10 @@ def _kernel(*refs, G: int, n_out: tuple[int, ...], n_shrink: int, block_n: int, 
         first += n_blocks
 
 
-def lora_linear_paged_group(x_TxI, ws_IxO, rows_NxC, rank_GxS, a_tab_GxSxJxR, b_tab_GxSxJxR, slot_T, perm_T,
+def lora_linear_paged_group(x_TxI, ws_IxO, rows_NxC, rank_GxS, a_tab_GxSxJxR, b_tab_GxJxSxR, slot_T, perm_T,
                             tile_start, tile_end, tile_slot, row_offset=None, *, block_m: int, lora: bool = True,
-                            block_n: int = 64, block_k: int = 128, shrink_unroll: int = 2, num_warps: int = 4,
+                            block_n: int = 64, block_k: int = 128, shrink_unroll: int = 2, expand_unroll: int = 8,
+                            num_warps: int = 4,
                             num_stages: int = 3, interpret: bool | None = None,
                             mixed_index: bool | None = None) -> tuple[jax.Array, ...]:
     """`x @ W_g` plus each token's LoRA delta for G projections, one launch; returns the G outputs (module doc)."""
@@ -234,12 +248,18 @@ def lora_linear_paged_group(x_TxI, ws_IxO, rows_NxC, rank_GxS, a_tab_GxSxJxR, b_
     for w in ws_IxO:
         if w.shape[0] != H_in or w.shape[1] % block_n:
             raise ValueError(f"weight {w.shape} does not take x {x_TxI.shape} in blocks of {block_n} columns")
-    if rank_GxS.shape[0] != G or a_tab_GxSxJxR.shape[:3] != (G, S, H_in // C) or b_tab_GxSxJxR.shape[:2] != (G, S):
-        raise ValueError(f"tables {a_tab_GxSxJxR.shape} / {b_tab_GxSxJxR.shape} and ranks {rank_GxS.shape} do not "
+    if expand_unroll < 1 or expand_unroll & (expand_unroll - 1):
+        raise ValueError(f"expand_unroll must be a power of two, got {expand_unroll}")
+    if (rank_GxS.shape[0] != G or a_tab_GxSxJxR.shape[:3] != (G, S, H_in // C)
+            or b_tab_GxJxSxR.shape[0] != G or b_tab_GxJxSxR.shape[2] != S
+            or b_tab_GxJxSxR.shape[1] < max(w.shape[1] for w in ws_IxO) // C):
+        raise ValueError(f"tables {a_tab_GxSxJxR.shape} / {b_tab_GxJxSxR.shape} and ranks {rank_GxS.shape} do not "
                          f"match {G} projections of H_in={H_in} over {S} adapters")
     interpret = default_interpret() if interpret is None else interpret
     mixed = (not interpret) if mixed_index is None else mixed_index
     NT = tile_slot.shape[0]
+    if S % expand_unroll:  # whole steps of the expand's loop: padding adapters have no rows
+        b_tab_GxJxSxR = jnp.pad(b_tab_GxJxSxR, ((0, 0), (0, 0), (0, -S % expand_unroll), (0, 0)), constant_values=-1)
     n_out = tuple(w.shape[1] for w in ws_IxO)
     n_shrink = G * NT if lora else 0
     block_t = _pow2_ceil(max(16, T))
@@ -248,11 +268,11 @@ def lora_linear_paged_group(x_TxI, ws_IxO, rows_NxC, rank_GxS, a_tab_GxSxJxR, b_
         shrink=dict(n_adapters=S, n_in=H_in // C, chunk=C, block_m=block_m, block_r=R, unroll=shrink_unroll,
                     n_tokens=T, mixed=mixed),
         matmul=dict(n_tokens=T, block_t=block_t, block_n=block_n, block_k=block_k, h_in=H_in, mixed=mixed),
-        expand=dict(n_adapters=S, n_out_max=b_tab_GxSxJxR.shape[2], chunk=C, block_t=block_t, block_n=block_n,
-                    block_r=R, mixed=mixed))
+        expand=dict(n_adapters=b_tab_GxJxSxR.shape[2], n_out_max=b_tab_GxJxSxR.shape[1], chunk=C, block_t=block_t,
+                    block_n=block_n, block_r=R, unroll=expand_unroll, mixed=mixed))
     off = jnp.zeros((1,), jnp.int32) if row_offset is None else jnp.asarray(row_offset, jnp.int32).reshape(1)
     args = (perm_T, tile_start, tile_end, tile_slot, slot_T, rank_GxS.reshape(-1), a_tab_GxSxJxR.reshape(-1),
-            b_tab_GxSxJxR.reshape(-1), off, rows_NxC, x_TxI, *ws_IxO, jnp.zeros((G,), jnp.int32))
+            b_tab_GxJxSxR.reshape(-1), off, rows_NxC, x_TxI, *ws_IxO, jnp.zeros((G,), jnp.int32))
     out = pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((G, T, R), jnp.float32), jax.ShapeDtypeStruct((G,), jnp.int32),

@@ -12,7 +12,7 @@ Variants per case:
                engine's path: the split pair, one launch at <= 16 tokens).
   `pallas[c]`  `lora_linear_paged_group(lora=False)` with launch config c: the plain Pallas GEMM.
   `fused[c]`   `lora_linear_paged_group` with config c: base and LoRA in one launch.
-Configs `c` are `bn{block_n}_bk{block_k}_s{num_stages}_w{num_warps}_u{shrink_unroll}`.
+Configs `c` are `bn{block_n}_bk{block_k}_s{num_stages}_w{num_warps}_u{shrink_unroll}_e{expand_unroll}`.
 
 Method (as scripts/bench_lora_group.py): every LoRA variant is checked against
 `lora_linear_reference` first (error of the delta, relative to the delta). One jit
@@ -45,8 +45,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_kernels import git_commit, measure_ceilings, slope_time  # noqa: E402
-from pallas_kernels.lora_linear import lora_linear_paged_group, lora_linear_reference, paged_row_table  # noqa: E402
-from slora_jax.ops import KernelConfig, PagedWeights, add_lora_group, build_lora_meta, random_slot_weights  # noqa: E402
+from pallas_kernels.lora_linear import lora_linear_paged_group, lora_linear_reference  # noqa: E402
+from slora_jax.ops import (  # noqa: E402
+    KernelConfig,
+    PagedWeights,
+    add_lora_group,
+    build_lora_meta,
+    paged_row_tables,
+    random_slot_weights,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,18 +72,19 @@ FULL = Setup(4096, 16, 128, 131072, 512, 64, 16,
              (("qkv", 64, 47), ("o", 64, 47), ("qkv", 64, 8), ("o", 64, 8), ("qkv", 16, 16), ("o", 16, 16),
               ("qkv", 1, 1), ("o", 1, 1)))
 SMOKE = Setup(256, 16, 64, 4096, 16, 8, 2, (("qkv", 16, 5), ("o", 1, 1)))
-DEFAULT = (64, 128, 3, 4, 2)
-SWEEP = ((32, 128, 3, 4, 2), (128, 128, 3, 4, 2), (64, 256, 3, 4, 2), (64, 64, 4, 4, 2), (64, 128, 4, 4, 2),
-         (64, 128, 2, 4, 2), (64, 128, 3, 8, 2), (64, 128, 3, 4, 1), (64, 128, 3, 4, 4), (32, 256, 4, 4, 2))
+DEFAULT = (64, 128, 3, 4, 2, 8)
+SWEEP = ((32, 128, 3, 4, 2, 8), (128, 128, 3, 4, 2, 8), (64, 256, 3, 4, 2, 8), (64, 128, 4, 4, 2, 8),
+         (64, 128, 2, 4, 2, 8), (64, 128, 3, 8, 2, 8), (64, 128, 3, 4, 1, 8), (64, 128, 3, 4, 4, 8),
+         (64, 128, 3, 4, 2, 1), (64, 128, 3, 4, 2, 4), (64, 128, 3, 4, 2, 16))
 
 
 def cname(c) -> str:
-    return "bn{}_bk{}_s{}_w{}_u{}".format(*c)
+    return "bn{}_bk{}_s{}_w{}_u{}_e{}".format(*c)
 
 
 def launch(c) -> dict:
-    bn, bk, st, w, u = c
-    return dict(block_n=bn, block_k=bk, num_stages=st, num_warps=w, shrink_unroll=u)
+    bn, bk, st, w, u, e = c
+    return dict(block_n=bn, block_k=bk, num_stages=st, num_warps=w, shrink_unroll=u, expand_unroll=e)
 
 
 def batch_weights(pws, ids: np.ndarray, S: int):
@@ -88,13 +96,7 @@ def batch_weights(pws, ids: np.ndarray, S: int):
 
 
 def tables(bws, r_block: int):
-    C = bws[0].rows.shape[1]
-    n_out = max(w.h_out for w in bws) // C
-    a = jnp.stack([paged_row_table(w.pages, w.rank, w.a_row, w.h_in // C, rows_per_page=w.rows_per_page,
-                                   r_block=r_block) for w in bws])
-    b = jnp.stack([paged_row_table(w.pages, w.rank, w.b_row, n_out, rows_per_page=w.rows_per_page, r_block=r_block)
-                   for w in bws])
-    return a, b
+    return paged_row_tables(bws, r_block)
 
 
 def main(argv=None):

@@ -67,7 +67,7 @@ class PagedLora:
     meta: LoraMeta | None = None  # needed unless impl == "reference"
     impl: str = flax.struct.field(pytree_node=False, default="reference")
     kernel: KernelConfig | None = flax.struct.field(pytree_node=False, default=None)
-    # proj -> (a_tab [1, S, H_in/C, R], b_tab [1, S, H_out/C, R]) of layer 0's rows (`prepare`)
+    # proj -> (a_tab [1, S, H_in/C, R], b_tab [1, H_out/C, S, R]) of layer 0's rows (`prepare`)
     row_tables: dict | None = None
 
     def per_layer(self):
@@ -147,9 +147,9 @@ class PagedLora:
                 return None
             # a projection no adapter targets (q targeted, v not) has all ranks 0: an all -1 table
             tabs = [self.row_tables[p] if p in (self.row_tables or {}) else self._row_tables(p) for p in projs]
-            n_out = max(b.shape[2] for _, b in tabs)
+            n_out = max(b.shape[1] for _, b in tabs)  # b_tab [1, H_out/C, S, R]: k, v narrower than q (GQA)
             a_tab = jnp.concatenate([a for a, _ in tabs])
-            b_tab = jnp.concatenate([jnp.pad(b, ((0, 0), (0, 0), (0, n_out - b.shape[2]), (0, 0)), constant_values=-1)
+            b_tab = jnp.concatenate([jnp.pad(b, ((0, 0), (0, n_out - b.shape[1]), (0, 0), (0, 0)), constant_values=-1)
                                      for _, b in tabs])
             row_offset = layer * self.layout.num_pages * self.layout.rows_per_page  # layer `layer`'s rows
             return lora_linear_group(x_TxI, ws_IxO, pws, self.meta, tables=(a_tab, b_tab), row_offset=row_offset,

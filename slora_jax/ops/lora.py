@@ -374,6 +374,7 @@ class KernelConfig:
     linear_block_n: int = 64  # one launch with the base: columns per matmul program (<= the pool's row width C)
     linear_block_k: int = 128  # one launch with the base: H_in per matmul loop step
     linear_shrink_unroll: int = 2  # one launch with the base: C-wide chunks per shrink loop step
+    linear_expand_unroll: int = 8  # one launch with the base: adapters per expand loop step (one dot)
     linear_warps: int = 4
     linear_stages: int = 3
     chunk: int = 64  # fused, dense slots: K/N block (pages: the pool's row width C)
@@ -614,7 +615,7 @@ def add_lora_group(ys_TxO, x_TxI: jax.Array, ws, meta: LoraMeta, *, impl: str = 
 
 def paged_row_tables(ws, r_block: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Row tables of `PagedWeights` of one pool (`lora_linear_group`): `a_tab [G, S, H_in/C, R]`,
-    `b_tab [G, S, max H_out/C, R]` int32, the pool row of each row of each chunk, -1 past each rank.
+    `b_tab [G, max H_out/C, S, R]` int32, the pool row of each row of each chunk, -1 past each rank.
 
     A page id names the same rows in every layer, so one build serves every layer's call
     (with `row_offset` moving to the layer's rows). `r_block`: a power of two >= 16 bounding
@@ -626,7 +627,7 @@ def paged_row_tables(ws, r_block: int | None = None) -> tuple[jax.Array, jax.Arr
     table = functools.partial(paged_row_table, rows_per_page=ws[0].rows_per_page, r_block=R)
     a = jnp.stack([table(w.pages, w.rank, w.a_row, w.h_in // C) for w in ws])
     n_out = max(w.h_out for w in ws) // C
-    return a, jnp.stack([table(w.pages, w.rank, w.b_row, n_out) for w in ws])
+    return a, jnp.stack([table(w.pages, w.rank, w.b_row, n_out).transpose(1, 0, 2) for w in ws])
 
 
 def lora_linear_group(x_TxI: jax.Array, ws_IxO, ws, meta: LoraMeta, *, tables=None, row_offset=None,
@@ -658,6 +659,7 @@ def lora_linear_group(x_TxI: jax.Array, ws_IxO, ws, meta: LoraMeta, *, tables=No
         x_TxI, ws_IxO, ws[0].rows, jnp.stack([w.rank for w in ws]), a_tab, b_tab, meta.slot, meta.perm,
         meta.tile_start, meta.tile_end, meta.tile_slot, row_offset, block_m=meta.block_m,
         block_n=cfg.linear_block_n, block_k=cfg.linear_block_k, shrink_unroll=cfg.linear_shrink_unroll,
+        expand_unroll=cfg.linear_expand_unroll,
         num_warps=cfg.linear_warps, num_stages=cfg.linear_stages, interpret=cfg.interpret,
         mixed_index=cfg.mixed_index)
 
