@@ -30,13 +30,13 @@ Reference: `lora_linear_reference`.
 
 Work. A 1-D grid: first G x NT shrink programs, then sum_g N_g / block_n matmul
 programs (static ranges, one per projection).
-  Shrink `(tile, g)`: `v_g[rows of tile] = x[rows] @ A_g^T` over all of H_in (a loop of
-    C-wide chunks, `shrink_unroll` a step), stored fp32 to an HBM scratch; then it adds
-    1 to projection g's counter (a CTA barrier first, then an acq_rel atomic). Padding
-    tiles and rank-0 adapters only add 1.
+  Shrink `(tile, split, g)`: `x[rows of tile] @ A_g^T` over `shrink_k_steps` C-wide
+    chunks of H_in (default all: one split; a loop, `shrink_unroll` chunks a step), stored
+    fp32 to an HBM scratch of partials; then it adds 1 to projection g's counter (a CTA
+    barrier first, then an acq_rel atomic). Padding tiles and rank-0 adapters only add 1.
   Matmul `(n, g)`: `acc = x @ W_g[:, n-block]` (a loop over H_in in `block_k` steps,
     Triton-pipelined with `num_stages`), then it polls g's counter until all NT shrink
-    programs are in, reads `v_g` for all T rows, and for each adapter s adds
+    programs are in, sums `v_g`'s partials for all T rows, and for each adapter s adds
     `where(slot == s, v_g, 0) @ B_g[s][:, n-block]` (`expand_unroll` adapters a loop step,
     as one dot): B is read once per column block, at each adapter's own rank (rows past
     it are masked, never read).
@@ -91,8 +91,9 @@ def paged_row_table(pages_SxP, rank_S, first_S, n_chunks: int, *, rows_per_page:
 
 
 def _shrink_program(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_ref, a_tab_ref, off_ref, rows_ref,
-                    x_ref, v_ref, tile, g, *, n_adapters: int, n_in: int, chunk: int, block_m: int, block_r: int,
-                    unroll: int, n_tokens: int, mixed: bool):
+                    x_ref, v_ref, split, tile, g, *, n_adapters: int, n_in: int, chunk: int, block_m: int,
+                    block_r: int, k_steps: int, unroll: int, n_tokens: int, mixed: bool):
+    """Split `split` (chunks `[split k_steps, (split + 1) k_steps)` of H_in) of g's shrink for `tile`."""
     slot = tile_slot_ref[tile]
     safe = jnp.maximum(slot, 0)
     rank = jnp.where(slot >= 0, rank_ref[g * n_adapters + safe], 0)
@@ -108,8 +109,9 @@ def _shrink_program(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_
 
         def step(i, acc_MxR):
             for u in range(unroll):
-                j = jnp.minimum(i * unroll + u, n_in - 1)
-                ok = i * unroll + u < n_in
+                j_raw = split * k_steps + i * unroll + u
+                j = jnp.minimum(j_raw, n_in - 1)
+                ok = (j_raw < n_in) & (i * unroll + u < k_steps)
                 phys_R = a_tab_ref[pl.ds(tab0 + j * block_r, block_r)]
                 ok_R = (phys_R >= 0) & ok
                 at_RxC = plgpu.load(rows_at(rows_ref, (), jnp.where(ok_R, phys_R + off, 0), 0, chunk, mixed=mixed),
@@ -120,8 +122,8 @@ def _shrink_program(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_
                                            preferred_element_type=jnp.float32)
             return acc_MxR
 
-        acc_MxR = lax.fori_loop(0, -(-n_in // unroll), step, jnp.zeros((block_m, block_r), jnp.float32))
-        plgpu.store(rows_at(v_ref, (g,), rows_M, 0, block_r, mixed=mixed), acc_MxR,
+        acc_MxR = lax.fori_loop(0, -(-k_steps // unroll), step, jnp.zeros((block_m, block_r), jnp.float32))
+        plgpu.store(rows_at(v_ref, (g, split), rows_M, 0, block_r, mixed=mixed), acc_MxR,
                     mask=jnp.broadcast_to(row_ok_M[:, None], (block_m, block_r)))
 
 
@@ -150,7 +152,8 @@ def _matmul_program(x_ref, w_ref, o_ref, n, *, n_tokens: int, block_t: int, bloc
 
 
 def _expand_into(acc_TxN, rows_T, ok_T, n0, *, slot_ref, b_tab_ref, off_ref, rows_ref, v_ref, g: int, n_adapters: int,
-                 n_out_max: int, chunk: int, block_t: int, block_n: int, block_r: int, unroll: int, mixed: bool, wait):
+                 n_out_max: int, chunk: int, block_t: int, block_n: int, block_r: int, k_splits: int, unroll: int,
+                 mixed: bool, wait):
     """`acc += sum_s where(slot == s, v_g, 0) @ B_g[s][:, n0:n0 + block_n]` once g's shrink is done.
 
     `unroll` = U adapters a loop step, as one `[T, U R] @ [U R, block_n]` dot: their table
@@ -163,8 +166,10 @@ def _expand_into(acc_TxN, rows_T, ok_T, n0, *, slot_ref, b_tab_ref, off_ref, row
     slot_T = plgpu.load(slot_ref.at[rows_T], mask=ok_T, other=-1)
     # The shrink's stores of this launch: read volatile, never from a stale L1 line. Rows of
     # tokens with no adapter were never written; the select below drops them.
-    v_TxR = plgpu.load(rows_at(v_ref, (g,), rows_T, 0, block_r, mixed=mixed),
-                       mask=jnp.broadcast_to(ok_T[:, None], (block_t, block_r)), other=0.0, volatile=True)
+    v_TxR = jnp.zeros((block_t, block_r), jnp.float32)
+    for split in range(k_splits):
+        v_TxR += plgpu.load(rows_at(v_ref, (g, split), rows_T, 0, block_r, mixed=mixed),
+                            mask=jnp.broadcast_to(ok_T[:, None], (block_t, block_r)), other=0.0, volatile=True)
     UR = unroll * block_r
     c_UR = _iota(UR)
     tile_RxUR = (c_UR[None, :] % block_r == _iota(block_r)[:, None]).astype(dtype)
@@ -187,7 +192,8 @@ def _expand_into(acc_TxN, rows_T, ok_T, n0, *, slot_ref, b_tab_ref, off_ref, row
     return lax.fori_loop(0, n_adapters // unroll, step, acc_TxN)
 
 
-def _kernel(*refs, G: int, n_out: tuple[int, ...], n_shrink: int, block_n: int, n_tiles: int, lora: bool,
+def _kernel(*refs, G: int, n_out: tuple[int, ...], n_shrink: int, k_splits: int, block_n: int, n_tiles: int,
+            lora: bool,
             gpu_sync: bool, shrink: dict, matmul: dict, expand: dict):
     (perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, slot_ref, rank_ref, a_tab_ref, b_tab_ref, off_ref,
      rows_ref, x_ref) = refs[:11]
@@ -198,14 +204,14 @@ def _kernel(*refs, G: int, n_out: tuple[int, ...], n_shrink: int, block_n: int, 
     p = pl.program_id(0)
 
     def wait(g):
-        wait_for_count(count_ref, g, n_tiles, gpu_sync=gpu_sync)
+        wait_for_count(count_ref, g, k_splits * n_tiles, gpu_sync=gpu_sync)
 
     if lora:
         @pl.when(p < n_shrink)
         def _():
-            tile, g = p // G, p % G
+            tile, split, g = p // (k_splits * G), p // G % k_splits, p % G  # a tile's programs side by side
             _shrink_program(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_ref, a_tab_ref, off_ref,
-                            rows_ref, x_ref, v_ref, tile, g, **shrink)
+                            rows_ref, x_ref, v_ref, split, tile, g, **shrink)
             if gpu_sync:
                 plgpu.debug_barrier()
             plgpu.atomic_add(count_ref, g, jnp.ones((), jnp.int32))
@@ -223,7 +229,8 @@ def _kernel(*refs, G: int, n_out: tuple[int, ...], n_shrink: int, block_n: int, 
 
 def lora_linear_paged_group(x_TxI, ws_IxO, rows_NxC, rank_GxS, a_tab_GxSxJxR, b_tab_GxJxSxR, slot_T, perm_T,
                             tile_start, tile_end, tile_slot, row_offset=None, *, block_m: int, lora: bool = True,
-                            block_n: int = 64, block_k: int = 128, shrink_unroll: int = 2, expand_unroll: int = 8,
+                            block_n: int = 64, block_k: int = 128, shrink_k_steps: int | None = None,
+                            shrink_unroll: int = 2, expand_unroll: int = 8,
                             num_warps: int = 4,
                             num_stages: int = 3, interpret: bool | None = None,
                             mixed_index: bool | None = None) -> tuple[jax.Array, ...]:
@@ -261,21 +268,24 @@ def lora_linear_paged_group(x_TxI, ws_IxO, rows_NxC, rank_GxS, a_tab_GxSxJxR, b_
     if S % expand_unroll:  # whole steps of the expand's loop: padding adapters have no rows
         b_tab_GxJxSxR = jnp.pad(b_tab_GxJxSxR, ((0, 0), (0, 0), (0, -S % expand_unroll), (0, 0)), constant_values=-1)
     n_out = tuple(w.shape[1] for w in ws_IxO)
-    n_shrink = G * NT if lora else 0
+    n_in = H_in // C
+    k_steps = n_in if shrink_k_steps is None else max(1, min(shrink_k_steps, n_in))
+    k_splits = -(-n_in // k_steps)
+    n_shrink = k_splits * G * NT if lora else 0
     block_t = _pow2_ceil(max(16, T))
     kernel = functools.partial(
-        _kernel, G=G, n_out=n_out, n_shrink=n_shrink, block_n=block_n, n_tiles=NT, lora=lora, gpu_sync=not interpret,
-        shrink=dict(n_adapters=S, n_in=H_in // C, chunk=C, block_m=block_m, block_r=R, unroll=shrink_unroll,
-                    n_tokens=T, mixed=mixed),
+        _kernel, G=G, n_out=n_out, n_shrink=n_shrink, k_splits=k_splits, block_n=block_n, n_tiles=NT, lora=lora, gpu_sync=not interpret,
+        shrink=dict(n_adapters=S, n_in=n_in, chunk=C, block_m=block_m, block_r=R, k_steps=k_steps,
+                    unroll=shrink_unroll, n_tokens=T, mixed=mixed),
         matmul=dict(n_tokens=T, block_t=block_t, block_n=block_n, block_k=block_k, h_in=H_in, mixed=mixed),
         expand=dict(n_adapters=b_tab_GxJxSxR.shape[2], n_out_max=b_tab_GxJxSxR.shape[1], chunk=C, block_t=block_t,
-                    block_n=block_n, block_r=R, unroll=expand_unroll, mixed=mixed))
+                    block_n=block_n, block_r=R, k_splits=k_splits, unroll=expand_unroll, mixed=mixed))
     off = jnp.zeros((1,), jnp.int32) if row_offset is None else jnp.asarray(row_offset, jnp.int32).reshape(1)
     args = (perm_T, tile_start, tile_end, tile_slot, slot_T, rank_GxS.reshape(-1), a_tab_GxSxJxR.reshape(-1),
             b_tab_GxJxSxR.reshape(-1), off, rows_NxC, x_TxI, *ws_IxO, jnp.zeros((G,), jnp.int32))
     out = pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct((G, T, R), jnp.float32), jax.ShapeDtypeStruct((G,), jnp.int32),
+        out_shape=(jax.ShapeDtypeStruct((G, k_splits, T, R), jnp.float32), jax.ShapeDtypeStruct((G,), jnp.int32),
                    *(jax.ShapeDtypeStruct((T, n), x_TxI.dtype) for n in n_out)),
         grid=(n_shrink + sum(n // block_n for n in n_out),),
         input_output_aliases={11 + G: 1},

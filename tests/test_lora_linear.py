@@ -75,7 +75,8 @@ def test_random_ranks_layouts_and_blocks():
                                                  ("all_none", jnp.float32, 16, 64), ("uniform", jnp.float32, 16, 16)]):
         ranks = rng.choice([0, 1, 4, 8, 16, 24, 64, 128], size=GROUP_RANKS.shape)
         err = run(24 + i, layout, ranks, dtype, seed=100 + i, block_n=bn, block_k=bk, shrink_unroll=1 + i % 3,
-                  expand_unroll=(1, 2, 4, 8)[i])  # 7 adapters: 8 pads the expand's last step
+                  expand_unroll=(1, 2, 4, 8)[i], shrink_k_steps=(None, 3, 1, 2)[i])  # 7 adapters: 8 pads the
+        # expand's last step; 3 K chunks a shrink program leave the last split short
         assert err < (1e-5 if dtype == jnp.float32 else 1e-2), (layout, err)
 
 

@@ -373,6 +373,7 @@ class KernelConfig:
     linear_max_tokens: int = 0
     linear_block_n: int = 64  # one launch with the base: columns per matmul program (<= the pool's row width C)
     linear_block_k: int = 128  # one launch with the base: H_in per matmul loop step
+    linear_shrink_k_steps: int | None = None  # one launch with the base: C-wide chunks per shrink program (None: all)
     linear_shrink_unroll: int = 2  # one launch with the base: C-wide chunks per shrink loop step
     linear_expand_unroll: int = 8  # one launch with the base: adapters per expand loop step (one dot)
     linear_warps: int = 4
@@ -658,7 +659,8 @@ def lora_linear_group(x_TxI: jax.Array, ws_IxO, ws, meta: LoraMeta, *, tables=No
     return lora_linear_paged_group(
         x_TxI, ws_IxO, ws[0].rows, jnp.stack([w.rank for w in ws]), a_tab, b_tab, meta.slot, meta.perm,
         meta.tile_start, meta.tile_end, meta.tile_slot, row_offset, block_m=meta.block_m,
-        block_n=cfg.linear_block_n, block_k=cfg.linear_block_k, shrink_unroll=cfg.linear_shrink_unroll,
+        block_n=cfg.linear_block_n, block_k=cfg.linear_block_k, shrink_k_steps=cfg.linear_shrink_k_steps,
+        shrink_unroll=cfg.linear_shrink_unroll,
         expand_unroll=cfg.linear_expand_unroll,
         num_warps=cfg.linear_warps, num_stages=cfg.linear_stages, interpret=cfg.interpret,
         mixed_index=cfg.mixed_index)
