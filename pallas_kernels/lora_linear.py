@@ -128,8 +128,15 @@ def _shrink_program(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_
 
 
 def _matmul_program(x_ref, w_ref, o_ref, n, *, n_tokens: int, block_t: int, block_n: int, block_k: int,
-                    h_in: int, mixed: bool, lora=None):
-    """Column block n of `o = x @ w`, then `lora(acc)` (the delta added in registers) before the store."""
+                    h_in: int, expand_steps: int, mixed: bool, lora=None):
+    """Column block n of `o = x @ w`, plus the LoRA delta in registers before the store.
+
+    `lora(rows_T, ok_T, n0)` waits for the shrink and returns the expand's loop step
+    `step(i, acc) -> acc` (`expand_steps` of them). They ride on the last K steps: the first
+    `n_k - tail` K steps run alone, then each of the last `tail` loop steps loads and
+    multiplies one K block of W and one step of B, so the expand's loads stream beside W's
+    in the same pipelined loop instead of after it (any steps left over run after).
+    """
     i_T = _iota(block_t)
     ok_T = i_T < n_tokens
     # Rows past T point one past the end: masked on the GPU, and dropped (not written onto a
@@ -144,17 +151,26 @@ def _matmul_program(x_ref, w_ref, o_ref, n, *, n_tokens: int, block_t: int, bloc
         w_KxN = w_ref[pl.ds(k * block_k, block_k), pl.ds(n0, block_n)]
         return acc_TxN + jnp.dot(x_TxK, w_KxN, precision=precision, preferred_element_type=jnp.float32)
 
-    acc_TxN = lax.fori_loop(0, h_in // block_k, step, jnp.zeros((block_t, block_n), jnp.float32))
-    if lora is not None:
-        acc_TxN = lora(acc_TxN, rows_T, ok_T, n0)
+    n_k = h_in // block_k
+    zeros = jnp.zeros((block_t, block_n), jnp.float32)
+    if lora is None:
+        acc_TxN = lax.fori_loop(0, n_k, step, zeros)
+    else:
+        tail = min(expand_steps, max(1, n_k // 2))
+        acc_TxN = lax.fori_loop(0, n_k - tail, step, zeros)
+        expand_step = lora(rows_T, ok_T, n0)
+        acc_TxN = lax.fori_loop(0, tail, lambda i, acc: expand_step(i, step(n_k - tail + i, acc)), acc_TxN)
+        if expand_steps > tail:
+            acc_TxN = lax.fori_loop(tail, expand_steps, expand_step, acc_TxN)
     plgpu.store(rows_at(o_ref, (), rows_T, n0, block_n, mixed=mixed), acc_TxN.astype(o_ref.dtype),
                 mask=jnp.broadcast_to(ok_T[:, None], (block_t, block_n)))
 
 
-def _expand_into(acc_TxN, rows_T, ok_T, n0, *, slot_ref, b_tab_ref, off_ref, rows_ref, v_ref, g: int, n_adapters: int,
+def _expand_step(rows_T, ok_T, n0, *, slot_ref, b_tab_ref, off_ref, rows_ref, v_ref, g: int, n_adapters: int,
                  n_out_max: int, chunk: int, block_t: int, block_n: int, block_r: int, k_splits: int, unroll: int,
                  mixed: bool, wait):
-    """`acc += sum_s where(slot == s, v_g, 0) @ B_g[s][:, n0:n0 + block_n]` once g's shrink is done.
+    """Waits for g's shrink; returns `step(i, acc)`, adapters `[i U, (i + 1) U)` of
+    `acc += sum_s where(slot == s, v_g, 0) @ B_g[s][:, n0:n0 + block_n]`.
 
     `unroll` = U adapters a loop step, as one `[T, U R] @ [U R, block_n]` dot: their table
     entries for this column chunk are contiguous (`b_tab [G, J, S, R]`), so a step is one
@@ -189,7 +205,7 @@ def _expand_into(acc_TxN, rows_T, ok_T, n0, *, slot_ref, b_tab_ref, off_ref, row
         vs_TxUR = jnp.where(sel_TxUR, v_TxUR, 0.0).astype(dtype)
         return acc + jnp.dot(vs_TxUR, b_URxN, precision=precision, preferred_element_type=jnp.float32)
 
-    return lax.fori_loop(0, n_adapters // unroll, step, acc_TxN)
+    return step
 
 
 def _kernel(*refs, G: int, n_out: tuple[int, ...], n_shrink: int, k_splits: int, block_n: int, n_tiles: int,
@@ -220,7 +236,7 @@ def _kernel(*refs, G: int, n_out: tuple[int, ...], n_shrink: int, k_splits: int,
     first = 0
     for g in range(G):
         n_blocks = n_out[g] // block_n
-        add = (functools.partial(_expand_into, slot_ref=slot_ref, b_tab_ref=b_tab_ref, off_ref=off_ref,
+        add = (functools.partial(_expand_step, slot_ref=slot_ref, b_tab_ref=b_tab_ref, off_ref=off_ref,
                                  rows_ref=rows_ref, v_ref=v_ref, g=g, wait=wait, **expand) if lora else None)
         body = functools.partial(_matmul_program, x_ref, w_refs[g], o_refs[g], q - first, lora=add, **matmul)
         pl.when((q >= first) & (q < first + n_blocks))(body)
@@ -230,7 +246,7 @@ def _kernel(*refs, G: int, n_out: tuple[int, ...], n_shrink: int, k_splits: int,
 def lora_linear_paged_group(x_TxI, ws_IxO, rows_NxC, rank_GxS, a_tab_GxSxJxR, b_tab_GxJxSxR, slot_T, perm_T,
                             tile_start, tile_end, tile_slot, row_offset=None, *, block_m: int, lora: bool = True,
                             block_n: int = 64, block_k: int = 128, shrink_k_steps: int | None = None,
-                            shrink_unroll: int = 2, expand_unroll: int = 8,
+                            shrink_unroll: int = 2, expand_unroll: int | None = None,
                             num_warps: int = 4,
                             num_stages: int = 3, interpret: bool | None = None,
                             mixed_index: bool | None = None) -> tuple[jax.Array, ...]:
@@ -255,6 +271,8 @@ def lora_linear_paged_group(x_TxI, ws_IxO, rows_NxC, rank_GxS, a_tab_GxSxJxR, b_
     for w in ws_IxO:
         if w.shape[0] != H_in or w.shape[1] % block_n:
             raise ValueError(f"weight {w.shape} does not take x {x_TxI.shape} in blocks of {block_n} columns")
+    if expand_unroll is None:  # few enough expand steps to ride on the last half of the K loop
+        expand_unroll = _pow2_ceil(-(-S // max(1, H_in // block_k // 2)))
     if expand_unroll < 1 or expand_unroll & (expand_unroll - 1):
         raise ValueError(f"expand_unroll must be a power of two, got {expand_unroll}")
     if (rank_GxS.shape[0] != G or a_tab_GxSxJxR.shape[:3] != (G, S, H_in // C)
@@ -277,7 +295,8 @@ def lora_linear_paged_group(x_TxI, ws_IxO, rows_NxC, rank_GxS, a_tab_GxSxJxR, b_
         _kernel, G=G, n_out=n_out, n_shrink=n_shrink, k_splits=k_splits, block_n=block_n, n_tiles=NT, lora=lora, gpu_sync=not interpret,
         shrink=dict(n_adapters=S, n_in=n_in, chunk=C, block_m=block_m, block_r=R, k_steps=k_steps,
                     unroll=shrink_unroll, n_tokens=T, mixed=mixed),
-        matmul=dict(n_tokens=T, block_t=block_t, block_n=block_n, block_k=block_k, h_in=H_in, mixed=mixed),
+        matmul=dict(n_tokens=T, block_t=block_t, block_n=block_n, block_k=block_k, h_in=H_in,
+                    expand_steps=-(-S // expand_unroll), mixed=mixed),
         expand=dict(n_adapters=b_tab_GxJxSxR.shape[2], n_out_max=b_tab_GxJxSxR.shape[1], chunk=C, block_t=block_t,
                     block_n=block_n, block_r=R, k_splits=k_splits, unroll=expand_unroll, mixed=mixed))
     off = jnp.zeros((1,), jnp.int32) if row_offset is None else jnp.asarray(row_offset, jnp.int32).reshape(1)

@@ -13,7 +13,7 @@ Variants per case:
   `pallas[c]`  `lora_linear_paged_group(lora=False)` with launch config c: the plain Pallas GEMM.
   `fused[c]`   `lora_linear_paged_group` with config c: base and LoRA in one launch.
 Configs `c` are `bn{block_n}_bk{block_k}_s{num_stages}_w{num_warps}_u{shrink_unroll}_e{expand_unroll}_k{shrink_k_steps}`
-(k0: all of H_in in one shrink program).
+(k0: all of H_in in one shrink program; e0: the default expand step).
 
 Method (as scripts/bench_lora_group.py): every LoRA variant is checked against
 `lora_linear_reference` first (error of the delta, relative to the delta). One jit
@@ -73,10 +73,10 @@ FULL = Setup(4096, 16, 128, 131072, 512, 64, 16,
              (("qkv", 64, 47), ("o", 64, 47), ("qkv", 64, 8), ("o", 64, 8), ("qkv", 16, 16), ("o", 16, 16),
               ("qkv", 1, 1), ("o", 1, 1)))
 SMOKE = Setup(256, 16, 64, 4096, 16, 8, 2, (("qkv", 16, 5), ("o", 1, 1)))
-DEFAULT = (64, 128, 3, 4, 2, 8, 0)
-SWEEP = ((64, 128, 3, 4, 2, 8, 8), (64, 128, 3, 4, 4, 8, 4), (64, 128, 3, 4, 2, 1, 0), (64, 128, 3, 4, 2, 16, 0),
-         (32, 128, 3, 4, 2, 8, 0), (128, 128, 3, 4, 2, 8, 0), (64, 256, 3, 4, 2, 8, 0), (64, 128, 4, 4, 2, 8, 0),
-         (64, 128, 2, 4, 2, 8, 0), (64, 128, 3, 8, 2, 8, 0), (64, 128, 3, 4, 4, 8, 0))
+DEFAULT = (64, 128, 3, 4, 2, 0, 0)
+SWEEP = ((64, 128, 3, 4, 2, 0, 8), (64, 128, 3, 4, 4, 0, 4), (64, 128, 3, 4, 2, 8, 0), (64, 128, 3, 4, 2, 16, 0),
+         (32, 128, 3, 4, 2, 0, 0), (128, 128, 3, 4, 2, 0, 0), (64, 256, 3, 4, 2, 0, 0), (64, 128, 4, 4, 2, 0, 0),
+         (64, 128, 2, 4, 2, 0, 0), (64, 128, 3, 8, 2, 0, 0), (64, 128, 3, 4, 4, 0, 0), (32, 128, 3, 4, 2, 0, 8))
 
 
 def cname(c) -> str:
@@ -85,7 +85,7 @@ def cname(c) -> str:
 
 def launch(c) -> dict:
     bn, bk, st, w, u, e, k = c
-    return dict(block_n=bn, block_k=bk, num_stages=st, num_warps=w, shrink_unroll=u, expand_unroll=e,
+    return dict(block_n=bn, block_k=bk, num_stages=st, num_warps=w, shrink_unroll=u, expand_unroll=e or None,
                 shrink_k_steps=k or None)
 
 
@@ -104,7 +104,8 @@ def tables(bws, r_block: int):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny shapes, for a CPU check")
-    p.add_argument("--sweep", action="store_true", help="also time the config sweep (first two cases only)")
+    p.add_argument("--sweep", nargs="?", const="all", default="",
+                   help="also time the config sweep (first two cases only): all, or indices into SWEEP (0,3)")
     p.add_argument("--cases", nargs="*", help="group:T:n, e.g. qkv:64:47 (default: the full list)")
     p.add_argument("--budget-s", type=float, default=1e9, help="stop starting cases after this many seconds")
     p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -149,7 +150,8 @@ def main(argv=None):
             ids = rng.choice(st.resident, n, replace=False)
             slot_T = rng.permutation(np.arange(T) % n).astype(np.int32)
             draws.append(jnp.asarray(slot_T))
-            metas.append(build_lora_meta(slot_T, max_segments=min(T, S), static_tiles=True))
+            # on the device: numpy leaves would be copied to the GPU at every call of the timed chain
+            metas.append(jax.device_put(build_lora_meta(slot_T, max_segments=min(T, S), static_tiles=True)))
             bwss.append(batch_weights(paged[group], ids, S))
             tabs.append(tables(bwss[-1], r_block))
         build = jax.jit(lambda bwss: [tables(bws, r_block) for bws in bwss])  # one build per call's adapters
@@ -192,7 +194,8 @@ def main(argv=None):
 
         variants = [("xla", functools.partial(op_xla, lora=False), False, "pair"),
                     ("xla_pair", functools.partial(op_xla, lora=True), True, "pair")]
-        configs = [DEFAULT] + (list(SWEEP) if args.sweep and (group, T, n) in cases[:2] else [])
+        sweep = [SWEEP[i] for i in map(int, args.sweep.split(","))] if args.sweep not in ("", "all") else list(SWEEP)
+        configs = [DEFAULT] + (sweep if args.sweep and (group, T, n) in cases[:2] else [])
         for c in configs:
             if c == DEFAULT or c[:4] != DEFAULT[:4]:  # the plain GEMM only where its launch differs
                 variants.append((f"pallas[{cname(c)}]", functools.partial(op_pallas, lora=False, c=c), False, "tab"))

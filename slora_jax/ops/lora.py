@@ -375,7 +375,9 @@ class KernelConfig:
     linear_block_k: int = 128  # one launch with the base: H_in per matmul loop step
     linear_shrink_k_steps: int | None = None  # one launch with the base: C-wide chunks per shrink program (None: all)
     linear_shrink_unroll: int = 2  # one launch with the base: C-wide chunks per shrink loop step
-    linear_expand_unroll: int = 8  # one launch with the base: adapters per expand loop step (one dot)
+    # one launch with the base: adapters per expand loop step (one dot); None: few enough steps to ride on the
+    # last half of the matmul's K loop
+    linear_expand_unroll: int | None = None
     linear_warps: int = 4
     linear_stages: int = 3
     chunk: int = 64  # fused, dense slots: K/N block (pages: the pool's row width C)
