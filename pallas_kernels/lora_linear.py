@@ -23,6 +23,9 @@ S adapters of the batch, NT tiles (as in `sgmv_shrink`: `perm`, `tile_start`,
   slot   `[T]` int32, each token's adapter, -1 for none.
   row_offset `[1]` int32, added to every table entry (the engine's tables are layer 0's:
          layer l's rows are the same pages `l * num_pages` further on).
+  vpart  optional `[G, k_splits, T, R]` fp32 shrink partials (`sgmv_shrink_paged_group`'s
+         output, whose `r_block` must be R): then the shrink ran in its own launch before
+         this one, and this launch is only the matmul with the expand riding on it.
 Returns `y_g [T, N_g]` in x's dtype: the base product plus the LoRA delta (fp32
 accumulation of both; `v = x @ A` is rounded to the weights' dtype before `@ B`, as the
 split pair does). `lora=False` leaves the LoRA out (the plain Pallas GEMM, a baseline).
@@ -209,18 +212,19 @@ def _expand_step(rows_T, ok_T, n0, *, slot_ref, b_tab_ref, off_ref, rows_ref, v_
 
 
 def _kernel(*refs, G: int, n_out: tuple[int, ...], n_shrink: int, k_splits: int, block_n: int, n_tiles: int,
-            lora: bool,
-            gpu_sync: bool, shrink: dict, matmul: dict, expand: dict):
+            lora: bool, external_v: bool, gpu_sync: bool, shrink: dict, matmul: dict, expand: dict):
     (perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, slot_ref, rank_ref, a_tab_ref, b_tab_ref, off_ref,
      rows_ref, x_ref) = refs[:11]
     w_refs = refs[11 : 11 + G]
-    # refs[11 + G] is the counters' input, aliased to count_ref
-    v_ref, count_ref = refs[12 + G], refs[13 + G]
-    o_refs = refs[14 + G :]
+    # then the counters' input (and with `external_v` the partials'), aliased to count_ref (v_ref)
+    n_in = 12 + G + external_v
+    v_ref, count_ref = refs[n_in], refs[n_in + 1]
+    o_refs = refs[n_in + 2 :]
     p = pl.program_id(0)
 
     def wait(g):
-        wait_for_count(count_ref, g, k_splits * n_tiles, gpu_sync=gpu_sync)
+        if not external_v:  # partials given: written before this launch
+            wait_for_count(count_ref, g, k_splits * n_tiles, gpu_sync=gpu_sync)
 
     if lora:
         @pl.when(p < n_shrink)
@@ -244,7 +248,8 @@ def _kernel(*refs, G: int, n_out: tuple[int, ...], n_shrink: int, k_splits: int,
 
 
 def lora_linear_paged_group(x_TxI, ws_IxO, rows_NxC, rank_GxS, a_tab_GxSxJxR, b_tab_GxJxSxR, slot_T, perm_T,
-                            tile_start, tile_end, tile_slot, row_offset=None, *, block_m: int, lora: bool = True,
+                            tile_start, tile_end, tile_slot, row_offset=None, vpart=None, *, block_m: int,
+                            lora: bool = True,
                             block_n: int = 64, block_k: int = 128, shrink_k_steps: int | None = None,
                             shrink_unroll: int = 2, expand_unroll: int | None = None,
                             num_warps: int = 4,
@@ -289,10 +294,15 @@ def lora_linear_paged_group(x_TxI, ws_IxO, rows_NxC, rank_GxS, a_tab_GxSxJxR, b_
     n_in = H_in // C
     k_steps = n_in if shrink_k_steps is None else max(1, min(shrink_k_steps, n_in))
     k_splits = -(-n_in // k_steps)
-    n_shrink = k_splits * G * NT if lora else 0
+    if vpart is not None:  # the shrink ran before this launch: only the expand rides here
+        if vpart.shape[0] != G or vpart.shape[2:] != (T, R) or vpart.dtype != jnp.float32:
+            raise ValueError(f"vpart {vpart.shape} {vpart.dtype} is not fp32 [{G}, k_splits, {T}, {R}] partials")
+        k_splits = vpart.shape[1]
+    n_shrink = k_splits * G * NT if lora and vpart is None else 0
     block_t = _pow2_ceil(max(16, T))
     kernel = functools.partial(
-        _kernel, G=G, n_out=n_out, n_shrink=n_shrink, k_splits=k_splits, block_n=block_n, n_tiles=NT, lora=lora, gpu_sync=not interpret,
+        _kernel, G=G, n_out=n_out, n_shrink=n_shrink, k_splits=k_splits, block_n=block_n, n_tiles=NT, lora=lora,
+        external_v=vpart is not None, gpu_sync=not interpret,
         shrink=dict(n_adapters=S, n_in=n_in, chunk=C, block_m=block_m, block_r=R, k_steps=k_steps,
                     unroll=shrink_unroll, n_tokens=T, mixed=mixed),
         matmul=dict(n_tokens=T, block_t=block_t, block_n=block_n, block_k=block_k, h_in=H_in,
@@ -301,16 +311,17 @@ def lora_linear_paged_group(x_TxI, ws_IxO, rows_NxC, rank_GxS, a_tab_GxSxJxR, b_
                     block_n=block_n, block_r=R, k_splits=k_splits, unroll=expand_unroll, mixed=mixed))
     off = jnp.zeros((1,), jnp.int32) if row_offset is None else jnp.asarray(row_offset, jnp.int32).reshape(1)
     args = (perm_T, tile_start, tile_end, tile_slot, slot_T, rank_GxS.reshape(-1), a_tab_GxSxJxR.reshape(-1),
-            b_tab_GxJxSxR.reshape(-1), off, rows_NxC, x_TxI, *ws_IxO, jnp.zeros((G,), jnp.int32))
+            b_tab_GxJxSxR.reshape(-1), off, rows_NxC, x_TxI, *ws_IxO, jnp.zeros((G,), jnp.int32),
+            *(() if vpart is None else (vpart,)))
     out = pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((G, k_splits, T, R), jnp.float32), jax.ShapeDtypeStruct((G,), jnp.int32),
                    *(jax.ShapeDtypeStruct((T, n), x_TxI.dtype) for n in n_out)),
         grid=(n_shrink + sum(n // block_n for n in n_out),),
-        input_output_aliases={11 + G: 1},
+        input_output_aliases={11 + G: 1, **({} if vpart is None else {12 + G: 0})},
         compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name=f"lora_linear_x{G}" if lora else f"skinny_matmul_x{G}",
+        name=(f"skinny_matmul_x{G}" if not lora else f"lora_linear_x{G}" if vpart is None else f"expand_linear_x{G}"),
     )(*args)
     return tuple(out[2:])
 

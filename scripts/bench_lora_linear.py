@@ -12,6 +12,8 @@ Variants per case:
                engine's path: the split pair, one launch at <= 16 tokens).
   `pallas[c]`  `lora_linear_paged_group(lora=False)` with launch config c: the plain Pallas GEMM.
   `fused[c]`   `lora_linear_paged_group` with config c: base and LoRA in one launch.
+  `shrink+fused[c]`  the split pair's shrink as its own launch, then the matmul launch with
+               the expand riding on its K loop (`vpart`; `KernelConfig.linear_shrink_launch`).
 Configs `c` are `bn{block_n}_bk{block_k}_s{num_stages}_w{num_warps}_u{shrink_unroll}_e{expand_unroll}_k{shrink_k_steps}`
 (k0: all of H_in in one shrink program; e0: the default expand step).
 
@@ -47,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_kernels import git_commit, measure_ceilings, slope_time  # noqa: E402
 from pallas_kernels.lora_linear import lora_linear_paged_group, lora_linear_reference  # noqa: E402
+from pallas_kernels.sgmv_paged import sgmv_shrink_paged_group  # noqa: E402
 from slora_jax.ops import (  # noqa: E402
     KernelConfig,
     PagedWeights,
@@ -175,7 +178,8 @@ def main(argv=None):
             common = (xs[j], base[group][j], draws[j])
             if lora_meta == "pair":
                 return common + (bws[0].pages, stack(bws, "rank"), stack(bws, "a_row"), stack(bws, "b_row"), m)
-            return common + (tabs[j], stack(bws, "rank"), m.perm, m.tile_start, m.tile_end, m.tile_slot)
+            return common + (tabs[j], stack(bws, "rank"), m.perm, m.tile_start, m.tile_end, m.tile_slot, bws[0].pages,
+                             stack(bws, "a_row"))
 
         def op_xla(rows, args, lora):
             x, Ws, slot = args[:3]
@@ -187,10 +191,16 @@ def main(argv=None):
                         for g in range(G))
             return add_lora_group(ys, x, bws, meta, config=kcfg)
 
-        def op_pallas(rows, args, lora, c):
-            x, Ws, slot, tab, rank, perm, ts, te, tsl = args
-            return lora_linear_paged_group(x, Ws, rows, rank, *tab, slot, perm, ts, te, tsl, block_m=metas[0].block_m,
-                                           lora=lora, interpret=interpret, **launch(c))
+        def op_pallas(rows, args, lora, c, shrink_launch=False):
+            x, Ws, slot, tab, rank, perm, ts, te, tsl, pages, a_row = args
+            vpart = None
+            if shrink_launch:  # the split pair's shrink (default launch) first, its partials passed in
+                vpart = sgmv_shrink_paged_group(x, rows, pages, rank, a_row, perm, ts, te, tsl,
+                                                rows_per_page=bwss[0][0].rows_per_page, r_block=r_block,
+                                                block_m=metas[0].block_m, active_tiles=metas[0].active_tiles,
+                                                num_warps=kcfg.paged_warps, interpret=interpret)
+            return lora_linear_paged_group(x, Ws, rows, rank, *tab, slot, perm, ts, te, tsl, None, vpart,
+                                           block_m=metas[0].block_m, lora=lora, interpret=interpret, **launch(c))
 
         variants = [("xla", functools.partial(op_xla, lora=False), False, "pair"),
                     ("xla_pair", functools.partial(op_xla, lora=True), True, "pair")]
@@ -200,6 +210,8 @@ def main(argv=None):
             if c == DEFAULT or c[:4] != DEFAULT[:4]:  # the plain GEMM only where its launch differs
                 variants.append((f"pallas[{cname(c)}]", functools.partial(op_pallas, lora=False, c=c), False, "tab"))
             variants.append((f"fused[{cname(c)}]", functools.partial(op_pallas, lora=True, c=c), True, "tab"))
+            variants.append((f"shrink+fused[{cname(c)}]", functools.partial(op_pallas, lora=True, c=c,
+                                                                           shrink_launch=True), True, "tab"))
         for name, op, lora, form in variants:
             row = {"case": {"group": group, "tokens": T, "adapters": n, "rank": r, "variant": name},
                    "floor_us": floor_us, "table_build_us": table_us}
@@ -217,7 +229,7 @@ def main(argv=None):
                 jax.block_until_ready(chain(rows, calls))
                 t0 = time.perf_counter()
                 jax.block_until_ready(chain(rows, calls))
-                reps = int(np.clip(4e-3 / max(time.perf_counter() - t0, 1e-7), 2, 200))
+                reps = int(np.clip(25e-3 / max(time.perf_counter() - t0, 1e-7), 2, 200))  # ~25 ms a slope
                 us = slope_time(lambda k: jax.block_until_ready([chain(rows, calls) for _ in range(k)]), reps)
                 us = us / st.n_rot * 1e6
                 row.update(median_us=us, floor_ratio=floor_us / us, reps=reps)

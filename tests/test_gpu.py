@@ -28,6 +28,7 @@ def rel_err(got, want) -> float:
     dict(lora_stream=1),                          # deltas annotated for GPU stream 1
     dict(group_projections=False, paged_one_launch_max_tokens=0),
     dict(linear_max_tokens=256, linear_block_n=16, linear_block_k=16),  # base matmul and LoRA in one launch
+    dict(linear_max_tokens=256, linear_block_n=16, linear_block_k=16, linear_shrink_launch=True),
 ])
 @pytest.mark.parametrize("T", [1, 4, 24])
 def test_model_lora_kernels_on_gpu_equal_reference(kernel, T):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.lora_linear import lora_linear_paged_group, lora_linear_reference, paged_row_table
+from pallas_kernels.sgmv_paged import sgmv_shrink_paged_group
 from slora_jax.ops import build_lora_meta, random_slot_weights
 from test_lora_kernels import GROUP_RANKS, H_IN, paged_group_from_slots
 from test_lora_ops import make_slots
@@ -26,7 +27,11 @@ def _tables(pws, r_block):
     return a, b
 
 
-def run(T, layout, ranks_GxS, dtype, seed, *, block_m=16, rows_per_page=128, outs=OUTS, lora=True, **launch):
+def run(T, layout, ranks_GxS, dtype, seed, *, block_m=16, rows_per_page=128, outs=OUTS, lora=True,
+        shrink_launch_k_steps=None, **launch):
+    """The kernel against the reference on random pages; the worst per-output error. `shrink_launch_k_steps`:
+    the shrink as its own launch first (the split pair's, with that many K chunks a program), its partials
+    passed in."""
     rng = np.random.default_rng(seed)
     ws = [random_slot_weights(jax.random.key(seed + g), ranks, H_IN, o, dtype=dtype, max_rank=128)
           for g, (ranks, o) in enumerate(zip(ranks_GxS, outs))]
@@ -38,10 +43,15 @@ def run(T, layout, ranks_GxS, dtype, seed, *, block_m=16, rows_per_page=128, out
     r_block = 128
     a_tab, b_tab = _tables(pws, r_block)
     rank = jnp.stack([pw.rank for pw in pws])
-    f = jax.jit(functools.partial(lora_linear_paged_group, block_m=block_m, lora=lora, interpret=True, **launch))
-    got = f(x, w_IxO, pws[0].rows, rank, a_tab, b_tab, jnp.asarray(slot_T, jnp.int32), meta.perm, meta.tile_start,
-            meta.tile_end, meta.tile_slot)
     stack = lambda field: jnp.stack([getattr(pw, field) for pw in pws])  # noqa: E731
+    tiles = (meta.perm, meta.tile_start, meta.tile_end, meta.tile_slot)
+    vpart = None
+    if shrink_launch_k_steps is not None:
+        vpart = sgmv_shrink_paged_group(x, pws[0].rows, pws[0].pages, rank, stack("a_row"), *tiles,
+                                        rows_per_page=rows_per_page, r_block=r_block, block_m=block_m,
+                                        k_steps=shrink_launch_k_steps, interpret=True)
+    f = jax.jit(functools.partial(lora_linear_paged_group, block_m=block_m, lora=lora, interpret=True, **launch))
+    got = f(x, w_IxO, pws[0].rows, rank, a_tab, b_tab, jnp.asarray(slot_T, jnp.int32), *tiles, None, vpart)
     ref = functools.partial(lora_linear_reference, x, w_IxO, pws[0].rows, pws[0].pages, a_row_GxS=stack("a_row"),
                             b_row_GxS=stack("b_row"), slot_T=jnp.asarray(slot_T), rows_per_page=rows_per_page,
                             r_max=r_block)
@@ -78,6 +88,14 @@ def test_random_ranks_layouts_and_blocks():
                   expand_unroll=(1, 2, 4, 8)[i], shrink_k_steps=(None, 3, 1, 2)[i])  # 7 adapters: 8 pads the
         # expand's last step; 3 K chunks a shrink program leave the last split short
         assert err < (1e-5 if dtype == jnp.float32 else 1e-2), (layout, err)
+
+
+@pytest.mark.parametrize("k_steps", [1, 3])
+def test_shrink_in_its_own_launch(k_steps):
+    """`vpart`: the split pair's shrink first (K splits of 1 or 3 chunks), this launch only the matmul and the
+    expand over the given partials."""
+    err = run(37, "skewed", GROUP_RANKS, jnp.float32, seed=11, shrink_launch_k_steps=k_steps, block_n=16, block_k=16)
+    assert err < 1e-5, err
 
 
 def test_base_only():

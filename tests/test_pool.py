@@ -315,6 +315,12 @@ def test_model_base_and_lora_in_one_launch_equals_reference():
                      ).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 4  # q/k/v, o, gate/up, down
     assert text.count("lora_linear_x3") >= 1 and text.count("lora_linear_x2") >= 1
+    # The shrink as its own launch first (`linear_shrink_launch`): same logits, 8 launches a layer.
+    got, _ = run(params, CFG, toks, pos, cache, lora("pallas", interpret=True, linear_shrink_launch=True, **fused))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+    text = run.trace(params, CFG, toks, pos, cache, lora("pallas", interpret=False, linear_shrink_launch=True,
+                                                               **fused)).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 8 and "expand_linear_x3" in text
     # Calls past the bound take the XLA matmul and the split pair.
     text = run.trace(params, CFG, toks, pos, cache, lora("pallas", interpret=False, linear_max_tokens=8,
                                                                paged_one_launch_max_tokens=0)

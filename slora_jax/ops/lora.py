@@ -378,6 +378,9 @@ class KernelConfig:
     # one launch with the base: adapters per expand loop step (one dot); None: few enough steps to ride on the
     # last half of the matmul's K loop
     linear_expand_unroll: int | None = None
+    # one launch with the base: False runs the shrink in it too (the matmul programs wait for it); True runs the
+    # split pair's shrink as its own launch first, and the matmul launch carries only the expand
+    linear_shrink_launch: bool = False
     linear_warps: int = 4
     linear_stages: int = 3
     chunk: int = 64  # fused, dense slots: K/N block (pages: the pool's row width C)
@@ -658,9 +661,17 @@ def lora_linear_group(x_TxI: jax.Array, ws_IxO, ws, meta: LoraMeta, *, tables=No
         ys = tuple(jnp.dot(x_TxI, w.astype(x_TxI.dtype)) for w in ws_IxO)
         return add_lora_group(ys, x_TxI, ws, meta, config=cfg)
     a_tab, b_tab = paged_row_tables(ws) if tables is None else tables
+    rank_GxS = jnp.stack([w.rank for w in ws])
+    tiles = (meta.perm, meta.tile_start, meta.tile_end, meta.tile_slot)
+    vpart = None
+    if cfg.linear_shrink_launch:
+        vpart = sgmv_shrink_paged_group(x_TxI, ws[0].rows, ws[0].pages, rank_GxS, jnp.stack([w.a_row for w in ws]),
+                                        *tiles, rows_per_page=ws[0].rows_per_page, r_block=a_tab.shape[-1],
+                                        block_m=meta.block_m, k_steps=cfg.paged_k_steps,
+                                        active_tiles=meta.active_tiles, num_warps=cfg.paged_warps,
+                                        interpret=cfg.interpret, mixed_index=cfg.mixed_index)
     return lora_linear_paged_group(
-        x_TxI, ws_IxO, ws[0].rows, jnp.stack([w.rank for w in ws]), a_tab, b_tab, meta.slot, meta.perm,
-        meta.tile_start, meta.tile_end, meta.tile_slot, row_offset, block_m=meta.block_m,
+        x_TxI, ws_IxO, ws[0].rows, rank_GxS, a_tab, b_tab, meta.slot, *tiles, row_offset, vpart, block_m=meta.block_m,
         block_n=cfg.linear_block_n, block_k=cfg.linear_block_k, shrink_k_steps=cfg.linear_shrink_k_steps,
         shrink_unroll=cfg.linear_shrink_unroll,
         expand_unroll=cfg.linear_expand_unroll,
