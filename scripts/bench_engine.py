@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -135,8 +136,25 @@ def pool_copies(rec: StepRecorder, engine: Engine, path: str) -> list[str]:
         return [f"error: {type(e).__name__}: {e}"[:300]]
     with open(path, "w") as f:
         f.write(text)
-    lead = f"[{engine.pool.shape[0]},{engine.pool.shape[1]}"
-    return [ln.strip()[:240] for ln in text.splitlines() if "copy" in ln and lead in ln]
+    return pool_sized_copy_lines(text, engine.pool.shape)
+
+
+_HLO_OP = re.compile(r"^\s*(?:ROOT\s+)?%(\S+) = \w+(\[[^\]]*\])\S* (\S+?)\(")
+
+
+def pool_sized_copy_lines(hlo_text: str, pool_shape) -> list[str]:
+    """HLO instructions that produce a copy with the pool's leading dims (a copy op, or a fusion named copy).
+
+    Only the instruction's own result counts: a kernel taking the pool and some other copied
+    operand (session 13's one-launch kernel took a copied s32[1]) is not a pool copy.
+    """
+    lead = f"[{pool_shape[0]},{pool_shape[1]}"
+    out = []
+    for ln in hlo_text.splitlines():
+        m = _HLO_OP.match(ln)
+        if m and m.group(2).startswith(lead) and ("copy" in m.group(1) or "copy" in m.group(3)):
+            out.append(ln.strip()[:240])
+    return out
 
 
 def run_batch(engine: Engine, batch: int, prompt_len: int, new: int, adapters: list, seed: int) -> list[float]:

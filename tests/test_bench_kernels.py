@@ -70,3 +70,21 @@ def test_smoke_run_records_phases_and_resumes(bk, tmp_path):
     for row in result["rows"]:
         assert "median_us" in row, row
         assert row["phase_s"]["timing"] > 0 and all(v >= 0 for v in row["phase_s"].values())
+
+
+def test_bench_engine_pool_copy_detector():
+    """Only an instruction whose own result is a pool-shaped copy counts, not a kernel with a copied operand."""
+    spec = importlib.util.spec_from_file_location("bench_engine", os.path.join(ROOT, "scripts/bench_engine.py"))
+    be = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    spec.loader.exec_module(be)
+    hlo = "\n".join([
+        "  %copy.7 = bf16[32,2048,2,16,32,128]{5,4,3,2,1,0} copy(%param.1)",
+        "  %copy_fusion.2 = bf16[32,2048,2,16,32,128]{5,4,3,2,1,0} fusion(%p), kind=kLoop",
+        "  %pallas_call.358 = bf16[16,32,128]{2,1,0} custom-call(%copy.196, %x), operand_layout_constraints="
+        "{s32[1]{0}, bf16[32,2048,2,16,32,128]{5,4,3,2,1,0}}",
+        "  ROOT %tuple = (bf16[32,2048,2,16,32,128]{5,4,3,2,1,0}) tuple(%copy.7)",
+        "  %copy.9 = s32[1]{0} copy(%c)",
+    ])
+    got = be.pool_sized_copy_lines(hlo, (32, 2048))
+    assert [ln.split(" = ")[0] for ln in got] == ["%copy.7", "%copy_fusion.2"]
