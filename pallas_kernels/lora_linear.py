@@ -4,7 +4,12 @@ Why: at decode the LoRA kernels are latency-bound. Each program waits on a chain
 loads for a few KB, so a launch takes ~10 us for ~4 us of adapter bytes, and four
 launches a layer cost the 7B step ~1.3 ms (benchmarks/NOTES_lora_kernels.md, sessions
 8-12). Here the LoRA work runs in the same launch as the base matmul that streams W, so
-its latency hides under that stream and what is left is its bytes.
+that its latency would hide under that stream, leaving its bytes.
+
+Measured (session 13, one H200; benchmarks/results/kernels_s13_h200/): correct, but
+slower than XLA's matmul then the split pair. The 7B decode step took 8.47-8.70 against
+8.19 ms, so `ops.KernelConfig.linear_max_tokens` leaves it off by default. With `vpart`
+(the shrink as its own launch, only the expand in this one) it is not measured yet.
 
 Contract
 --------
@@ -31,24 +36,26 @@ accumulation of both; `v = x @ A` is rounded to the weights' dtype before `@ B`,
 split pair does). `lora=False` leaves the LoRA out (the plain Pallas GEMM, a baseline).
 Reference: `lora_linear_reference`.
 
-Work. A 1-D grid: first G x NT shrink programs, then sum_g N_g / block_n matmul
-programs (static ranges, one per projection).
+Work. A 1-D grid: first k_splits x G x NT shrink programs (none with `vpart`), then
+sum_g N_g / block_n matmul programs (static ranges, one per projection).
   Shrink `(tile, split, g)`: `x[rows of tile] @ A_g^T` over `shrink_k_steps` C-wide
     chunks of H_in (default all: one split; a loop, `shrink_unroll` chunks a step), stored
     fp32 to an HBM scratch of partials; then it adds 1 to projection g's counter (a CTA
     barrier first, then an acq_rel atomic). Padding tiles and rank-0 adapters only add 1.
   Matmul `(n, g)`: `acc = x @ W_g[:, n-block]` (a loop over H_in in `block_k` steps,
-    Triton-pipelined with `num_stages`), then it polls g's counter until all NT shrink
-    programs are in, sums `v_g`'s partials for all T rows, and for each adapter s adds
-    `where(slot == s, v_g, 0) @ B_g[s][:, n-block]` (`expand_unroll` adapters a loop step,
-    as one dot): B is read once per column block, at each adapter's own rank (rows past
-    it are masked, never read).
+    Triton-pipelined with `num_stages`). Halfway through it polls g's counter until all
+    shrink programs are in and sums `v_g`'s partials for all T rows. Then, for each adapter
+    s, it adds `where(slot == s, v_g, 0) @ B_g[s][:, n-block]` (`expand_unroll` adapters a
+    step, as one dot), one expand step in each of the K loop's remaining steps
+    (`_matmul_program`). B is read once per column block, at each adapter's own rank (rows
+    past it are masked, never read).
 The wait cannot deadlock if programs start in id order (NVIDIA GPUs dispatch blocks
 that way; CUDA does not promise it, the same assumption as `sgmv_paged_group_one_launch`):
 every shrink program has then started before any matmul program waits, and no shrink
-program waits. By the time a matmul program has streamed its W slab the shrink is long
-done, so the poll costs one atomic. Interpret mode runs programs in order and has no
-barrier, so the poll loop and barriers are left out there.
+program waits. The intent was that the shrink finishes while the matmul programs stream
+their first half of W, so a poll costs one atomic; session 13's timings suggest it does
+not (notes, Session 13). Interpret mode runs programs in order and has no barrier, so the
+poll loop and barriers are left out there.
 
 Every load in the two loops has an address known from the loop index and one table
 entry (no page-table chain inside a loop), so Triton's pipeliner can issue the next
