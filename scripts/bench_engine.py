@@ -195,12 +195,14 @@ def serving_profile(engine: Engine, batch: int, prompt_len: int, adapters: list,
     return prof
 
 
-RUNS = {"base": (False, True), "base_sync": (False, False), "lora": (True, True), "lora_sync": (True, False)}
+RUNS = {"base": (False, True), "base_sync": (False, False), "lora": (True, True), "lora_sync": (True, False),
+        "lora_slab": (True, True)}  # lora_slab: the batch's adapters in a dense slab (EngineConfig.lora_slab_rows)
 
 
 def bench_7b(bw_GBps: float, batch: int, n_adapters: int, prompt_len: int, new: int, rank: int,
              model: str = "llama-7b", lora_chunk: int = 128, out_dir: str = ".", labels=tuple(RUNS),
-             tp: int = 1, unified: bool = True, strategy: str = "slora", lora_kernel: dict | None = None) -> dict:
+             tp: int = 1, unified: bool = True, strategy: str = "slora", lora_kernel: dict | None = None,
+             slab_rows: int = 1024) -> dict:
     cfg = preset(model)
     if tp > 1:  # drawn straight into their shards (the engine keeps them there)
         params = jax.block_until_ready(serving.init_random_params(cfg, EngineConfig(tp=tp), jnp.bfloat16, 0))
@@ -224,7 +226,8 @@ def bench_7b(bw_GBps: float, batch: int, n_adapters: int, prompt_len: int, new: 
     try:
         for label in labels:
             with_lora, overlap = RUNS[label]
-            engine = Engine(cfg, params, ec.replace(overlap_steps=overlap))
+            engine = Engine(cfg, params, ec.replace(overlap_steps=overlap,
+                                                    lora_slab_rows=slab_rows if label.endswith("_slab") else 0))
             names = [None] * batch
             if with_lora:
                 for i in range(n_adapters):
@@ -257,9 +260,10 @@ def bench_7b(bw_GBps: float, batch: int, n_adapters: int, prompt_len: int, new: 
             del engine
     finally:
         engine_mod._step = rec.inner
-    if "lora" in out and "base" in out:
-        out["lora_step_over_base_device"] = out["lora"]["device_step_ms"] / out["base"]["device_step_ms"]
-        out["lora_step_over_base_wall"] = out["lora"]["median_step_ms"] / out["base"]["median_step_ms"]
+    for k in ("lora", "lora_slab"):
+        if k in out and "base" in out:
+            out[f"{k}_step_over_base_device"] = out[k]["device_step_ms"] / out["base"]["device_step_ms"]
+            out[f"{k}_step_over_base_wall"] = out[k]["median_step_ms"] / out["base"]["median_step_ms"]
     return out
 
 
@@ -278,6 +282,7 @@ def main():
     ap.add_argument("--strategy", default="slora", help="LoRA under TP: slora | replicated_a")
     ap.add_argument("--slots", action="store_true", help="dense adapter slots (unified_memory=False)")
     ap.add_argument("--kernel", default="", help="EngineConfig.lora_kernel overrides, e.g. paged_warps=4,paged_k_steps=4")
+    ap.add_argument("--slab-rows", type=int, default=1024, help="EngineConfig.lora_slab_rows of the lora_slab run")
     ap.add_argument("--tag", default="", help="suffix of the JSON name (engine{tag}.json), e.g. for XLA_FLAGS variants")
     args = ap.parse_args()
     res = {"benchmark": "engine", "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
@@ -299,7 +304,8 @@ def main():
         ap.error(f"unknown --labels {sorted(bad)}; choose from {list(RUNS)}")
     res["llama_7b"] = bench_7b(bw, args.batch, args.adapters, 128, args.new, args.rank, args.model,
                                args.lora_chunk, args.out, labels, args.tp, not args.slots, args.strategy,
-                               {k: int(v) for k, v in (kv.split("=") for kv in args.kernel.split(",") if kv)})
+                               {k: int(v) for k, v in (kv.split("=") for kv in args.kernel.split(",") if kv)},
+                               args.slab_rows)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"engine{args.tag}.json"), "w") as f:
         json.dump(res, f, indent=2)

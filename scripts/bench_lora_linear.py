@@ -1,4 +1,4 @@
-"""Time the fused base projection + LoRA kernel (`pallas_kernels.lora_linear`) against XLA's matmul plus the split pair.
+"""Time base projection + LoRA forms (`pallas_kernels.lora_linear`, `lora_slab`) against XLA's matmul plus the split pair.
 
 Decode-shaped calls of Llama-7B (bf16): the attention's q, k, v (three 4096 -> 4096
 projections sharing x, G = 3) and o (4096 -> 4096, G = 1); T tokens drawn from n
@@ -14,6 +14,15 @@ Variants per case:
   `fused[c]`   `lora_linear_paged_group` with config c: base and LoRA in one launch.
   `shrink+fused[c]`  the split pair's shrink as its own launch, then the matmul launch with
                the expand riding on its K loop (`vpart`; `KernelConfig.linear_shrink_launch`).
+  `xla_slab`   the drawn adapters copied (outside the timed chain, as the engine's slab holds
+               them: `memory/slab.py`) into dense operands, A as `[H_in, P]` (laid out like W) and B
+               as `[P, H_out]` (P = n r rounded up to 128), then plain XLA: `x @ W + mask(x @ A) @ B`,
+               each token keeping only its own adapter's r columns. `xla_slab_g`: the same with
+               the G projections' shrink as one dot and their expand as one batched dot.
+               `xla_slab_t`: as `xla_slab` with A stored transposed, `[P, H_in]` (the pool's A^T rows).
+  `slab[bn{block_n}_s{shrink k_splits}_l{linear k_splits}]` (l0: the kernel's default split) the same
+               slab through `pallas_kernels.lora_slab`: the masked shrink GEMM, then the base GEMM
+               with its K extended by the slab's rows; `linear[bn_l]` that GEMM alone.
 Configs `c` are `bn{block_n}_bk{block_k}_s{num_stages}_w{num_warps}_u{shrink_unroll}_e{expand_unroll}_k{shrink_k_steps}`
 (k0: all of H_in in one shrink program; e0: the default expand step).
 
@@ -24,7 +33,9 @@ the weights come from HBM, not L2) and its own adapter draw; per call = median o
 trials of (t(2 reps) - t(reps)) / (reps n_rot). The row tables are built outside the
 timed chain (the engine builds them once a step for all layers); their build is timed
 on its own. Floor = (base weights + the drawn adapters' A and B + x + y) bytes over the
-copy bandwidth measured in the same run. JSON to `--out`.
+copy bandwidth measured in the same run. `--profile` also sums each variant's kernel time from a
+profiler trace (`device_us`, the top kernels): wall slopes carry the host's noise, device time does
+not. JSON to `--out`.
 
     python scripts/bench_lora_linear.py --out DIR
     python scripts/bench_lora_linear.py --smoke     # CPU check (interpret mode, tiny shapes)
@@ -47,8 +58,10 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import profiling  # noqa: E402
 from bench_kernels import git_commit, measure_ceilings, slope_time  # noqa: E402
 from pallas_kernels.lora_linear import lora_linear_paged_group, lora_linear_reference  # noqa: E402
+from pallas_kernels.lora_slab import linear_slab, slab_shrink  # noqa: E402
 from pallas_kernels.sgmv_paged import sgmv_shrink_paged_group  # noqa: E402
 from slora_jax.ops import (  # noqa: E402
     KernelConfig,
@@ -113,6 +126,11 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=1e9, help="stop starting cases after this many seconds")
     p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     p.add_argument("--name", default="lora_linear")
+    p.add_argument("--only", default="", help="comma-separated variant names to run, `name*` a prefix (default: all)")
+    p.add_argument("--hlo", action="store_true", help="also write each XLA variant's optimized HLO to --out")
+    p.add_argument("--profile", action="store_true",
+                   help="also sum each variant's kernel time from a profiler trace (device us a call; robust to "
+                        "host noise, which the wall-clock slopes are not)")
     args = p.parse_args(argv)
     st = SMOKE if args.smoke else FULL
     t_start = time.perf_counter()
@@ -141,16 +159,18 @@ def main(argv=None):
                       for k in range(G)) for j in range(st.n_rot)] for g, G in groups.items()}
     kcfg = KernelConfig(interpret=interpret)
     r_block = 16
-    print(f"{'case':<14}{'variant':<28}{'us':>9}{'floor':>8}{'ratio':>7}{'err':>9}", flush=True)
+    print(f"{'case':<14}{'variant':<28}{'us':>9}{'floor':>8}{'ratio':>7}{'err':>9}"
+          + (f"{'dev us':>9}{'kernels':>8}" if args.profile else ""), flush=True)
     for group, T, n in cases:
         if time.perf_counter() - t_start > args.budget_s:
             print(f"budget spent: {group}:{T}:{n} and later cases not run", flush=True)
             break
         G = groups[group]
         xs = [jax.random.normal(jax.random.key(100 + j), (T, H), jnp.bfloat16) for j in range(st.n_rot)]
-        draws, metas, bwss, tabs = [], [], [], []
+        draws, metas, bwss, tabs, draw_ids = [], [], [], [], []
         for _ in range(st.n_rot):
             ids = rng.choice(st.resident, n, replace=False)
+            draw_ids.append(ids)
             slot_T = rng.permutation(np.arange(T) % n).astype(np.int32)
             draws.append(jnp.asarray(slot_T))
             # on the device: numpy leaves would be copied to the GPU at every call of the timed chain
@@ -176,6 +196,10 @@ def main(argv=None):
         def lean(j, lora_meta):
             m, bws = metas[j], bwss[j]
             common = (xs[j], base[group][j], draws[j])
+            if lora_meta == "slab":
+                return common + slabs[j]
+            if lora_meta == "slab_t":
+                return common + (jnp.swapaxes(slabs[j][0], 1, 2), slabs[j][1])
             if lora_meta == "pair":
                 return common + (bws[0].pages, stack(bws, "rank"), stack(bws, "a_row"), stack(bws, "b_row"), m)
             return common + (tabs[j], stack(bws, "rank"), m.perm, m.tile_start, m.tile_end, m.tile_slot, bws[0].pages,
@@ -202,8 +226,64 @@ def main(argv=None):
             return lora_linear_paged_group(x, Ws, rows, rank, *tab, slot, perm, ts, te, tsl, None, vpart,
                                            block_m=metas[0].block_m, lora=lora, interpret=interpret, **launch(c))
 
+        def slab_mask(slot, P):
+            return (jnp.arange(P)[None, :] // r) == slot[:, None]  # [T, P]: the token's own r columns
+
+        def op_xla_slab(rows, args):
+            """Per projection: `x @ W + mask(x @ A) @ B`, A `[H_in, P]` like W."""
+            x, Ws, slot, a_slab, b_slab = args
+            keep_TxP = slab_mask(slot, a_slab.shape[-1])
+            out = []
+            for g, W in enumerate(Ws):
+                v_TxP = jnp.einsum("ti,ip->tp", x, a_slab[g], preferred_element_type=jnp.float32)
+                v_TxP = jnp.where(keep_TxP, v_TxP, 0.0).astype(x.dtype)
+                d_TxO = jnp.einsum("tp,po->to", v_TxP, b_slab[g], preferred_element_type=jnp.float32)
+                out.append((jnp.dot(x, W, preferred_element_type=jnp.float32) + d_TxO).astype(x.dtype))
+            return tuple(out)
+
+        def op_xla_slab_t(rows, args):
+            x, Ws, slot, a_slab, b_slab = args
+            return op_xla_slab(rows, (x, Ws, slot, jnp.swapaxes(a_slab, 1, 2), b_slab))
+
+        def op_xla_slab_g(rows, args):
+            """The G projections' LoRA as two dots: one shrink `[T, G P]`, one batched expand."""
+            x, Ws, slot, a_slab, b_slab = args
+            keep_TxP = slab_mask(slot, a_slab.shape[-1])
+            v_GxTxP = jnp.einsum("ti,gip->gtp", x, a_slab, preferred_element_type=jnp.float32)
+            v_GxTxP = jnp.where(keep_TxP[None], v_GxTxP, 0.0).astype(x.dtype)
+            d_GxTxO = jnp.einsum("gtp,gpo->gto", v_GxTxP, b_slab, preferred_element_type=jnp.float32)
+            return tuple((jnp.dot(x, W, preferred_element_type=jnp.float32) + d_GxTxO[g]).astype(x.dtype)
+                         for g, W in enumerate(Ws))
+
+        P = -(-n * r // 128) * 128
+        slabs = []
+        for j in range(st.n_rot):
+            ids_j = jnp.asarray(draw_ids[j])
+            a_ = jnp.stack([jnp.pad(dense[group][g].a[ids_j].transpose(1, 0, 2).reshape(H, n * r),
+                                    ((0, 0), (0, P - n * r))) for g in range(G)])
+            b_ = jnp.stack([jnp.pad(dense[group][g].b[ids_j].reshape(n * r, H), ((0, P - n * r), (0, 0)))
+                            for g in range(G)])
+            slabs.append((a_, b_))
+
+        def op_slab_pallas(rows, args, bn, lora=True, sk=4, lk=None):
+            x, Ws, slot, a_slab, b_slab = args
+            if not lora:
+                return linear_slab(x, Ws, None, None, None, block_n=bn, k_splits=lk, interpret=interpret)
+            lo = jnp.where(slot >= 0, slot * r, 0).astype(jnp.int32)
+            lo_GxT = jnp.broadcast_to(lo, (G, T))
+            v = slab_shrink(x, a_slab, lo_GxT, lo_GxT + r * (slot >= 0), n * r, k_splits=sk, interpret=interpret)
+            return linear_slab(x, Ws, v, b_slab, n * r, block_n=bn, k_splits=lk, interpret=interpret)
+
         variants = [("xla", functools.partial(op_xla, lora=False), False, "pair"),
-                    ("xla_pair", functools.partial(op_xla, lora=True), True, "pair")]
+                    ("xla_pair", functools.partial(op_xla, lora=True), True, "pair"),
+                    ("xla_slab", op_xla_slab, True, "slab"), ("xla_slab_g", op_xla_slab_g, True, "slab"),
+                    ("xla_slab_t", op_xla_slab_t, True, "slab_t")]
+        for bn, lk in ((64, None), (64, 1), (32, None)):
+            variants.append((f"linear[bn{bn}_l{lk or 0}]", functools.partial(op_slab_pallas, bn=bn, lora=False, lk=lk),
+                             False, "slab"))
+        for bn, sk, lk in ((64, 4, None), (64, 1, None), (64, 16, None), (64, 4, 1), (32, 4, None)):
+            variants.append((f"slab[bn{bn}_s{sk}_l{lk or 0}]",
+                             functools.partial(op_slab_pallas, bn=bn, sk=sk, lk=lk), True, "slab"))
         sweep = [SWEEP[i] for i in map(int, args.sweep.split(","))] if args.sweep not in ("", "all") else list(SWEEP)
         configs = [DEFAULT] + (sweep if args.sweep and (group, T, n) in cases[:2] else [])
         for c in configs:
@@ -212,12 +292,19 @@ def main(argv=None):
             variants.append((f"fused[{cname(c)}]", functools.partial(op_pallas, lora=True, c=c), True, "tab"))
             variants.append((f"shrink+fused[{cname(c)}]", functools.partial(op_pallas, lora=True, c=c,
                                                                            shrink_launch=True), True, "tab"))
+        if args.only:
+            picked = args.only.split(",")
+            variants = [v for v in variants
+                        if any(v[0].startswith(o[:-1]) if o.endswith("*") else v[0] == o for o in picked)]
         for name, op, lora, form in variants:
             row = {"case": {"group": group, "tokens": T, "adapters": n, "rank": r, "variant": name},
                    "floor_us": floor_us, "table_build_us": table_us}
             try:
                 calls = [lean(j, form) for j in range(st.n_rot)]
                 got = jax.jit(op)(rows, calls[0])
+                if args.hlo and name.startswith("xla"):
+                    with open(os.path.join(args.out, f"hlo_{group}_{T}_{n}_{name}.txt"), "w") as f:
+                        f.write(jax.jit(op).lower(rows, calls[0]).compile().as_text())
                 ref = want[0] if lora else no_lora
                 f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
                 errs = []
@@ -233,11 +320,21 @@ def main(argv=None):
                 us = slope_time(lambda k: jax.block_until_ready([chain(rows, calls) for _ in range(k)]), reps)
                 us = us / st.n_rot * 1e6
                 row.update(median_us=us, floor_ratio=floor_us / us, reps=reps)
+                if args.profile:
+                    prof = profiling.gpu_kernels(lambda: jax.block_until_ready([chain(rows, calls) for _ in range(4)]))
+                    if prof:
+                        summ = profiling.summarize(prof, top=6)
+                        row["device_us"] = summ["device_us_total"] / (4 * st.n_rot)
+                        row["kernels_a_call"] = summ["kernels"] / (4 * st.n_rot)
+                        row["top_kernels"] = [dict(k, us=k["us"] / (4 * st.n_rot), calls=k["calls"] / (4 * st.n_rot))
+                                              for k in summ["top"]]
             except Exception as e:  # noqa: BLE001 - one failing variant must not lose the others' rows
                 row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
             result["rows"].append(row)
             print(f"{group + ':' + str(T) + ':' + str(n):<14}{name:<28}{row.get('median_us', float('nan')):9.2f}"
                   f"{floor_us:8.2f}{row.get('floor_ratio', float('nan')):7.2f}{row.get('rel_err', float('nan')):9.1e}"
+                  + (f"{row.get('device_us', float('nan')):9.2f}{row.get('kernels_a_call', float('nan')):8.1f}"
+                     if args.profile else "")
                   + (f"  {row['error'][:120]}" if "error" in row else ""), flush=True)
             with open(out_path, "w") as f:
                 json.dump(result, f, indent=1)

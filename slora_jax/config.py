@@ -235,6 +235,11 @@ class EngineConfig:
     # `ops.KernelConfig` fields the Pallas LoRA kernels take instead of their defaults (ablations and
     # tuning from a config, e.g. {paged_warps: 4}); unknown names are refused when the engine starts.
     lora_kernel: dict[str, int] = dataclasses.field(default_factory=dict)
+    # > 0: a second copy of the running batch's adapters in a dense slab of this many rows (sum of their
+    # ranks) per projection, beside the pool (`memory/slab.py`); decode-sized LoRA calls then run as two
+    # pipelined GEMMs over it (`ops.lora_linear_slab`) instead of the gathered kernels on pool pages.
+    # 0: off. Needs lora_impl "pallas", unified_memory and tp 1.
+    lora_slab_rows: int = 0
     layer_loop: str = "unrolled"  # "unrolled" (per-layer weight buffers, a Python loop) | "scan"
     overlap_steps: bool = True  # dispatch step t+1 before reading step t's tokens (host work overlaps device)
     scheduler: str = "fcfs"  # "fcfs" | "early_abort" | "cluster" (engine/scheduler.py)
@@ -263,7 +268,7 @@ class EngineConfig:
                      "max_model_len", "tp", "adapter_stage_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("prefetch_adapters", "host_adapter_spare_bytes"):
+        for name in ("prefetch_adapters", "host_adapter_spare_bytes", "lora_slab_rows"):
             if getattr(self, name) < 0:
                 raise ValueError(f"EngineConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.attention_impl not in ("auto", "pallas", "reference"):

@@ -44,6 +44,8 @@ def test_issue6_campaign_points(smoke):
     assert threads["slora_s2_threads8"] == 8 and threads["slora_s2"] == 4
     spares = {p.exp.name: p.exp.engine.host_adapter_spare_bytes for p in c.points if p.exp.system == "slora"}
     assert spares["slora_s2_nospare"] == 0 and spares["slora_s2"] > 0
+    slab = {p.exp.name: p.exp.engine.lora_slab_rows for p in c.points if p.exp.name.startswith("lora_vs_base")}
+    assert slab == {"lora_vs_base": 0, "lora_vs_base_linear": 0, "lora_vs_base_slab": 1024}
     slots = {p.exp.name: p.exp.engine.max_lora_rank for p in c.points if p.exp.system == "slora_no_unified"}
     assert slots == {"slora_s1": 8, "slora_s2": 64}
     for p in c.points:

@@ -44,3 +44,22 @@ def test_model_lora_kernels_on_gpu_equal_reference(kernel, T):
     got, _ = run(params, CFG, toks, pos, cache, lora("pallas", **kernel))
     # fp32 inputs reach the tensor cores as TF32 (10-bit mantissa): ~1e-3 relative error.
     assert rel_err(got, want) < 5e-3
+
+
+@pytest.mark.parametrize("splits", [(1, 1), (2, 2), (4, 0)])  # (shrink, base GEMM) K splits; 0: the heuristic
+@pytest.mark.parametrize("T", [1, 24])
+def test_model_on_the_slab_on_gpu_equals_reference(splits, T):
+    """The slab kernels compiled (the shrink's last program of a block sums the split partials; the
+    base GEMM's K split over W then the slab's rows) inside the model give the jnp logits."""
+    from test_pool import CFG
+    from test_slab import KERNEL, slab_lora_case
+
+    from slora_jax.model import forward
+
+    slots = np.random.default_rng(T).integers(-1, 3, (3, T)).astype(np.int32)
+    params, toks, pos, cache, ref, slab = slab_lora_case(slots, slab_shrink_splits=splits[0],
+                                                         slab_linear_splits=splits[1], **KERNEL)
+    run = jax.jit(forward, static_argnums=1)
+    want, _ = run(params, CFG, toks, pos, cache, ref)
+    got, _ = run(params, CFG, toks, pos, cache, slab)
+    assert rel_err(got, want) < 5e-3

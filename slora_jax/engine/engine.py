@@ -40,6 +40,7 @@ from slora_jax.errors import AdapterError, ConfigError, RequestError
 from slora_jax.memory.allocator import OutOfPages, PageAllocator
 from slora_jax.memory.kv_cache import PagedKVCache
 from slora_jax.memory.pool import PoolLayout, create_pool
+from slora_jax.memory.slab import LoraSlab
 from slora_jax.ops.lora import KernelConfig
 from slora_jax.model import forward, init_random_params, load_checkpoint, unstack_layers
 from slora_jax.parallel import serving
@@ -148,6 +149,13 @@ class Engine:
                                           host_budget_bytes=ec.host_adapter_budget_bytes, dtype=self.dtype)
         self.scheduler = make_scheduler(ec)
         self._kernel = _kernel_config(ec.lora_kernel)
+        self.slab = None
+        if ec.lora_slab_rows:
+            if ec.lora_impl != "pallas" or not ec.unified_memory or tp is not None:
+                raise ConfigError("EngineConfig.lora_slab_rows needs lora_impl 'pallas', unified_memory and tp 1 "
+                                  f"(got {ec.lora_impl!r}, {ec.unified_memory}, {ec.tp})")
+            self.slab = LoraSlab(cfg, self.layout, ec.lora_slab_rows, self.dtype,
+                                 block=(self._kernel or KernelConfig()).slab_block_p)
         self.max_pages_per_seq = -(-ec.max_model_len // ec.page_size)
         if self.max_pages_per_seq > ec.num_pages:
             raise ValueError(f"max_model_len {ec.max_model_len} needs {self.max_pages_per_seq} pages; "
@@ -208,6 +216,8 @@ class Engine:
             if not os.path.isdir(source):
                 raise AdapterError(f"{os.fspath(source)}: adapter folder not found")
             self.store.register(name, source)
+        if self.slab is not None:
+            self.slab.forget(name)  # a name given new weights: its slab rows are stale
 
     # ------------------------------------------------------------------ online API
     def submit(self, prompt: Sequence[int] | str, adapter: str | None = None, sampling: SamplingParams | None = None,
@@ -515,6 +525,11 @@ class Engine:
                 rows.append((row, req))
             t += n
         lora = self.store.batch_lora(names, slot, R, self.config.lora_impl, self._kernel) if names else None
+        if self.slab is not None and lora is not None:
+            t0 = time.perf_counter()
+            self.slab.ensure(names, lora.table, self.pool, lora.r_max)
+            lora = self.slab.lora_input(lora, names, slot, self._kernel)
+            self.host_seconds["slab"] += time.perf_counter() - t0
         self.bytes_read["weights"] += self._weight_bytes
         self.bytes_read["kv"] += kv_tokens * self._kv_token_bytes
         self.bytes_read["adapters"] += sum(self.store.read_elems(n) for n in names) * self.dtype.itemsize
@@ -543,6 +558,7 @@ class Engine:
             "page_bytes": lo.page_bytes(self.dtype),
             "kv_fragmentation": self.allocator.fragmentation(kv_used, lo.page_elems),
             **self.store.memory(),
+            **({} if self.slab is None else self.slab.memory()),
         }
 
     # ------------------------------------------------------------------ helpers

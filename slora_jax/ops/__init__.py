@@ -15,12 +15,14 @@ from slora_jax.ops.lora import (
     expand_group,
     linear_fits,
     lora_linear_group,
+    lora_linear_slab,
     lora_reference,
     num_tiles,
     paged_row_tables,
     random_slot_weights,
     shrink,
     shrink_group,
+    slab_fits,
 )
 
 __all__ = [
@@ -38,10 +40,12 @@ __all__ = [
     "expand_group",
     "linear_fits",
     "lora_linear_group",
+    "lora_linear_slab",
     "lora_reference",
     "num_tiles",
     "paged_row_tables",
     "random_slot_weights",
     "shrink",
     "shrink_group",
+    "slab_fits",
 ]

@@ -33,6 +33,8 @@ import numpy as np
 
 from pallas_kernels.lora_linear import MAX_TOKENS as LINEAR_MAX_TOKENS
 from pallas_kernels.lora_linear import lora_linear_paged_group, paged_row_table
+from pallas_kernels.lora_slab import MAX_TOKENS as SLAB_MAX_TOKENS
+from pallas_kernels.lora_slab import linear_slab, slab_shrink
 from pallas_kernels.sgmv_expand import expand_reference, sgmv_expand
 from pallas_kernels.sgmv_fused import sgmv_fused, sgmv_fused_paged
 from pallas_kernels.sgmv_paged import (
@@ -384,6 +386,20 @@ class KernelConfig:
     linear_shrink_launch: bool = False
     linear_warps: int = 4
     linear_stages: int = 3
+    # The batch's adapters in a dense slab (`lora_linear_slab`, `pallas_kernels.lora_slab`; the engine's
+    # `EngineConfig.lora_slab_rows`): calls of at most `lora_slab.MAX_TOKENS` tokens.
+    slab_block_n: int = 64  # slab: output columns per program of the base GEMM (with its K extended)
+    slab_block_k: int = 128  # slab: H_in per K-loop step of both kernels
+    slab_block_p: int = 64  # slab: slab rows per shrink program and per extended-K step
+    # slab: K splits of the shrink (the largest divisor of K's blocks up to this). H200, 7B at 64 tokens,
+    # 47 adapters: 4 gave q/k/v 12.4 us and o 9.1, against 15.5-26.1 with 8-32 and 24.2 and 15.7 with 16
+    # (benchmarks/NOTES_lora_kernels.md, session 14)
+    slab_shrink_splits: int = 4
+    # slab: K splits of the base GEMM, 0: enough for ~160 programs (7B o at 64 tokens: 4 splits, 14.4 us
+    # against 18.3 unsplit; q/k/v: 1)
+    slab_linear_splits: int = 0
+    slab_warps: int = 4
+    slab_stages: int = 3
     chunk: int = 64  # fused, dense slots: K/N block (pages: the pool's row width C)
     n_split_max: int = 16  # fused: most programs sharing one tile's H_out
     target_programs: int = 256  # fused: tiles x splits aimed at (splits = this // used tiles)
@@ -683,6 +699,41 @@ def linear_fits(n_tokens: int, ws, cfg: KernelConfig) -> bool:
     C = ws[0].rows.shape[1]
     return (C % cfg.linear_block_n == 0 and ws[0].h_in % cfg.linear_block_k == 0
             and all(w.h_out % cfg.linear_block_n == 0 for w in ws))
+
+
+def slab_fits(n_tokens: int, h_in: int, n_out, cfg: KernelConfig) -> bool:
+    """Whether `lora_linear_slab` takes a call of `n_tokens` from `h_in` to outputs `n_out`."""
+    return (0 < n_tokens <= SLAB_MAX_TOKENS and h_in % cfg.slab_block_k == 0
+            and all(n % cfg.slab_block_n == 0 for n in n_out))
+
+
+def lora_linear_slab(x_TxI: jax.Array, ws_IxO, a_slab, b_slab, lo_GxT, hi_GxT, n_rows, offset=0, *,
+                     config: KernelConfig | None = None) -> tuple[jax.Array, ...]:
+    """`x @ W_g` plus each token's LoRA delta, for projections sharing x, with the adapters in a dense slab.
+
+    Args:
+      x_TxI: input `[T, H_in]` (T <= `pallas_kernels.lora_slab.MAX_TOKENS`), the weights' dtype.
+      ws_IxO: the G base weights `[H_in, N_g]`.
+      a_slab, b_slab: `[M, H_in, P]` and `[M, P, N_max]`, projection `offset + g`'s A columns and
+        B rows of the adapters in the slab (`slora_jax.memory.slab`), scale folded into B.
+      lo_GxT, hi_GxT: int32 `[G, T]`, the slab rows `[lo, hi)` of each token's adapter in
+        projection g (lo = hi: none).
+      n_rows: used slab rows (int32 scalar; the kernels read no further).
+    Returns `y_g [T, N_g]` in x's dtype: two launches (`slab_shrink`, then `linear_slab`), both
+    plain pipelined GEMMs over dense operands.
+    """
+    cfg = config or KernelConfig()
+    ws_IxO = tuple(ws_IxO)
+    T, H_in = x_TxI.shape
+    if not slab_fits(T, H_in, [w.shape[1] for w in ws_IxO], cfg):
+        raise ValueError(f"lora_linear_slab takes 1..{SLAB_MAX_TOKENS} tokens, H_in a multiple of "
+                         f"slab_block_k={cfg.slab_block_k} and outputs of slab_block_n={cfg.slab_block_n}; got x "
+                         f"{x_TxI.shape}, outputs {[w.shape[1] for w in ws_IxO]}")
+    launch = dict(block_k=cfg.slab_block_k, block_p=cfg.slab_block_p, num_warps=cfg.slab_warps,
+                  num_stages=cfg.slab_stages, interpret=cfg.interpret)
+    v_GxTxP = slab_shrink(x_TxI, a_slab, lo_GxT, hi_GxT, n_rows, offset, k_splits=cfg.slab_shrink_splits, **launch)
+    return linear_slab(x_TxI, ws_IxO, v_GxTxP, b_slab, n_rows, offset, block_n=cfg.slab_block_n,
+                       k_splits=cfg.slab_linear_splits or None, **launch)
 
 
 def shrink(x_TxI: jax.Array, w: Weights, meta: LoraMeta, *, impl: str = "pallas",

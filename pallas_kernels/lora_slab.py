@@ -1,0 +1,325 @@
+"""LoRA on a dense slab of the batch's adapters: a masked shrink GEMM, then the base GEMM with K extended.
+
+Why: at decode the gathered kernels (`sgmv_paged`) are latency-bound. Each program waits on a
+chain of table and row loads for a few KB (benchmarks/NOTES_lora_kernels.md, sessions 8-13),
+and Triton cannot pipeline a load whose address comes from another load in the same loop
+step. Here the batch's adapters sit side by side in dense operands (the slab,
+`slora_jax.memory.slab`, kept by the engine and written only when an adapter joins the batch), so every load is at an
+address known from the loop index and both kernels are plain pipelined GEMMs:
+
+    v_g = mask_g(x @ A_g)            [T, P]   each token keeps only its own adapter's rows
+    y_g = x @ W_g + v_g @ B_g        [T, N_g] one K loop over H_in, then one over P
+
+The shrink computes every token against every adapter in the slab (T x P dot products, cheap
+at decode sizes) and reads A once; the expand is P more rows of the base GEMM's K.
+
+Contract
+--------
+G projections share x (q, k, v; or one). T <= 256 tokens, P slab rows (a multiple of
+`block_p`), of which the first `n_rows` are used.
+  x       `[T, H_in]`, bf16 or fp32 (every operand's dtype).
+  a_slab  `[M, H_in, P]`: column p of projection `offset + g`'s A (scale folded into B); M >= G,
+          e.g. every layer's projections stacked, `offset` = layer G (no slice is copied).
+  lo, hi  `[G, T]` int32: token t keeps slab rows `[lo, hi)` of projection g (its adapter's
+          `rank` rows; lo = hi: none, e.g. no adapter or not targeted).
+  n_rows  int32 scalar, used slab rows (a multiple of `block_p` is read; the rest is masked
+          by lo/hi anyway). Programs and loop steps past it do nothing, so one compiled
+          kernel serves every batch.
+  `slab_shrink` returns `v [G, T, P]` in x's dtype (fp32 accumulation, rounded once, as
+  the split pair rounds v), zero outside each token's rows (past `n_rows` too, without
+  reading A there).
+  ws      G base weights `[H_in, N_g]`; b_slab `[M, P, N_max]`: row p of projection `offset + g`'s B.
+  `linear_slab` returns `y_g [T, N_g]`: `x @ W_g + v_g @ B_g` with fp32 accumulation of both.
+References: `slab_shrink_reference`, `linear_slab_reference`.
+
+Work. `slab_shrink`: one program per (projection, `block_p` slab columns, K split); a K loop over
+its share of H_in in `block_k` steps (Triton-pipelined, `num_stages`). `linear_slab`: one program
+per (projection, column block, K split), static ranges per projection as in `lora_linear`; the
+base K loop, then `ceil(n_rows / block_p)` steps over P (loops with run-time bounds, still
+`scf.for`); with K splits, split j takes the j-th share of those base-then-slab steps.
+K splits store fp32 partials; each adds 1 to its block's counter (an acq_rel atomic, after a CTA
+barrier), and the one that sees the last count sums them (volatile loads) and stores the result.
+No program waits on another, so nothing depends on the order programs start in.
+
+Measured (session 14, one H200, 7B shapes at 64 tokens of 47 rank-16 adapters, device time;
+benchmarks/results/kernels_s14_h200/): q/k/v 47.8 us (shrink 12.4, GEMM with K extended 34.1;
+GEMM alone 27.4) against 73.5 for XLA's matmul and the split pair; o 26.7 against 34.3.
+Triton rules kept: block sizes are powers of two; every dot is 2-D with both sides >= 16.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.compat import compiler_params, default_interpret, pl, plgpu
+from pallas_kernels.sgmv_shrink import _iota, rows_at
+
+MAX_TOKENS = 256
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _token_rows(n_tokens: int, block_t: int):
+    i_T = _iota(block_t)
+    ok_T = i_T < n_tokens
+    # Rows past T point one past the end: masked on the GPU, dropped by interpret mode's stores.
+    return jnp.where(ok_T, i_T, n_tokens), ok_T
+
+
+def _k_loop(x_ref, lead, w_at, rows_T, ok_T, n_steps, block_k, acc, *, mixed, k0=0):
+    """`acc + x[*lead][:, (k0 + k)-th block] @ w_at(k)` for k < `n_steps` (w_at(k): a `[block_k, N]` view)."""
+    precision = lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None  # fp32: no TF32
+    xmask = jnp.broadcast_to(ok_T[:, None], (ok_T.shape[0], block_k))
+
+    def step(k, acc):
+        x_TxK = plgpu.load(rows_at(x_ref, lead, rows_T, (k0 + k) * block_k, block_k, mixed=mixed), mask=xmask, other=0)
+        return acc + jnp.dot(x_TxK, w_at(k)[...], precision=precision, preferred_element_type=jnp.float32)
+
+    return lax.fori_loop(0, n_steps, step, acc)
+
+
+def _split_store(part_ref, count_ref, cidx, acc, lead, split, k_splits, rows_T, ok_T, col0, width, store, *,
+                 gpu_sync, mixed):
+    """`store(sum of the k_splits programs' acc)`, done by whichever of them finishes last.
+
+    Each stores its fp32 partial, then (a CTA barrier first) adds 1 to counter `cidx` with an
+    acq_rel atomic; the one that sees `k_splits - 1` reads every partial (volatile loads, past
+    L1) and stores the sum. No program waits. One split: `store(acc)` directly.
+    """
+    if k_splits == 1:
+        store(acc)
+        return
+    mask = jnp.broadcast_to(ok_T[:, None], acc.shape)
+    plgpu.store(rows_at(part_ref, (split, *lead), rows_T, col0, width, mixed=mixed), acc, mask=mask)
+    if gpu_sync:
+        plgpu.debug_barrier()
+    old = plgpu.atomic_add(count_ref, jnp.asarray(cidx, jnp.int32), jnp.ones((), jnp.int32))
+
+    @pl.when(old == k_splits - 1)
+    def _():
+        total = jnp.zeros(acc.shape, jnp.float32)
+        for j in range(k_splits):
+            total += plgpu.load(rows_at(part_ref, (j, *lead), rows_T, col0, width, mixed=mixed), mask=mask,
+                                other=0.0, volatile=True)
+        store(total)
+
+
+def _shrink_kernel(n_rows_ref, lo_ref, hi_ref, x_ref, a_ref, count_in_ref, v_ref, part_ref, count_ref, *, G,
+                   n_tokens, block_t, block_p, block_k, h_in, n_pblocks, k_splits, gpu_sync, mixed):
+    del count_in_ref  # aliased to count_ref
+    p = pl.program_id(0)
+    g, b, split = p // (n_pblocks * k_splits), p // k_splits % n_pblocks, p % k_splits
+    p0 = b * block_p
+    ga = n_rows_ref[1] + g  # this projection's slab in a_ref (a layer's offset into a layer-stacked slab)
+    rows_T, ok_T = _token_rows(n_tokens, block_t)
+    row_mask = jnp.broadcast_to(ok_T[:, None], (block_t, block_p))
+
+    def store(v_TxP):
+        plgpu.store(rows_at(v_ref, (g,), rows_T, p0, block_p, mixed=mixed), v_TxP.astype(v_ref.dtype), mask=row_mask)
+
+    @pl.when((p0 >= n_rows_ref[0]) & (split == 0))  # zeros past the used rows: a reader with a larger block reads 0
+    def _():
+        store(jnp.zeros((block_t, block_p), jnp.float32))
+
+    @pl.when(p0 < n_rows_ref[0])
+    def _():
+        k_steps = h_in // block_k // k_splits
+        acc = _k_loop(x_ref, (), lambda k: a_ref.at[ga, pl.ds((split * k_steps + k) * block_k, block_k),
+                                                    pl.ds(p0, block_p)],
+                      rows_T, ok_T, k_steps, block_k, jnp.zeros((block_t, block_p), jnp.float32), mixed=mixed,
+                      k0=split * k_steps)
+        lo_T = plgpu.load(lo_ref.at[g, rows_T], mask=ok_T, other=0)
+        hi_T = plgpu.load(hi_ref.at[g, rows_T], mask=ok_T, other=0)
+        c_P = p0 + _iota(block_p)
+        keep = (c_P[None, :] >= lo_T[:, None]) & (c_P[None, :] < hi_T[:, None])
+        _split_store(part_ref, count_ref, g * n_pblocks + b, jnp.where(keep, acc, 0.0), (g,), split, k_splits,
+                     rows_T, ok_T, p0, block_p, store, gpu_sync=gpu_sync, mixed=mixed)
+
+
+def _scalars(n_rows, offset) -> jax.Array:
+    """`[n_rows, offset]` int32, the kernels' run-time scalars."""
+    return jnp.stack([jnp.asarray(0 if n_rows is None else n_rows, jnp.int32).reshape(()),
+                      jnp.asarray(offset, jnp.int32).reshape(())])
+
+
+def _check_blocks(**blocks):
+    for what, v in blocks.items():
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"{what} must be a power of two >= 16, got {v}")
+
+
+def _default_splits(n_programs: int, n_k: int, target: int) -> int:
+    """The smallest power-of-two K split that gives `target` programs, at most n_k."""
+    s = 1
+    while n_programs * s < target and s * 2 <= n_k and n_k % (s * 2) == 0:
+        s *= 2
+    return s
+
+
+def slab_shrink(x_TxI, a_slab_GxIxP, lo_GxT, hi_GxT, n_rows, offset=0, *, block_p: int = 64, block_k: int = 128,
+                k_splits: int = 4, num_warps: int = 4, num_stages: int = 3, interpret: bool | None = None,
+                mixed_index: bool | None = None) -> jax.Array:
+    """`v [G, T, P]`: `x @ A_g` keeping, for each token, only slab rows `[lo, hi)` (module doc)."""
+    T, H_in = x_TxI.shape
+    G = lo_GxT.shape[0]
+    P = a_slab_GxIxP.shape[-1]
+    if not 1 <= T <= MAX_TOKENS:
+        raise ValueError(f"slab_shrink takes 1..{MAX_TOKENS} tokens (decode-sized calls), got {T}")
+    _check_blocks(block_p=block_p, block_k=block_k)
+    if a_slab_GxIxP.ndim != 3 or a_slab_GxIxP.shape[1] != H_in or H_in % block_k or P % block_p:
+        raise ValueError(f"a_slab {a_slab_GxIxP.shape} does not take x {x_TxI.shape} in blocks of "
+                         f"{block_k} (H_in) and {block_p} (P)")
+    if lo_GxT.shape != (G, T) or hi_GxT.shape != (G, T):
+        raise ValueError(f"lo/hi must be [G={G}, T={T}] int32, got {lo_GxT.shape} / {hi_GxT.shape}")
+    interpret = default_interpret() if interpret is None else interpret
+    mixed = (not interpret) if mixed_index is None else mixed_index
+    n_pblocks = P // block_p
+    n_k = H_in // block_k
+    if k_splits < 1:
+        raise ValueError(f"k_splits must be >= 1, got {k_splits}")
+    k_splits = max(d for d in range(1, min(k_splits, n_k) + 1) if n_k % d == 0)  # at most asked, dividing K
+    kernel = functools.partial(_shrink_kernel, G=G, n_tokens=T, block_t=_pow2_ceil(max(16, T)), block_p=block_p,
+                               block_k=block_k, h_in=H_in, n_pblocks=n_pblocks, k_splits=k_splits,
+                               gpu_sync=not interpret, mixed=mixed)
+    v, _, _ = pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((G, T, P), x_TxI.dtype),
+                   jax.ShapeDtypeStruct((k_splits, G, T, P) if k_splits > 1 else (1, 1, 1, 1), jnp.float32),
+                   jax.ShapeDtypeStruct((G * n_pblocks,), jnp.int32)),
+        grid=(G * n_pblocks * k_splits,),
+        input_output_aliases={5: 2},
+        compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"slab_shrink_x{G}",
+    )(_scalars(n_rows, offset), lo_GxT.astype(jnp.int32), hi_GxT.astype(jnp.int32),
+      x_TxI, a_slab_GxIxP, jnp.zeros((G * n_pblocks,), jnp.int32))
+    return v
+
+
+def _linear_kernel(*refs, G, n_out, n_tokens, block_t, block_n, block_k, block_p, h_in, k_splits, lora, gpu_sync,
+                   mixed):
+    n_rows_ref, x_ref = refs[:2]
+    w_refs = refs[2 : 2 + G]
+    v_ref, b_ref = refs[2 + G : 4 + G] if lora else (None, None)
+    o_refs = refs[-(G + 2) : -2]
+    part_ref, count_ref = refs[-2:]
+    q = pl.program_id(0)
+    n_k = h_in // block_k
+    first, col_first = 0, 0
+    for g in range(G):
+        n_blocks = n_out[g] // block_n
+
+        def body(g=g, first=first, col_first=col_first):
+            blk, split = (q - first) // k_splits, (q - first) % k_splits
+            n0 = blk * block_n
+            rows_T, ok_T = _token_rows(n_tokens, block_t)
+            w_at = lambda k: w_refs[g].at[pl.ds(k * block_k, block_k), pl.ds(n0, block_n)]  # noqa: E731
+            b_at = lambda i: b_ref.at[n_rows_ref[1] + g, pl.ds(i * block_p, block_p), pl.ds(n0, block_n)]  # noqa: E731
+            acc = jnp.zeros((block_t, block_n), jnp.float32)
+            n_p = (jnp.minimum((n_rows_ref[0] + block_p - 1) // block_p, v_ref.shape[-1] // block_p) if lora
+                   else 0)
+            if k_splits == 1:  # the base loop's bound static
+                acc = _k_loop(x_ref, (), w_at, rows_T, ok_T, n_k, block_k, acc, mixed=mixed)
+                if lora:
+                    acc = _k_loop(v_ref, (g,), b_at, rows_T, ok_T, n_p, block_p, acc, mixed=mixed)
+            else:  # split j takes steps [j L, (j + 1) L) of the n_k base steps followed by the n_p slab steps
+                total = n_k + n_p
+                size = (total + k_splits - 1) // k_splits
+                lo = split * size
+                hi = jnp.minimum(total, lo + size)
+                k0 = jnp.minimum(lo, n_k)
+                acc = _k_loop(x_ref, (), lambda k: w_at(k0 + k), rows_T, ok_T, jnp.maximum(jnp.minimum(hi, n_k) - k0, 0),
+                              block_k, acc, mixed=mixed, k0=k0)
+                if lora:
+                    i0 = jnp.maximum(lo, n_k) - n_k
+                    acc = _k_loop(v_ref, (g,), lambda i: b_at(i0 + i), rows_T, ok_T, jnp.maximum(hi - n_k - i0, 0),
+                                  block_p, acc, mixed=mixed, k0=i0)
+
+            def store(y_TxN):
+                plgpu.store(rows_at(o_refs[g], (), rows_T, n0, block_n, mixed=mixed), y_TxN.astype(o_refs[g].dtype),
+                            mask=jnp.broadcast_to(ok_T[:, None], (block_t, block_n)))
+
+            _split_store(part_ref, count_ref, first // k_splits + blk, acc, (), split, k_splits, rows_T, ok_T,
+                         col_first + n0, block_n, store, gpu_sync=gpu_sync, mixed=mixed)
+
+        pl.when((q >= first) & (q < first + n_blocks * k_splits))(body)
+        first += n_blocks * k_splits
+        col_first += n_out[g]
+
+
+def linear_slab(x_TxI, ws_IxO, v_GxTxP, b_slab_GxPxO, n_rows, offset=0, *, block_n: int = 64, block_k: int = 128,
+                block_p: int = 64, k_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
+                interpret: bool | None = None,
+                mixed_index: bool | None = None) -> tuple[jax.Array, ...]:
+    """`x @ W_g + v_g @ B_g` for G projections in one launch (module doc); `v=None`: the plain GEMM."""
+    ws_IxO = tuple(ws_IxO)
+    T, H_in = x_TxI.shape
+    G = len(ws_IxO)
+    if not 1 <= T <= MAX_TOKENS:
+        raise ValueError(f"linear_slab takes 1..{MAX_TOKENS} tokens (decode-sized calls), got {T}")
+    _check_blocks(block_n=block_n, block_k=block_k, block_p=block_p)
+    if H_in % block_k:
+        raise ValueError(f"H_in={H_in} must be a multiple of block_k={block_k}")
+    for w in ws_IxO:
+        if w.shape[0] != H_in or w.shape[1] % block_n:
+            raise ValueError(f"weight {w.shape} does not take x {x_TxI.shape} in blocks of {block_n} columns")
+    n_out = tuple(w.shape[1] for w in ws_IxO)
+    lora = v_GxTxP is not None
+    if lora:
+        P = v_GxTxP.shape[-1]
+        if (v_GxTxP.shape != (G, T, P) or b_slab_GxPxO.ndim != 3 or b_slab_GxPxO.shape[1] != P or P % block_p
+                or b_slab_GxPxO.shape[2] < max(n_out)):
+            raise ValueError(f"v {v_GxTxP.shape} and b_slab {b_slab_GxPxO.shape} do not match {G} projections of "
+                             f"{T} tokens, outputs {n_out}, in blocks of {block_p} slab rows")
+    interpret = default_interpret() if interpret is None else interpret
+    mixed = (not interpret) if mixed_index is None else mixed_index
+    n_blocks = sum(n // block_n for n in n_out)
+    n_k = H_in // block_k
+    k_splits = _default_splits(n_blocks, n_k, target=160) if k_splits is None else k_splits
+    if k_splits < 1 or k_splits > n_k:
+        raise ValueError(f"k_splits={k_splits} must be in 1..{n_k} (the K blocks of H_in)")
+    kernel = functools.partial(_linear_kernel, G=G, n_out=n_out, n_tokens=T, block_t=_pow2_ceil(max(16, T)),
+                               block_n=block_n, block_k=block_k, block_p=block_p, h_in=H_in, k_splits=k_splits,
+                               lora=lora, gpu_sync=not interpret, mixed=mixed)
+    args = (_scalars(n_rows, offset), x_TxI, *ws_IxO,
+            *((v_GxTxP, b_slab_GxPxO) if lora else ()), jnp.zeros((n_blocks,), jnp.int32))
+    out = pl.pallas_call(
+        kernel,
+        out_shape=(*(jax.ShapeDtypeStruct((T, n), x_TxI.dtype) for n in n_out),
+                   jax.ShapeDtypeStruct((k_splits, T, sum(n_out)) if k_splits > 1 else (1, 1, 1), jnp.float32),
+                   jax.ShapeDtypeStruct((n_blocks,), jnp.int32)),
+        grid=(n_blocks * k_splits,),
+        input_output_aliases={len(args) - 1: G + 1},
+        compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"linear_slab_x{G}" if lora else f"linear_x{G}",
+    )(*args)
+    return tuple(out[:G])
+
+
+def slab_shrink_reference(x_TxI, a_slab_GxIxP, lo_GxT, hi_GxT):
+    """jnp: `v [G, T, P]`, fp32 accumulation, masked to each token's rows, rounded to x's dtype."""
+    P = a_slab_GxIxP.shape[-1]
+    v = jnp.einsum("ti,gip->gtp", x_TxI, a_slab_GxIxP, preferred_element_type=jnp.float32,
+                   precision=lax.Precision.HIGHEST)
+    c = jnp.arange(P)[None, None, :]
+    keep = (c >= lo_GxT[:, :, None]) & (c < hi_GxT[:, :, None])
+    return jnp.where(keep, v, 0.0).astype(x_TxI.dtype)
+
+
+def linear_slab_reference(x_TxI, ws_IxO, v_GxTxP, b_slab_GxPxO) -> tuple[jax.Array, ...]:
+    """jnp: `x @ W_g + v_g @ B_g[:, :N_g]`, fp32 accumulation, rounded once to x's dtype."""
+    out = []
+    for g, w in enumerate(ws_IxO):
+        y = jnp.dot(x_TxI, w, preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
+        if v_GxTxP is not None:
+            y = y + jnp.dot(v_GxTxP[g], b_slab_GxPxO[g, :, : w.shape[1]], preferred_element_type=jnp.float32,
+                            precision=lax.Precision.HIGHEST)
+        out.append(y.astype(x_TxI.dtype))
+    return tuple(out)
