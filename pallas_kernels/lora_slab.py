@@ -40,6 +40,9 @@ base K loop, then `ceil(n_rows / block_p)` steps over P (loops with run-time bou
 K splits store fp32 partials; each adds 1 to its block's counter (an acq_rel atomic, after a CTA
 barrier), and the one that sees the last count sums them (volatile loads) and stores the result.
 No program waits on another, so nothing depends on the order programs start in.
+Two more launch forms of the same programs: `linear_shrink_slab` runs the shrink's programs in
+the plain GEMM's launch (first in the grid; its output v is read by a later launch only), and
+`slab_expand` runs the K extension alone, accumulating into given outputs in place.
 
 Measured (session 14, one H200, 7B shapes at 64 tokens of 47 rank-16 adapters, device time;
 benchmarks/results/kernels_s14_h200/): q/k/v 47.8 us (shrink 12.4, GEMM with K extended 34.1;
@@ -110,24 +113,23 @@ def _split_store(part_ref, count_ref, cidx, acc, lead, split, k_splits, rows_T, 
         store(total)
 
 
-def _shrink_kernel(n_rows_ref, lo_ref, hi_ref, x_ref, a_ref, count_in_ref, v_ref, part_ref, count_ref, *, G,
-                   n_tokens, block_t, block_p, block_k, h_in, n_pblocks, k_splits, gpu_sync, mixed):
-    del count_in_ref  # aliased to count_ref
-    p = pl.program_id(0)
+def _shrink_program(p, scal_ref, lo_ref, hi_ref, x_ref, a_ref, v_ref, part_ref, count_ref, *, n_tokens, block_t,
+                    block_p, block_k, h_in, n_pblocks, k_splits, gpu_sync, mixed):
+    """Program p of the shrink: projection g, slab columns `[p0, p0 + block_p)`, K split `split`."""
     g, b, split = p // (n_pblocks * k_splits), p // k_splits % n_pblocks, p % k_splits
     p0 = b * block_p
-    ga = n_rows_ref[1] + g  # this projection's slab in a_ref (a layer's offset into a layer-stacked slab)
+    ga = scal_ref[1] + g  # this projection's slab in a_ref (a layer's offset into a layer-stacked slab)
     rows_T, ok_T = _token_rows(n_tokens, block_t)
     row_mask = jnp.broadcast_to(ok_T[:, None], (block_t, block_p))
 
     def store(v_TxP):
         plgpu.store(rows_at(v_ref, (g,), rows_T, p0, block_p, mixed=mixed), v_TxP.astype(v_ref.dtype), mask=row_mask)
 
-    @pl.when((p0 >= n_rows_ref[0]) & (split == 0))  # zeros past the used rows: a reader with a larger block reads 0
+    @pl.when((p0 >= scal_ref[0]) & (split == 0))  # zeros past the used rows: a reader with a larger block reads 0
     def _():
         store(jnp.zeros((block_t, block_p), jnp.float32))
 
-    @pl.when(p0 < n_rows_ref[0])
+    @pl.when(p0 < scal_ref[0])
     def _():
         k_steps = h_in // block_k // k_splits
         acc = _k_loop(x_ref, (), lambda k: a_ref.at[ga, pl.ds((split * k_steps + k) * block_k, block_k),
@@ -162,55 +164,84 @@ def _default_splits(n_programs: int, n_k: int, target: int) -> int:
     return s
 
 
-def slab_shrink(x_TxI, a_slab_GxIxP, lo_GxT, hi_GxT, n_rows, offset=0, *, block_p: int = 64, block_k: int = 128,
-                k_splits: int = 4, num_warps: int = 4, num_stages: int = 3, interpret: bool | None = None,
-                mixed_index: bool | None = None) -> jax.Array:
-    """`v [G, T, P]`: `x @ A_g` keeping, for each token, only slab rows `[lo, hi)` (module doc)."""
+def _unpack(refs, spec):
+    """`refs` by name: `spec` is ((name, count), ...) in order; count None gives the ref, else a tuple."""
+    out, i = {}, 0
+    for name, n in spec:
+        out[name] = refs[i] if n is None else tuple(refs[i : i + n])
+        i += 1 if n is None else n
+    return out
+
+
+def _shrink_call(x_TxI, a_slab, lo_GxT, hi_GxT, block_p, block_k, k_splits):
+    """Checks and static facts of a shrink over `a_slab` (shared by the two launches that run one)."""
     T, H_in = x_TxI.shape
-    G = lo_GxT.shape[0]
-    P = a_slab_GxIxP.shape[-1]
-    if not 1 <= T <= MAX_TOKENS:
-        raise ValueError(f"slab_shrink takes 1..{MAX_TOKENS} tokens (decode-sized calls), got {T}")
+    G, P = lo_GxT.shape[0], a_slab.shape[-1]
     _check_blocks(block_p=block_p, block_k=block_k)
-    if a_slab_GxIxP.ndim != 3 or a_slab_GxIxP.shape[1] != H_in or H_in % block_k or P % block_p:
-        raise ValueError(f"a_slab {a_slab_GxIxP.shape} does not take x {x_TxI.shape} in blocks of "
+    if a_slab.ndim != 3 or a_slab.shape[1] != H_in or H_in % block_k or P % block_p:
+        raise ValueError(f"a_slab {a_slab.shape} does not take x {x_TxI.shape} in blocks of "
                          f"{block_k} (H_in) and {block_p} (P)")
     if lo_GxT.shape != (G, T) or hi_GxT.shape != (G, T):
         raise ValueError(f"lo/hi must be [G={G}, T={T}] int32, got {lo_GxT.shape} / {hi_GxT.shape}")
-    interpret = default_interpret() if interpret is None else interpret
-    mixed = (not interpret) if mixed_index is None else mixed_index
-    n_pblocks = P // block_p
     n_k = H_in // block_k
     if k_splits < 1:
         raise ValueError(f"k_splits must be >= 1, got {k_splits}")
     k_splits = max(d for d in range(1, min(k_splits, n_k) + 1) if n_k % d == 0)  # at most asked, dividing K
-    kernel = functools.partial(_shrink_kernel, G=G, n_tokens=T, block_t=_pow2_ceil(max(16, T)), block_p=block_p,
-                               block_k=block_k, h_in=H_in, n_pblocks=n_pblocks, k_splits=k_splits,
-                               gpu_sync=not interpret, mixed=mixed)
+    n_pblocks = P // block_p
+    kw = dict(n_tokens=T, block_t=_pow2_ceil(max(16, T)), block_p=block_p, block_k=block_k, h_in=H_in,
+              n_pblocks=n_pblocks, k_splits=k_splits)
+    outs = (jax.ShapeDtypeStruct((G, T, P), x_TxI.dtype),
+            jax.ShapeDtypeStruct((k_splits, G, T, P) if k_splits > 1 else (1, 1, 1, 1), jnp.float32),
+            jax.ShapeDtypeStruct((G * n_pblocks,), jnp.int32))
+    return kw, G * n_pblocks * k_splits, outs
+
+
+def _check_tokens(T: int, what: str):
+    if not 1 <= T <= MAX_TOKENS:
+        raise ValueError(f"{what} takes 1..{MAX_TOKENS} tokens (decode-sized calls), got {T}")
+
+
+def slab_shrink(x_TxI, a_slab_GxIxP, lo_GxT, hi_GxT, n_rows, offset=0, *, block_p: int = 64, block_k: int = 128,
+                k_splits: int = 4, num_warps: int = 4, num_stages: int = 3, interpret: bool | None = None,
+                mixed_index: bool | None = None) -> jax.Array:
+    """`v [G, T, P]`: `x @ A_g` keeping, for each token, only slab rows `[lo, hi)` (module doc)."""
+    _check_tokens(x_TxI.shape[0], "slab_shrink")
+    kw, n_programs, outs = _shrink_call(x_TxI, a_slab_GxIxP, lo_GxT, hi_GxT, block_p, block_k, k_splits)
+    interpret = default_interpret() if interpret is None else interpret
+    mixed = (not interpret) if mixed_index is None else mixed_index
+
+    def kernel(scal_ref, lo_ref, hi_ref, x_ref, a_ref, count_in_ref, v_ref, part_ref, count_ref):
+        del count_in_ref  # aliased to count_ref
+        _shrink_program(pl.program_id(0), scal_ref, lo_ref, hi_ref, x_ref, a_ref, v_ref, part_ref, count_ref, **kw,
+                        gpu_sync=not interpret, mixed=mixed)
+
     v, _, _ = pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct((G, T, P), x_TxI.dtype),
-                   jax.ShapeDtypeStruct((k_splits, G, T, P) if k_splits > 1 else (1, 1, 1, 1), jnp.float32),
-                   jax.ShapeDtypeStruct((G * n_pblocks,), jnp.int32)),
-        grid=(G * n_pblocks * k_splits,),
+        out_shape=outs,
+        grid=(n_programs,),
         input_output_aliases={5: 2},
         compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name=f"slab_shrink_x{G}",
-    )(_scalars(n_rows, offset), lo_GxT.astype(jnp.int32), hi_GxT.astype(jnp.int32),
-      x_TxI, a_slab_GxIxP, jnp.zeros((G * n_pblocks,), jnp.int32))
+        name=f"slab_shrink_x{lo_GxT.shape[0]}",
+    )(_scalars(n_rows, offset), lo_GxT.astype(jnp.int32), hi_GxT.astype(jnp.int32), x_TxI, a_slab_GxIxP,
+      jnp.zeros(outs[2].shape, jnp.int32))
     return v
 
 
-def _linear_kernel(*refs, G, n_out, n_tokens, block_t, block_n, block_k, block_p, h_in, k_splits, lora, gpu_sync,
-                   mixed):
-    n_rows_ref, x_ref = refs[:2]
-    w_refs = refs[2 : 2 + G]
-    v_ref, b_ref = refs[2 + G : 4 + G] if lora else (None, None)
-    o_refs = refs[-(G + 2) : -2]
-    part_ref, count_ref = refs[-2:]
+def _linear_kernel(*refs, spec, G, n_out, n_tokens, block_t, block_n, block_k, block_p, h_in, k_splits, base, lora,
+                   shrink, gpu_sync, mixed):
+    """Column-block programs of `y_g = [x @ W_g] + [v_g @ B_g]` (`base`, `lora`); with `shrink`, the
+    shrink's programs come first in the grid (they write v for a later launch; nothing here reads it)."""
+    r = _unpack(refs, spec)
+    scal_ref = r["scal"]
     q = pl.program_id(0)
-    n_k = h_in // block_k
+    if shrink is not None:
+        n_shrink = shrink.pop("n_programs")
+        pl.when(q < n_shrink)(lambda: _shrink_program(q, scal_ref, r["lo"], r["hi"], r["x"], r["a"], r["v_out"],
+                                                      r["part_s"], r["count_s"], **shrink, gpu_sync=gpu_sync,
+                                                      mixed=mixed))
+        q = q - n_shrink
+    n_k = h_in // block_k if base else 0
     first, col_first = 0, 0
     for g in range(G):
         n_blocks = n_out[g] // block_n
@@ -219,33 +250,38 @@ def _linear_kernel(*refs, G, n_out, n_tokens, block_t, block_n, block_k, block_p
             blk, split = (q - first) // k_splits, (q - first) % k_splits
             n0 = blk * block_n
             rows_T, ok_T = _token_rows(n_tokens, block_t)
-            w_at = lambda k: w_refs[g].at[pl.ds(k * block_k, block_k), pl.ds(n0, block_n)]  # noqa: E731
-            b_at = lambda i: b_ref.at[n_rows_ref[1] + g, pl.ds(i * block_p, block_p), pl.ds(n0, block_n)]  # noqa: E731
+            mask = jnp.broadcast_to(ok_T[:, None], (block_t, block_n))
+            w_at = lambda k: r["w"][g].at[pl.ds(k * block_k, block_k), pl.ds(n0, block_n)]  # noqa: E731
+            b_at = lambda i: r["b"].at[scal_ref[1] + g, pl.ds(i * block_p, block_p), pl.ds(n0, block_n)]  # noqa: E731
             acc = jnp.zeros((block_t, block_n), jnp.float32)
-            n_p = (jnp.minimum((n_rows_ref[0] + block_p - 1) // block_p, v_ref.shape[-1] // block_p) if lora
-                   else 0)
-            if k_splits == 1:  # the base loop's bound static
-                acc = _k_loop(x_ref, (), w_at, rows_T, ok_T, n_k, block_k, acc, mixed=mixed)
+            if not base:  # the expand alone accumulates into y (split 0 adds it)
+                y = plgpu.load(rows_at(r["y_in"][g], (), rows_T, n0, block_n, mixed=mixed), mask=mask, other=0)
+                acc = jnp.where(split == 0, y.astype(jnp.float32), acc)
+            n_p = (jnp.minimum((scal_ref[0] + block_p - 1) // block_p, r["v"].shape[-1] // block_p) if lora else 0)
+            if k_splits == 1:  # loop bounds as static as they can be
+                if base:
+                    acc = _k_loop(r["x"], (), w_at, rows_T, ok_T, n_k, block_k, acc, mixed=mixed)
                 if lora:
-                    acc = _k_loop(v_ref, (g,), b_at, rows_T, ok_T, n_p, block_p, acc, mixed=mixed)
+                    acc = _k_loop(r["v"], (g,), b_at, rows_T, ok_T, n_p, block_p, acc, mixed=mixed)
             else:  # split j takes steps [j L, (j + 1) L) of the n_k base steps followed by the n_p slab steps
                 total = n_k + n_p
                 size = (total + k_splits - 1) // k_splits
                 lo = split * size
                 hi = jnp.minimum(total, lo + size)
-                k0 = jnp.minimum(lo, n_k)
-                acc = _k_loop(x_ref, (), lambda k: w_at(k0 + k), rows_T, ok_T, jnp.maximum(jnp.minimum(hi, n_k) - k0, 0),
-                              block_k, acc, mixed=mixed, k0=k0)
+                if base:
+                    k0 = jnp.minimum(lo, n_k)
+                    acc = _k_loop(r["x"], (), lambda k: w_at(k0 + k), rows_T, ok_T,
+                                  jnp.maximum(jnp.minimum(hi, n_k) - k0, 0), block_k, acc, mixed=mixed, k0=k0)
                 if lora:
                     i0 = jnp.maximum(lo, n_k) - n_k
-                    acc = _k_loop(v_ref, (g,), lambda i: b_at(i0 + i), rows_T, ok_T, jnp.maximum(hi - n_k - i0, 0),
+                    acc = _k_loop(r["v"], (g,), lambda i: b_at(i0 + i), rows_T, ok_T, jnp.maximum(hi - n_k - i0, 0),
                                   block_p, acc, mixed=mixed, k0=i0)
 
             def store(y_TxN):
-                plgpu.store(rows_at(o_refs[g], (), rows_T, n0, block_n, mixed=mixed), y_TxN.astype(o_refs[g].dtype),
-                            mask=jnp.broadcast_to(ok_T[:, None], (block_t, block_n)))
+                o = r["o"][g]
+                plgpu.store(rows_at(o, (), rows_T, n0, block_n, mixed=mixed), y_TxN.astype(o.dtype), mask=mask)
 
-            _split_store(part_ref, count_ref, first // k_splits + blk, acc, (), split, k_splits, rows_T, ok_T,
+            _split_store(r["part"], r["count"], first // k_splits + blk, acc, (), split, k_splits, rows_T, ok_T,
                          col_first + n0, block_n, store, gpu_sync=gpu_sync, mixed=mixed)
 
         pl.when((q >= first) & (q < first + n_blocks * k_splits))(body)
@@ -253,23 +289,24 @@ def _linear_kernel(*refs, G, n_out, n_tokens, block_t, block_n, block_k, block_p
         col_first += n_out[g]
 
 
-def linear_slab(x_TxI, ws_IxO, v_GxTxP, b_slab_GxPxO, n_rows, offset=0, *, block_n: int = 64, block_k: int = 128,
-                block_p: int = 64, k_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
-                interpret: bool | None = None,
-                mixed_index: bool | None = None) -> tuple[jax.Array, ...]:
-    """`x @ W_g + v_g @ B_g` for G projections in one launch (module doc); `v=None`: the plain GEMM."""
-    ws_IxO = tuple(ws_IxO)
+def _linear_call(x_TxI, ws_IxO, ys_TxO, v_GxTxP, b_slab_GxPxO, shrink_args, n_rows, offset, *, block_n, block_k,
+                 block_p, k_splits, shrink_splits, num_warps, num_stages, interpret, mixed_index, name):
+    """One launch of `_linear_kernel`: the base GEMM (`ws_IxO`, or None: `ys_TxO` is accumulated into),
+    the slab's K extension (`v`, `b`, or None), and optionally a shrink's programs (`shrink_args`)."""
+    base = ys_TxO is None
     T, H_in = x_TxI.shape
-    G = len(ws_IxO)
-    if not 1 <= T <= MAX_TOKENS:
-        raise ValueError(f"linear_slab takes 1..{MAX_TOKENS} tokens (decode-sized calls), got {T}")
+    G = len(ws_IxO) if base else len(ys_TxO)
+    _check_tokens(T, name)
     _check_blocks(block_n=block_n, block_k=block_k, block_p=block_p)
-    if H_in % block_k:
-        raise ValueError(f"H_in={H_in} must be a multiple of block_k={block_k}")
-    for w in ws_IxO:
-        if w.shape[0] != H_in or w.shape[1] % block_n:
-            raise ValueError(f"weight {w.shape} does not take x {x_TxI.shape} in blocks of {block_n} columns")
-    n_out = tuple(w.shape[1] for w in ws_IxO)
+    n_out = tuple(w.shape[1] for w in ws_IxO) if base else tuple(y.shape[1] for y in ys_TxO)
+    if base:
+        if H_in % block_k:
+            raise ValueError(f"H_in={H_in} must be a multiple of block_k={block_k}")
+        for w in ws_IxO:
+            if w.shape[0] != H_in or w.shape[1] % block_n:
+                raise ValueError(f"weight {w.shape} does not take x {x_TxI.shape} in blocks of {block_n} columns")
+    elif any(y.shape[0] != T or y.shape[1] % block_n for y in ys_TxO):
+        raise ValueError(f"outputs {[y.shape for y in ys_TxO]} are not {T} rows in blocks of {block_n} columns")
     lora = v_GxTxP is not None
     if lora:
         P = v_GxTxP.shape[-1]
@@ -280,27 +317,89 @@ def linear_slab(x_TxI, ws_IxO, v_GxTxP, b_slab_GxPxO, n_rows, offset=0, *, block
     interpret = default_interpret() if interpret is None else interpret
     mixed = (not interpret) if mixed_index is None else mixed_index
     n_blocks = sum(n // block_n for n in n_out)
-    n_k = H_in // block_k
+    n_k = H_in // block_k if base else max(1, v_GxTxP.shape[-1] // block_p)
     k_splits = _default_splits(n_blocks, n_k, target=160) if k_splits is None else k_splits
     if k_splits < 1 or k_splits > n_k:
-        raise ValueError(f"k_splits={k_splits} must be in 1..{n_k} (the K blocks of H_in)")
-    kernel = functools.partial(_linear_kernel, G=G, n_out=n_out, n_tokens=T, block_t=_pow2_ceil(max(16, T)),
-                               block_n=block_n, block_k=block_k, block_p=block_p, h_in=H_in, k_splits=k_splits,
-                               lora=lora, gpu_sync=not interpret, mixed=mixed)
-    args = (_scalars(n_rows, offset), x_TxI, *ws_IxO,
-            *((v_GxTxP, b_slab_GxPxO) if lora else ()), jnp.zeros((n_blocks,), jnp.int32))
+        raise ValueError(f"k_splits={k_splits} must be in 1..{n_k} (the K blocks)")
+    shrink, n_shrink, shrink_outs = None, 0, ()
+    if shrink_args is not None:
+        a_slab, lo_GxT, hi_GxT = shrink_args
+        shrink, n_shrink, shrink_outs = _shrink_call(x_TxI, a_slab, lo_GxT, hi_GxT, block_p, block_k, shrink_splits)
+        shrink["n_programs"] = n_shrink
+    ins = [("scal", _scalars(n_rows, offset)), ("x", x_TxI)]
+    ins += [("w", tuple(ws_IxO))] if base else [("y_in", tuple(ys_TxO))]
+    ins += [("v", v_GxTxP), ("b", b_slab_GxPxO)] if lora else []
+    if shrink is not None:
+        ins += [("lo", lo_GxT.astype(jnp.int32)), ("hi", hi_GxT.astype(jnp.int32)), ("a", a_slab),
+                ("count_s_in", jnp.zeros(shrink_outs[2].shape, jnp.int32))]
+    ins += [("count_in", jnp.zeros((n_blocks,), jnp.int32))]
+    outs = [("o", tuple(jax.ShapeDtypeStruct((T, n), x_TxI.dtype if base else ys_TxO[0].dtype) for n in n_out)),
+            ("part", jax.ShapeDtypeStruct((k_splits, T, sum(n_out)) if k_splits > 1 else (1, 1, 1), jnp.float32)),
+            ("count", jax.ShapeDtypeStruct((n_blocks,), jnp.int32))]
+    if shrink is not None:
+        outs += [("v_out", shrink_outs[0]), ("part_s", shrink_outs[1]), ("count_s", shrink_outs[2])]
+    count = lambda v: len(v) if isinstance(v, tuple) else 1  # noqa: E731
+    spec = tuple((n, len(v) if isinstance(v, tuple) else None) for n, v in ins + outs)
+    flat_in = [a for _, v in ins for a in (v if isinstance(v, tuple) else (v,))]
+    flat_out = [a for _, v in outs for a in (v if isinstance(v, tuple) else (v,))]
+    where = {n: i for i, n in enumerate(a for n, v in ins for a in [n] * count(v))}
+    out_at = {n: i for i, n in enumerate(a for n, v in outs for a in [n] * count(v))}
+    aliases = {where["count_in"]: out_at["count"]}
+    if shrink is not None:
+        aliases[where["count_s_in"]] = out_at["count_s"]
+    if not base:  # y in place
+        first_y = [i for i, (n, _) in enumerate((n, 0) for n, v in ins for _ in range(count(v))) if n == "y_in"][0]
+        aliases.update({first_y + g: g for g in range(G)})
+    kernel = functools.partial(_linear_kernel, spec=spec, G=G, n_out=n_out, n_tokens=T,
+                               block_t=_pow2_ceil(max(16, T)), block_n=block_n, block_k=block_k, block_p=block_p,
+                               h_in=H_in, k_splits=k_splits, base=base, lora=lora, shrink=shrink,
+                               gpu_sync=not interpret, mixed=mixed)
     out = pl.pallas_call(
         kernel,
-        out_shape=(*(jax.ShapeDtypeStruct((T, n), x_TxI.dtype) for n in n_out),
-                   jax.ShapeDtypeStruct((k_splits, T, sum(n_out)) if k_splits > 1 else (1, 1, 1), jnp.float32),
-                   jax.ShapeDtypeStruct((n_blocks,), jnp.int32)),
-        grid=(n_blocks * k_splits,),
-        input_output_aliases={len(args) - 1: G + 1},
+        out_shape=tuple(flat_out),
+        grid=(n_shrink + n_blocks * k_splits,),
+        input_output_aliases=aliases,
         compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name=f"linear_slab_x{G}" if lora else f"linear_x{G}",
-    )(*args)
-    return tuple(out[:G])
+        name=f"{name}_x{G}",
+    )(*flat_in)
+    ys = tuple(out[:G])
+    return ys if shrink is None else (ys, out[out_at["v_out"]])
+
+
+def linear_slab(x_TxI, ws_IxO, v_GxTxP, b_slab_GxPxO, n_rows, offset=0, *, block_n: int = 64, block_k: int = 128,
+                block_p: int = 64, k_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
+                interpret: bool | None = None, mixed_index: bool | None = None) -> tuple[jax.Array, ...]:
+    """`x @ W_g + v_g @ B_g` for G projections in one launch (module doc); `v=None`: the plain GEMM."""
+    return _linear_call(x_TxI, tuple(ws_IxO), None, v_GxTxP, b_slab_GxPxO, None, n_rows, offset, block_n=block_n,
+                        block_k=block_k, block_p=block_p, k_splits=k_splits, shrink_splits=1, num_warps=num_warps,
+                        num_stages=num_stages, interpret=interpret, mixed_index=mixed_index,
+                        name="linear_slab" if v_GxTxP is not None else "linear")
+
+
+def linear_shrink_slab(x_TxI, ws_IxO, a_slab_GxIxP, lo_GxT, hi_GxT, n_rows, offset=0, *, block_n: int = 64,
+                       block_k: int = 128, block_p: int = 64, k_splits: int | None = None, shrink_splits: int = 4,
+                       num_warps: int = 4, num_stages: int = 3, interpret: bool | None = None,
+                       mixed_index: bool | None = None) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    """`(x @ W_g for each g, v)` in one launch: the plain GEMM's programs and `slab_shrink`'s side by side
+    (both stream their weights; neither waits on the other). Then `slab_expand(ys, v, b_slab, ...)`."""
+    if a_slab_GxIxP.ndim != 3 or lo_GxT.shape[0] != len(tuple(ws_IxO)):
+        raise ValueError(f"lo/hi {lo_GxT.shape} must have a row per projection ({len(tuple(ws_IxO))})")
+    return _linear_call(x_TxI, tuple(ws_IxO), None, None, None, (a_slab_GxIxP, lo_GxT, hi_GxT), n_rows, offset,
+                        block_n=block_n, block_k=block_k, block_p=block_p, k_splits=k_splits,
+                        shrink_splits=shrink_splits, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+                        mixed_index=mixed_index, name="linear_shrink_slab")
+
+
+def slab_expand(ys_TxO, v_GxTxP, b_slab_GxPxO, n_rows, offset=0, *, block_n: int = 64, block_p: int = 64,
+                k_splits: int | None = None, num_warps: int = 4, num_stages: int = 3, interpret: bool | None = None,
+                mixed_index: bool | None = None) -> tuple[jax.Array, ...]:
+    """`y_g + v_g @ B_g` (in place: the ys are donated by a caller under jit), one launch for G projections."""
+    ys_TxO = tuple(ys_TxO)
+    x_like = jnp.zeros((ys_TxO[0].shape[0], block_p), ys_TxO[0].dtype)  # only T is read (no base loop)
+    return _linear_call(x_like, None, ys_TxO, v_GxTxP, b_slab_GxPxO, None, n_rows, offset, block_n=block_n,
+                        block_k=block_p, block_p=block_p, k_splits=k_splits, shrink_splits=1, num_warps=num_warps,
+                        num_stages=num_stages, interpret=interpret, mixed_index=mixed_index, name="slab_expand")
 
 
 def slab_shrink_reference(x_TxI, a_slab_GxIxP, lo_GxT, hi_GxT):

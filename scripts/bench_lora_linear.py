@@ -23,6 +23,9 @@ Variants per case:
   `slab[bn{block_n}_s{shrink k_splits}_l{linear k_splits}]` (l0: the kernel's default split) the same
                slab through `pallas_kernels.lora_slab`: the masked shrink GEMM, then the base GEMM
                with its K extended by the slab's rows; `linear[bn_l]` that GEMM alone.
+  `slab_base[bn_s]`  the shrink's programs in the GEMM's launch (`linear_shrink_slab`), then the
+               expand as its own launch (`slab_expand`); `slab_xla[bn_s]` XLA's matmul, then the
+               slab's shrink and expand (`ops.add_lora_slab`: the LoRA alone).
 Configs `c` are `bn{block_n}_bk{block_k}_s{num_stages}_w{num_warps}_u{shrink_unroll}_e{expand_unroll}_k{shrink_k_steps}`
 (k0: all of H_in in one shrink program; e0: the default expand step).
 
@@ -61,7 +64,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import profiling  # noqa: E402
 from bench_kernels import git_commit, measure_ceilings, slope_time  # noqa: E402
 from pallas_kernels.lora_linear import lora_linear_paged_group, lora_linear_reference  # noqa: E402
-from pallas_kernels.lora_slab import linear_slab, slab_shrink  # noqa: E402
+from pallas_kernels.lora_slab import linear_shrink_slab, linear_slab, slab_expand, slab_shrink  # noqa: E402
 from pallas_kernels.sgmv_paged import sgmv_shrink_paged_group  # noqa: E402
 from slora_jax.ops import (  # noqa: E402
     KernelConfig,
@@ -265,13 +268,21 @@ def main(argv=None):
                             for g in range(G)])
             slabs.append((a_, b_))
 
-        def op_slab_pallas(rows, args, bn, lora=True, sk=4, lk=None):
+        def op_slab_pallas(rows, args, bn, lora=True, sk=4, lk=None, mode="ext"):
             x, Ws, slot, a_slab, b_slab = args
             if not lora:
                 return linear_slab(x, Ws, None, None, None, block_n=bn, k_splits=lk, interpret=interpret)
             lo = jnp.where(slot >= 0, slot * r, 0).astype(jnp.int32)
             lo_GxT = jnp.broadcast_to(lo, (G, T))
-            v = slab_shrink(x, a_slab, lo_GxT, lo_GxT + r * (slot >= 0), n * r, k_splits=sk, interpret=interpret)
+            hi_GxT = lo_GxT + r * (slot >= 0)
+            if mode == "base":  # the shrink's programs beside the GEMM's, then the expand
+                ys, v = linear_shrink_slab(x, Ws, a_slab, lo_GxT, hi_GxT, n * r, block_n=bn, k_splits=lk,
+                                           shrink_splits=sk, interpret=interpret)
+                return slab_expand(ys, v, b_slab, n * r, block_n=bn, interpret=interpret)
+            v = slab_shrink(x, a_slab, lo_GxT, hi_GxT, n * r, k_splits=sk, interpret=interpret)
+            if mode == "xla":  # XLA's matmul, then the slab's expand accumulating into it
+                return slab_expand(tuple(jnp.dot(x, W) for W in Ws), v, b_slab, n * r, block_n=bn,
+                                   interpret=interpret)
             return linear_slab(x, Ws, v, b_slab, n * r, block_n=bn, k_splits=lk, interpret=interpret)
 
         variants = [("xla", functools.partial(op_xla, lora=False), False, "pair"),
@@ -284,6 +295,10 @@ def main(argv=None):
         for bn, sk, lk in ((64, 4, None), (64, 1, None), (64, 16, None), (64, 4, 1), (32, 4, None)):
             variants.append((f"slab[bn{bn}_s{sk}_l{lk or 0}]",
                              functools.partial(op_slab_pallas, bn=bn, sk=sk, lk=lk), True, "slab"))
+        for mode in ("base", "xla"):
+            for sk in (4, 1):
+                variants.append((f"slab_{mode}[bn64_s{sk}]", functools.partial(op_slab_pallas, bn=64, sk=sk, mode=mode),
+                                 True, "slab"))
         sweep = [SWEEP[i] for i in map(int, args.sweep.split(","))] if args.sweep not in ("", "all") else list(SWEEP)
         configs = [DEFAULT] + (sweep if args.sweep and (group, T, n) in cases[:2] else [])
         for c in configs:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels.lora_slab import linear_slab, linear_slab_reference, slab_shrink, slab_shrink_reference
-from slora_jax.ops import KernelConfig, lora_linear_slab, lora_reference, random_slot_weights, slab_fits
+from slora_jax.ops import (KernelConfig, add_lora_slab, lora_linear_slab, lora_reference, random_slot_weights,
+                           slab_fits)
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
@@ -110,8 +113,37 @@ def test_lora_linear_slab_equals_the_reference_lora_on_slots():
     cfg = KernelConfig(slab_block_n=32, slab_block_k=32, slab_block_p=16, interpret=True)
     assert slab_fits(T, H, outs, cfg) and not slab_fits(T, 48, outs, cfg) and not slab_fits(300, H, outs, cfg)
     G = len(outs)
-    got = lora_linear_slab(x, ws, jnp.asarray(a), jnp.asarray(b), jnp.asarray(np.tile(lo, (G, 1))),
-                           jnp.asarray(np.tile(hi, (G, 1))), int(ranks.sum()), config=cfg)
-    for y, w, slot in zip(got, ws, slots):
-        want = lora_reference(jnp.dot(x, w, precision="highest"), x, slot, jnp.asarray(slot_T))
-        assert _rel(y, want) < 1e-5
+    args = (jnp.asarray(a), jnp.asarray(b), jnp.asarray(np.tile(lo, (G, 1))), jnp.asarray(np.tile(hi, (G, 1))),
+            int(ranks.sum()))
+    bases = tuple(jnp.dot(x, w, precision="highest") for w in ws)
+    wants = [lora_reference(y, x, slot, jnp.asarray(slot_T)) for y, slot in zip(bases, slots)]
+    for got in (lora_linear_slab(x, ws, *args, config=cfg),
+                lora_linear_slab(x, ws, *args, config=dataclasses.replace(cfg, slab_shrink_with_base=True)),
+                add_lora_slab(bases, x, *args, config=cfg)):
+        for y, want in zip(got, wants):
+            assert _rel(y, want) < 1e-5
+
+
+@pytest.mark.parametrize("T,outs,splits,expand_splits", [(9, (64, 32, 32), 2, 1), (40, (64,), 1, 2)])
+def test_shrink_beside_the_base_gemm_then_the_expand(T, outs, splits, expand_splits):
+    """`linear_shrink_slab` (the GEMM's and the shrink's programs in one launch), then `slab_expand`
+    (`y += v @ B` in place), give what `slab_shrink` and `linear_slab` give."""
+    from pallas_kernels.lora_slab import linear_shrink_slab, slab_expand
+
+    rng = np.random.default_rng(T)
+    H, P, G, n_rows = 128, 64, len(outs), 48
+    x = jnp.asarray(rng.standard_normal((T, H)), jnp.float32)
+    ws = tuple(jnp.asarray(rng.standard_normal((H, o)) / 8, jnp.float32) for o in outs)
+    a = jnp.asarray(rng.standard_normal((G + 1, H, P)) / np.sqrt(H), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((G + 1, P, max(outs))) / 4, jnp.float32)
+    lo, hi = _ranges(rng, G, T, n_rows)
+    blocks = dict(block_n=32, block_p=16, interpret=True)
+    ys, v = linear_shrink_slab(x, ws, a, lo, hi, n_rows, 1, block_k=32, shrink_splits=splits, **blocks)
+    want_v = slab_shrink(x, a, lo, hi, n_rows, 1, block_p=16, block_k=32, k_splits=splits, interpret=True)
+    assert _rel(v, want_v) < 1e-6 and not np.asarray(v[:, :, n_rows:]).any()
+    for y, w in zip(ys, linear_slab_reference(x, ws, None, None)):
+        assert _rel(y, w) < 1e-5
+    got = jax.jit(lambda ys, v: slab_expand(ys, v, b, n_rows, 1, k_splits=expand_splits, **blocks),
+                  donate_argnums=0)(ys, v)
+    for y, w in zip(got, linear_slab_reference(x, ws, want_v, b[1:])):
+        assert _rel(y, w) < 1e-5

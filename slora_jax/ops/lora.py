@@ -34,7 +34,7 @@ import numpy as np
 from pallas_kernels.lora_linear import MAX_TOKENS as LINEAR_MAX_TOKENS
 from pallas_kernels.lora_linear import lora_linear_paged_group, paged_row_table
 from pallas_kernels.lora_slab import MAX_TOKENS as SLAB_MAX_TOKENS
-from pallas_kernels.lora_slab import linear_slab, slab_shrink
+from pallas_kernels.lora_slab import linear_shrink_slab, linear_slab, slab_expand, slab_shrink
 from pallas_kernels.sgmv_expand import expand_reference, sgmv_expand
 from pallas_kernels.sgmv_fused import sgmv_fused, sgmv_fused_paged
 from pallas_kernels.sgmv_paged import (
@@ -398,6 +398,10 @@ class KernelConfig:
     # slab: K splits of the base GEMM, 0: enough for ~160 programs (7B o at 64 tokens: 4 splits, 14.4 us
     # against 18.3 unsplit; q/k/v: 1)
     slab_linear_splits: int = 0
+    # slab: True runs the shrink's programs in the base GEMM's launch (`linear_shrink_slab`, neither waits on
+    # the other), then the expand as its own launch (`slab_expand`); False: the shrink's launch, then the
+    # GEMM with its K extended. Not yet measured on a GPU (session 14).
+    slab_shrink_with_base: bool = False
     slab_warps: int = 4
     slab_stages: int = 3
     chunk: int = 64  # fused, dense slots: K/N block (pages: the pool's row width C)
@@ -719,8 +723,10 @@ def lora_linear_slab(x_TxI: jax.Array, ws_IxO, a_slab, b_slab, lo_GxT, hi_GxT, n
       lo_GxT, hi_GxT: int32 `[G, T]`, the slab rows `[lo, hi)` of each token's adapter in
         projection g (lo = hi: none).
       n_rows: used slab rows (int32 scalar; the kernels read no further).
-    Returns `y_g [T, N_g]` in x's dtype: two launches (`slab_shrink`, then `linear_slab`), both
-    plain pipelined GEMMs over dense operands.
+    Returns `y_g [T, N_g]` in x's dtype: two launches of plain pipelined GEMMs over dense operands,
+    `slab_shrink` then `linear_slab` (the base GEMM with its K extended by the slab), or with
+    `config.slab_shrink_with_base` `linear_shrink_slab` (the GEMM and the shrink side by side) then
+    `slab_expand`.
     """
     cfg = config or KernelConfig()
     ws_IxO = tuple(ws_IxO)
@@ -729,11 +735,31 @@ def lora_linear_slab(x_TxI: jax.Array, ws_IxO, a_slab, b_slab, lo_GxT, hi_GxT, n
         raise ValueError(f"lora_linear_slab takes 1..{SLAB_MAX_TOKENS} tokens, H_in a multiple of "
                          f"slab_block_k={cfg.slab_block_k} and outputs of slab_block_n={cfg.slab_block_n}; got x "
                          f"{x_TxI.shape}, outputs {[w.shape[1] for w in ws_IxO]}")
-    launch = dict(block_k=cfg.slab_block_k, block_p=cfg.slab_block_p, num_warps=cfg.slab_warps,
-                  num_stages=cfg.slab_stages, interpret=cfg.interpret)
-    v_GxTxP = slab_shrink(x_TxI, a_slab, lo_GxT, hi_GxT, n_rows, offset, k_splits=cfg.slab_shrink_splits, **launch)
+    launch = dict(block_p=cfg.slab_block_p, num_warps=cfg.slab_warps, num_stages=cfg.slab_stages,
+                  interpret=cfg.interpret)
+    splits = cfg.slab_linear_splits or None
+    if cfg.slab_shrink_with_base:
+        ys, v_GxTxP = linear_shrink_slab(x_TxI, ws_IxO, a_slab, lo_GxT, hi_GxT, n_rows, offset,
+                                         block_n=cfg.slab_block_n, block_k=cfg.slab_block_k, k_splits=splits,
+                                         shrink_splits=cfg.slab_shrink_splits, **launch)
+        return slab_expand(ys, v_GxTxP, b_slab, n_rows, offset, block_n=cfg.slab_block_n, **launch)
+    v_GxTxP = slab_shrink(x_TxI, a_slab, lo_GxT, hi_GxT, n_rows, offset, block_k=cfg.slab_block_k,
+                          k_splits=cfg.slab_shrink_splits, **launch)
     return linear_slab(x_TxI, ws_IxO, v_GxTxP, b_slab, n_rows, offset, block_n=cfg.slab_block_n,
-                       k_splits=cfg.slab_linear_splits or None, **launch)
+                       block_k=cfg.slab_block_k, k_splits=splits, **launch)
+
+
+def add_lora_slab(ys_TxO, x_TxI: jax.Array, a_slab, b_slab, lo_GxT, hi_GxT, n_rows, offset=0, *,
+                  config: KernelConfig | None = None) -> tuple[jax.Array, ...]:
+    """`y_g + (x @ A) @ B` per token, for projections sharing x, with the adapters in a dense slab: the
+    slab layout's `add_lora_group` (arguments as `lora_linear_slab`'s; `ys` the base outputs `[T, N_g]`).
+    Two launches: `slab_shrink`, then `slab_expand` accumulating into the ys."""
+    cfg = config or KernelConfig()
+    launch = dict(block_p=cfg.slab_block_p, num_warps=cfg.slab_warps, num_stages=cfg.slab_stages,
+                  interpret=cfg.interpret)
+    v_GxTxP = slab_shrink(x_TxI, a_slab, lo_GxT, hi_GxT, n_rows, offset, block_k=cfg.slab_block_k,
+                          k_splits=cfg.slab_shrink_splits, **launch)
+    return slab_expand(tuple(ys_TxO), v_GxTxP, b_slab, n_rows, offset, block_n=cfg.slab_block_n, **launch)
 
 
 def shrink(x_TxI: jax.Array, w: Weights, meta: LoraMeta, *, impl: str = "pallas",
