@@ -46,7 +46,8 @@ def test_model_lora_kernels_on_gpu_equal_reference(kernel, T):
     assert rel_err(got, want) < 5e-3
 
 
-@pytest.mark.parametrize("splits", [(1, 1), (2, 2), (4, 0)])  # (shrink, base GEMM) K splits; 0: the heuristic
+# (shrink, base GEMM) K splits (0: the heuristic), and the shrink in the GEMM's launch then the expand alone
+@pytest.mark.parametrize("splits", [(1, 1, False), (2, 2, False), (4, 0, False), (4, 0, True)])
 @pytest.mark.parametrize("T", [1, 24])
 def test_model_on_the_slab_on_gpu_equals_reference(splits, T):
     """The slab kernels compiled (the shrink's last program of a block sums the split partials; the
@@ -58,7 +59,8 @@ def test_model_on_the_slab_on_gpu_equals_reference(splits, T):
 
     slots = np.random.default_rng(T).integers(-1, 3, (3, T)).astype(np.int32)
     params, toks, pos, cache, ref, slab = slab_lora_case(slots, slab_shrink_splits=splits[0],
-                                                         slab_linear_splits=splits[1], **KERNEL)
+                                                         slab_linear_splits=splits[1],
+                                                         slab_shrink_with_base=splits[2], **KERNEL)
     run = jax.jit(forward, static_argnums=1)
     want, _ = run(params, CFG, toks, pos, cache, ref)
     got, _ = run(params, CFG, toks, pos, cache, slab)
