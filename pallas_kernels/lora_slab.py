@@ -62,6 +62,8 @@ from pallas_kernels.compat import compiler_params, default_interpret, pl, plgpu
 from pallas_kernels.sgmv_shrink import _iota, rows_at
 
 MAX_TOKENS = 256
+# Shared memory a program may take (Hopper allows 227 KiB a block), less room for Triton's own scratch.
+SMEM_BUDGET = 200 * 1024
 
 
 def _pow2_ceil(n: int) -> int:
@@ -156,6 +158,17 @@ def _check_blocks(**blocks):
             raise ValueError(f"{what} must be a power of two >= 16, got {v}")
 
 
+def _fit_stages(num_stages: int, stage_bytes: int) -> int:
+    """`num_stages`, fewer where that many pipeline buffers of `stage_bytes` overflow `SMEM_BUDGET`
+    (at 256 tokens, 3 stages of a 128-deep K step take 240 KiB: a launch error on an H200)."""
+    return max(1, min(num_stages, SMEM_BUDGET // stage_bytes))
+
+
+def _stage_bytes(block_t: int, block_k: int, block_n: int, dtype) -> int:
+    """One pipeline stage of a K loop: an x tile `[block_t, block_k]` and a weight tile `[block_k, block_n]`."""
+    return (block_t * block_k + block_k * block_n) * jnp.dtype(dtype).itemsize
+
+
 def _default_splits(n_programs: int, n_k: int, target: int) -> int:
     """The smallest power-of-two K split that gives `target` programs, at most n_k."""
     s = 1
@@ -220,7 +233,8 @@ def slab_shrink(x_TxI, a_slab_GxIxP, lo_GxT, hi_GxT, n_rows, offset=0, *, block_
         out_shape=outs,
         grid=(n_programs,),
         input_output_aliases={5: 2},
-        compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=compiler_params(num_warps=num_warps, num_stages=_fit_stages(
+            num_stages, _stage_bytes(kw["block_t"], block_k, block_p, x_TxI.dtype))),
         interpret=interpret,
         name=f"slab_shrink_x{lo_GxT.shape[0]}",
     )(_scalars(n_rows, offset), lo_GxT.astype(jnp.int32), hi_GxT.astype(jnp.int32), x_TxI, a_slab_GxIxP,
@@ -350,8 +364,13 @@ def _linear_call(x_TxI, ws_IxO, ys_TxO, v_GxTxP, b_slab_GxPxO, shrink_args, n_ro
     if not base:  # y in place
         first_y = [i for i, (n, _) in enumerate((n, 0) for n, v in ins for _ in range(count(v))) if n == "y_in"][0]
         aliases.update({first_y + g: g for g in range(G)})
+    block_t = _pow2_ceil(max(16, T))
+    # the base loop's and the slab loop's buffers, and a shrink's beside them (branches of one kernel)
+    stage = max(_stage_bytes(block_t, block_k, block_n, x_TxI.dtype) if base else 0,
+                _stage_bytes(block_t, block_p, block_n, x_TxI.dtype) if lora else 0)
+    stage += _stage_bytes(block_t, block_k, block_p, x_TxI.dtype) if shrink is not None else 0
     kernel = functools.partial(_linear_kernel, spec=spec, G=G, n_out=n_out, n_tokens=T,
-                               block_t=_pow2_ceil(max(16, T)), block_n=block_n, block_k=block_k, block_p=block_p,
+                               block_t=block_t, block_n=block_n, block_k=block_k, block_p=block_p,
                                h_in=H_in, k_splits=k_splits, base=base, lora=lora, shrink=shrink,
                                gpu_sync=not interpret, mixed=mixed)
     out = pl.pallas_call(
@@ -359,7 +378,7 @@ def _linear_call(x_TxI, ws_IxO, ys_TxO, v_GxTxP, b_slab_GxPxO, shrink_args, n_ro
         out_shape=tuple(flat_out),
         grid=(n_shrink + n_blocks * k_splits,),
         input_output_aliases=aliases,
-        compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=compiler_params(num_warps=num_warps, num_stages=_fit_stages(num_stages, stage)),
         interpret=interpret,
         name=f"{name}_x{G}",
     )(*flat_in)

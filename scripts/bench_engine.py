@@ -78,8 +78,9 @@ def tiny_check(tp: int = 1) -> dict:
 class StepRecorder:
     """Wraps the engine's jitted step to keep the arguments of its calls (to re-run one alone).
 
-    `pick()` chooses the call in the middle of those since the last `clear()`: the last call
-    of a run is not representative (the prompts are prefilled in waves, so the last decode
+    `pick()` chooses the call `keep()` held (`run_batch` keeps the middle step of the whole batch
+    decoding), else the middle of those since the last `clear()`: the last call of a run is not
+    representative (the prompts are prefilled in waves, so the last decode
     steps hold only the last wave's requests: a quarter of the batch and of its KV reads).
     """
 
@@ -88,13 +89,23 @@ class StepRecorder:
         self.last = None
         self.calls: list[tuple] = []
         self.dispatch_s: list[float] = []  # host time inside each call (tracing cache hit, launch)
+        self.kept = None
 
     def clear(self):
         self.calls.clear()
         self.dispatch_s.clear()
 
+    def keep(self):
+        """Hold a copy of the last call's inputs (but the pool, donated anyway) for `pick`: a later slab
+        compaction (as requests finish) donates the slab that call read (`LoraSlab.ensure`)."""
+        (params, _, *rest), kw = self.last
+        copy = lambda x: x.copy() if isinstance(x, jax.Array) else x  # noqa: E731
+        self.kept = ((params, None, *jax.tree.map(copy, rest)), jax.tree.map(copy, kw))
+
     def pick(self):
-        self.last = self.calls[len(self.calls) // 2]
+        """The call the re-runs replay: the one `keep` held, else the middle one."""
+        self.last = self.kept if self.kept is not None else self.calls[len(self.calls) // 2]
+        self.kept = None
 
     def __call__(self, *args, **kw):
         self.last = (args, kw)
@@ -157,7 +168,10 @@ def pool_sized_copy_lines(hlo_text: str, pool_shape) -> list[str]:
     return out
 
 
-def run_batch(engine: Engine, batch: int, prompt_len: int, new: int, adapters: list, seed: int) -> list[float]:
+def run_batch(engine: Engine, batch: int, prompt_len: int, new: int, adapters: list, seed: int,
+              rec: StepRecorder | None = None) -> list[float]:
+    """Serve `batch` requests; the wall seconds of each step of the whole batch decoding. `rec`: keep
+    the middle such step's inputs."""
     rng = np.random.default_rng(seed)
     for i in range(batch):
         engine.submit(rng.integers(3, min(30000, engine.cfg.vocab_size), prompt_len).tolist(), adapters[i],
@@ -169,6 +183,8 @@ def run_batch(engine: Engine, batch: int, prompt_len: int, new: int, adapters: l
         engine.step()  # sync: returns after this step's tokens reach the host; overlapped: the last step's
         if decoding:
             times.append(time.perf_counter() - t)
+            if rec is not None and len(times) == new // 2:
+                rec.keep()
     for rid in list(engine._requests):
         engine.release(rid)
     return times
@@ -235,7 +251,7 @@ def bench_7b(bw_GBps: float, batch: int, n_adapters: int, prompt_len: int, new: 
                 names = [f"a{i}" for i in draw]
             run_batch(engine, batch, prompt_len, 4, names, seed=0)  # warm-up: compiles the buckets
             rec.clear()
-            times = run_batch(engine, batch, prompt_len, new, names, seed=1)
+            times = run_batch(engine, batch, prompt_len, new, names, seed=1, rec=rec)
             dispatch = float(np.median(rec.dispatch_s[-len(times):])) if times else nan
             rec.pick()  # a decode step of the whole batch (the re-runs below and the profile use it)
             rec.calls.clear()

@@ -65,3 +65,25 @@ def test_model_on_the_slab_on_gpu_equals_reference(splits, T):
     want, _ = run(params, CFG, toks, pos, cache, ref)
     got, _ = run(params, CFG, toks, pos, cache, slab)
     assert rel_err(got, want) < 5e-3
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+@pytest.mark.parametrize("T", [64, 256])
+def test_slab_at_default_blocks_on_gpu_equals_reference(T, with_base):
+    """7B q/k/v shapes (GQA), bf16, the default blocks: 256 tokens fit in shared memory (fewer stages)."""
+    from test_lora_slab import _ranges
+
+    from pallas_kernels.lora_slab import linear_slab_reference, slab_shrink_reference
+    from slora_jax.ops import KernelConfig, lora_linear_slab
+
+    rng = np.random.default_rng(T)
+    H, outs, P, n_rows = 4096, (4096, 1024, 1024), 768, 752
+    x = jnp.asarray(rng.standard_normal((T, H)), jnp.bfloat16)
+    ws = tuple(jnp.asarray(rng.standard_normal((H, o)) / 64, jnp.bfloat16) for o in outs)
+    a = jnp.asarray(rng.standard_normal((3, H, P)) / 64, jnp.bfloat16)
+    b = jnp.asarray(rng.standard_normal((3, P, 4096)) / 4, jnp.bfloat16)
+    lo, hi = _ranges(rng, 3, T, n_rows)
+    got = lora_linear_slab(x, ws, a, b, lo, hi, n_rows, config=KernelConfig(slab_shrink_with_base=with_base))
+    want = linear_slab_reference(x, ws, slab_shrink_reference(x, a, lo, hi), b)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 2e-2

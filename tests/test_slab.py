@@ -12,6 +12,7 @@ from slora_jax.config import preset
 from slora_jax.engine.sampling import SamplingParams
 from slora_jax.errors import ConfigError
 from slora_jax.memory.pool import PoolLayout
+from slora_jax.memory import slab as slab_mod
 from slora_jax.memory.slab import GROUPS, LoraSlab, SlabLora
 from test_engine import random_prompts, tiny_engine
 
@@ -52,7 +53,8 @@ def test_a_batch_past_the_slab_is_refused():
         LoraSlab(cfg, PoolLayout.for_model(cfg, 8, 4, 16), 40, jnp.float32, block=16)
 
 
-def test_engine_with_a_slab_gives_the_same_tokens_and_holds_the_adapters_weights():
+def test_engine_with_a_slab_gives_the_same_tokens_and_holds_the_adapters_weights(monkeypatch):
+    monkeypatch.setattr(slab_mod, "WRITE_CHUNK", 2)  # three adapters: a full chunk and a padded one
     prompts = random_prompts(250, [4, 9, 2, 7, 5, 3], seed=6)
     adapters = ["a0", "a1", "a2", "a0", None, "a1"]
     sp = SamplingParams(max_new_tokens=6)

@@ -37,6 +37,7 @@ from slora_jax.errors import ConfigError
 from slora_jax.memory.pool import PROJECTIONS, AdapterTable, PoolLayout, paged_weights
 from slora_jax.ops.lora import KernelConfig, lora_linear_slab, slab_fits
 
+WRITE_CHUNK = 8  # adapters copied into the slab by one call of `_write`
 GROUPS: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
 
 
@@ -55,7 +56,7 @@ def _write(arrays, pool, table: AdapterTable, cols_AxR, *, cfg: LlamaConfig, lay
            groups: tuple[int, ...]):
     """Copy the adapters of `table` from their pool pages into the slab (`arrays`, donated).
 
-    `cols_AxR[s, i]`: the slab row of rank row i of table row s; P (out of range) drops it.
+    `cols_AxR[s, i]`: the slab row of rank row i of table row s, all distinct; those >= P are dropped.
     """
     L = cfg.num_hidden_layers
     cols = cols_AxR.reshape(-1)
@@ -72,8 +73,9 @@ def _write(arrays, pool, table: AdapterTable, cols_AxR, *, cfg: LlamaConfig, lay
             a_LxAxIxR, b_LxAxRxO = read(jnp.arange(L))
             # [:, g, :, cols]: g and cols are advanced indices apart, so the indexed dims come first
             a_CxLxI = a_LxAxIxR.transpose(1, 3, 0, 2).reshape(-1, L, h_in)
-            a4 = a4.at[:, g, :, cols].set(a_CxLxI.astype(a.dtype), mode="drop")
-            b4 = b4.at[:, g, cols, :h_out].set(b_LxAxRxO.reshape(L, -1, h_out).astype(b.dtype), mode="drop")
+            a4 = a4.at[:, g, :, cols].set(a_CxLxI.astype(a.dtype), mode="drop", unique_indices=True)
+            b4 = b4.at[:, g, cols, :h_out].set(b_LxAxRxO.reshape(L, -1, h_out).astype(b.dtype), mode="drop",
+                                               unique_indices=True)
         out.append((a4.reshape(a.shape), b4.reshape(b.shape)))
     return tuple(out)
 
@@ -153,15 +155,23 @@ class LoraSlab:
                 new = list(names)  # a new group: every adapter's rows of it
         if not new:
             return
-        cols = np.full((rank_AxP.shape[0], r_max), self.P, np.int32)  # the table's padding rows: dropped
-        for i, n in enumerate(names):
-            if n in new:
-                e = placed[n]
-                cols[i, : e.rows] = e.start + np.arange(e.rows)
+        # Only the joining adapters are read from the pool, `WRITE_CHUNK` table rows a call (one compiled
+        # shape); a short chunk repeats one of its rows, whose columns then all fall past P.
+        rows_new = [i for i, n in enumerate(names) if n in new]
         groups = tuple(sorted(self.arrays))
-        done = _write(tuple(self.arrays[g] for g in groups), pool, jax.tree.map(jnp.asarray, table),
-                      jnp.asarray(cols), cfg=self.cfg, layout=self.layout, r_max=r_max, groups=groups)
-        self.arrays = dict(zip(groups, done))
+        arrays = tuple(self.arrays[g] for g in groups)
+        for c in range(0, len(rows_new), WRITE_CHUNK):
+            chunk = rows_new[c : c + WRITE_CHUNK]
+            pick = np.array(chunk + [chunk[0]] * (WRITE_CHUNK - len(chunk)), np.int32)
+            # Every column index is distinct (those past P are dropped): the scatter needs no atomics.
+            cols = (self.P + np.arange(WRITE_CHUNK * r_max, dtype=np.int32)).reshape(WRITE_CHUNK, r_max)
+            for j, i in enumerate(chunk):
+                e = placed[names[i]]
+                cols[j, : e.rows] = e.start + np.arange(e.rows)
+            sub = AdapterTable(*(jnp.asarray(np.asarray(x)[pick]) for x in table))
+            arrays = _write(arrays, pool, sub, jnp.asarray(cols), cfg=self.cfg, layout=self.layout, r_max=r_max,
+                            groups=groups)
+        self.arrays = dict(zip(groups, arrays))
         self.stats["adapters_written"] += len(new)
 
     def lora_input(self, paged, names: list[str], slot_T: np.ndarray, kernel: KernelConfig | None) -> "SlabLora":
