@@ -121,27 +121,40 @@ class LoraSlab:
 
         Adapters already in the slab stay; the others take the first gap that fits; adapters
         not in the batch give their rows up. If one does not fit, or the rows read would pass
-        `1.25x` the batch's own plus a block, all of them are laid out again from row 0.
+        `1.25x` the batch's own plus a block, the slab compacts: adapters lying within the batch's
+        own row count stay, the rest move to the first gaps (as requests finish, only the top
+        ones are copied); if that still reads too much, all are laid out again from row 0.
         """
         total = sum(need.values())
         if total > self.P:
             raise ConfigError(f"the batch's adapters need {total} slab rows; EngineConfig.lora_slab_rows is {self.P}")
-        placed = {n: e for n, e in self.entries.items() if n in need}
-        new = [n for n in need if n not in placed]
-        for n in new:
-            start = self._fit(need[n], [(e.start, e.start + e.rows) for e in placed.values()])
-            if start is None:
-                break
-            placed[n] = _Entry(start, need[n])
-        high = max((e.start + e.rows for e in placed.values()), default=0)
-        if len(placed) < len(need) or high > 1.25 * total + self.block:
-            placed, at = {}, 0
-            for n, rows in need.items():
-                placed[n] = _Entry(at, rows)
-                at += rows
-            new = list(need)
+        limit = 1.25 * total + self.block
+        kept = {n: e for n, e in self.entries.items() if n in need}
+        placed = self._place(need, kept)
+        if placed is None or self._high(placed) > limit:
             self.stats["compactions"] += 1
-        return placed, new
+            placed = self._place(need, {n: e for n, e in kept.items() if e.start + e.rows <= total})
+            if placed is None or self._high(placed) > limit:
+                placed, at = {}, 0
+                for n, rows in need.items():
+                    placed[n] = _Entry(at, rows)
+                    at += rows
+        return placed, [n for n in need if kept.get(n) != placed[n]]
+
+    def _place(self, need: dict[str, int], kept: dict[str, _Entry]) -> dict[str, _Entry] | None:
+        """`kept` plus the other adapters of `need` at the first gaps that fit (in `need`'s order), or None."""
+        placed = dict(kept)
+        for n, rows in need.items():
+            if n not in placed:
+                start = self._fit(rows, [(e.start, e.start + e.rows) for e in placed.values()])
+                if start is None:
+                    return None
+                placed[n] = _Entry(start, rows)
+        return {n: placed[n] for n in need}
+
+    @staticmethod
+    def _high(placed: dict[str, _Entry]) -> int:
+        return max((e.start + e.rows for e in placed.values()), default=0)
 
     def ensure(self, names: list[str], table: AdapterTable, pool: jax.Array, r_max: int) -> None:
         """Make every adapter of `names` (the rows of `table`, in order) hold slab rows, writing the missing ones."""
