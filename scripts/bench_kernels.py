@@ -56,6 +56,9 @@ reference, check: first call and rel_err, timing (with `--overlap-compile` also 
 wait for a lowering in progress), json, other), summing to `wall_s`; each row's
 `phase_s` has its own impl's share (compile_wait, pages, check, timing).
 Impls take KernelConfig overrides for variants: 'pallas[k_splits=2,expand_block_n=256]'.
+`pallas_slab` times `add_lora_slab` on a slab of each draw's adapters (`slab_from_slots`, rows a power
+of two, copied before the clock starts: the engine keeps its slab across steps and copies only the
+adapters that join); it takes decode-sized calls only (<= 256 tokens; the others are skipped rows).
 
     python scripts/bench_kernels.py --plan-only                  # counts, no device work
     python scripts/bench_kernels.py --budget-s 480 --out /tmp/res
@@ -88,15 +91,20 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from pallas_kernels.lora_slab import MAX_TOKENS as SLAB_MAX_TOKENS  # noqa: E402
 from slora_jax.ops import (  # noqa: E402
     IMPLS,
     KernelConfig,
     PagedWeights,
+    SlotSlab,
     SlotWeights,
     add_lora,
+    add_lora_slab,
     build_lora_meta,
     lora_reference,
     random_slot_weights,
+    slab_fits,
+    slab_from_slots,
 )
 
 N_SLOTS = 1000
@@ -105,7 +113,7 @@ PROJS = ((4096, 4096), (4096, 11008), (11008, 4096), (4096, 1024))
 RANK_CASES = ("8", "16", "64", "128", "mixed")
 MIXED_RANKS = (8, 16, 64, 128)
 POPS = ("distinct", "uniform", "skewed", "identical")
-IMPLS_DEFAULT = ("pallas_paged", "pallas", "loop", "gather_bmm", "onehot", "ragged_dot", "padded_bmm")
+IMPLS_DEFAULT = ("pallas_paged", "pallas_slab", "pallas", "loop", "gather_bmm", "onehot", "ragged_dot", "padded_bmm")
 ENGINE_IMPL = "pallas_paged"  # what the engine runs (paged split pair, chunk = EngineConfig.lora_chunk)
 QUICK = dict(tokens=(1, 64, 256, 4096), projs=((4096, 4096), (4096, 11008)), ranks=("16", "mixed"),
              pops=("distinct", "uniform", "identical"))
@@ -198,13 +206,14 @@ def split_list(values):
 
 
 def parse_impl(spec: str):
-    """'pallas', 'pallas_paged' or 'pallas[fused=0,k_splits=4]' -> (impl, KernelConfig, paged); baselines as is."""
+    """'pallas', 'pallas_paged', 'pallas_slab' or 'pallas[fused=0,k_splits=4]' -> (impl, KernelConfig, paged),
+    impl "slab" for 'pallas_slab'; baselines as is."""
     name, _, rest = spec.partition("[")
     paged = name == "pallas_paged"
-    name = "pallas" if paged else name
-    if name not in IMPLS:
-        raise ValueError(f"unknown impl {spec!r}; choose from {IMPLS} and pallas_paged")
-    if name != "pallas":
+    name = {"pallas_paged": "pallas", "pallas_slab": "slab"}.get(name, name)
+    if name not in (*IMPLS, "slab"):
+        raise ValueError(f"unknown impl {spec!r}; choose from {IMPLS}, pallas_paged and pallas_slab")
+    if name not in ("pallas", "slab"):
         return name, None, False
     kw = {}
     for item in filter(None, rest.rstrip("]").split(",")):
@@ -248,7 +257,10 @@ def paged_abstract(ranks_S, h_in: int, h_out: int, chunk: int) -> PagedWeights:
                         i32((S,)), i32((S,)), i32((S,)), rpp, h_in, h_out, int(max(1, np.max(ranks_S))))
 
 
-def skip_reason(name, T, h_in, h_out, R, n_segments, n_tiles, max_loop_segments=MAX_LOOP_SEGMENTS):
+def skip_reason(name, T, h_in, h_out, R, n_segments, n_tiles, max_loop_segments=MAX_LOOP_SEGMENTS, cfg=None):
+    if name == "slab" and not slab_fits(T, h_in, [h_out], cfg):
+        return (f"the slab kernels take decode-sized calls (<= {SLAB_MAX_TOKENS} tokens) in blocks of "
+                f"{cfg.slab_block_k} (H_in) and {cfg.slab_block_n} (H_out)")
     if name in ("gather_bmm", "reference") and T * (h_in + h_out) * R * 2 > MAX_INTERMEDIATE_BYTES:
         return "gathered per-token weights exceed 8 GB"
     if name == "padded_bmm" and n_tiles * (h_in + h_out) * R * 2 > MAX_INTERMEDIATE_BYTES:
@@ -357,6 +369,32 @@ def make_chain_fn(name, cfg, n_rot, static_metas=None):
             return y
 
     return jax.jit(run, donate_argnums=0)
+
+
+def slab_rows(slots, ranks_S, block: int) -> int:
+    """Slab rows that hold any of the draws' adapters at their own ranks (one shape for the chain), a
+    power of two: the kernels read only the rows in use, so the padding costs memory, not time, and
+    cases share compiles."""
+    need = max(int(np.asarray(ranks_S)[np.unique(s[s >= 0])].sum()) for s in slots)
+    return max(block, 1 << (need - 1).bit_length())
+
+
+def make_slab_chain_fn(cfg, n_rot):
+    """jit: y -> y after `n_rot` chained `add_lora_slab` calls, each on its draw's slab (`slab_from_slots`)."""
+    one = jax.jit(lambda y, x, s: add_lora_slab((y,), x, s.a, s.b, s.lo, s.hi, s.n_rows, config=cfg)[0])
+
+    def run(y, xs, slabs):
+        for j in range(n_rot):
+            y = one(y, xs[j], slabs[j])
+        return y
+
+    return jax.jit(run, donate_argnums=0)
+
+
+def slab_abstract(T: int, h_in: int, h_out: int, P: int) -> SlotSlab:
+    i32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
+    return SlotSlab(jax.ShapeDtypeStruct((1, h_in, P), jnp.bfloat16), jax.ShapeDtypeStruct((1, P, h_out), jnp.bfloat16),
+                    i32((1, T)), i32((1, T)), i32(()))
 
 
 def time_chain(exe, y, args, n_rot, best_call_s, tm: Timing, gate: TraceGate):
@@ -519,6 +557,7 @@ class Case:
     n_tiles: int
     jobs: dict  # impl label -> Future of the compiled chain, or a skip reason (str)
     ref: concurrent.futures.Future  # compiled chunked_reference
+    slab_rows: dict = dataclasses.field(default_factory=dict)  # pallas_slab label -> rows of its draws' slabs
 
     @property
     def group(self):
@@ -616,11 +655,17 @@ class Planner:
         # once per case, not per impl: per impl they took most of prepare's time
         ms_of = {layout: abstract(metas if layout else metas_static) for layout in (True, False)}
         ms_sig = {layout: signature(ms) for layout, ms in ms_of.items()}
-        jobs = {}
+        jobs, rows_of = {}, {}
         for label, (name, cfg, paged) in zip(self.labels, self.impls):
-            reason = skip_reason(name, T, h_in, h_out, R, max(segs), n_tiles, self.max_loop_segments)
+            reason = skip_reason(name, T, h_in, h_out, R, max(segs), n_tiles, self.max_loop_segments, cfg)
             if reason:
                 jobs[label] = reason
+                continue
+            if name == "slab":
+                P = rows_of[label] = slab_rows(slots, ranks_S, cfg.slab_block_p)
+                args = (y, xs, [slab_abstract(T, h_in, h_out, P)] * n_rot)
+                build = lambda cfg=cfg, n_rot=n_rot: make_slab_chain_fn(cfg, n_rot)
+                jobs[label] = self._submit((label, n_rot, signature(args)), label, build, args)
                 continue
             w = self.weights_abstract(h_in, h_out, rank, cfg.chunk if paged else None)
             layout = sizes_by_layout(name, cfg, paged)
@@ -638,7 +683,7 @@ class Planner:
                            ref_args)
         return Case(h_in, h_out, rank, T, pop, n_rot, slots, metas, metas_static,
                     float(np.mean([b for b, _ in bf])), float(np.mean([f for _, f in bf])), max(segs), sum(segs),
-                    n_tiles, jobs, ref)
+                    n_tiles, jobs, ref, rows_of)
 
 
 # ----------------------------------------------------------------------------- running a case
@@ -715,9 +760,15 @@ def run_case(c: Case, data: DeviceData, labels, impls, floor_s, gate: TraceGate,
         try:
             with phases("compile_wait"):
                 exe = job.result()
-            with phases("pages"):
-                w_used = data.paged_weights(cfg.chunk) if paged else w
-            args = (xs, w_used, metas_dev if sizes_by_layout(name, cfg, paged) else metas_static_dev)
+            if name == "slab":  # the draws' adapters copied into slabs first (not timed: the engine keeps
+                with phases("pages"):  # its slab across steps and copies only adapters that join)
+                    args = (xs, [slab_from_slots(w, s, rows=c.slab_rows[label], block=cfg.slab_block_p)
+                                 for s in c.slots])
+                row["slab_rows"] = c.slab_rows[label]
+            else:
+                with phases("pages"):
+                    w_used = data.paged_weights(cfg.chunk) if paged else w
+                args = (xs, w_used, metas_dev if sizes_by_layout(name, cfg, paged) else metas_static_dev)
             with phases("check"):
                 y1 = exe(jnp.copy(y0), *args)
                 err = float(rel_err(y1, y_ref, y0))

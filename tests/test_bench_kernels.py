@@ -88,3 +88,17 @@ def test_bench_engine_pool_copy_detector():
     ])
     got = be.pool_sized_copy_lines(hlo, (32, 2048))
     assert [ln.split(" = ")[0] for ln in got] == ["%copy.7", "%copy_fusion.2"]
+
+
+def test_slab_impl_spec_rows_and_skips(bk):
+    """`pallas_slab[...]` is ours (summaries compare baselines against impls named pallas*), sized to the
+    largest draw's adapters at a power of two, and skipped past decode-sized calls."""
+    import numpy as np
+
+    name, cfg, paged = bk.parse_impl("pallas_slab[slab_shrink_splits=8]")
+    assert (name, cfg.slab_shrink_splits, paged) == ("slab", 8, False)
+    ranks_S = np.array([8, 16, 64, 128])
+    slots = [np.array([0, 0, 1, -1]), np.array([3, 2, 2, 2])]  # 24 and 192 rows
+    assert bk.slab_rows(slots, ranks_S, 64) == 256 and bk.slab_rows(slots[:1], ranks_S, 64) == 64
+    assert bk.skip_reason("slab", 1024, 4096, 4096, 16, 1, 1, cfg=cfg).startswith("the slab kernels take")
+    assert bk.skip_reason("slab", 256, 4096, 11008, 16, 1, 1, cfg=cfg) is None

@@ -124,6 +124,30 @@ def test_lora_linear_slab_equals_the_reference_lora_on_slots():
             assert _rel(y, want) < 1e-5
 
 
+@pytest.mark.parametrize("T,rows,dtype", [(21, None, jnp.float32), (6, 128, jnp.bfloat16), (4, None, jnp.float32)])
+def test_slab_from_slots_gives_the_reference_lora(T, rows, dtype):
+    """Dense slots -> the batch's slab (`slab_from_slots`, ranks 1..64 mixed, unused slots, tokens with no
+    adapter) -> `add_lora_slab` equals `lora_reference` on the slots; T=4: no token has an adapter."""
+    from slora_jax.ops import slab_from_slots
+
+    rng = np.random.default_rng(T)
+    ranks = np.array([1, 4, 8, 16, 24, 64, 3], np.int32)
+    w = random_slot_weights(jax.random.key(T), ranks, 64, 32, dtype=dtype)
+    slot_T = np.full(T, -1, np.int32) if T == 4 else rng.choice([-1, 0, 2, 3, 4, 5, 6], T).astype(np.int32)
+    s = slab_from_slots(w, slot_T, rows=rows, block=16)
+    assert s.a.shape[2] == s.b.shape[1] == (rows or max(16, int(s.n_rows)))
+    x = jnp.asarray(rng.standard_normal((T, 64)), dtype)
+    y = jnp.asarray(rng.standard_normal((T, 32)), dtype)
+    cfg = KernelConfig(slab_block_n=16, slab_block_k=32, slab_block_p=16, interpret=True)
+    (got,) = add_lora_slab((y,), x, s.a, s.b, s.lo, s.hi, s.n_rows, config=cfg)
+    want = lora_reference(y, x, w, jnp.asarray(slot_T))
+    assert _rel(got, want) < TOL[dtype]
+    if T == 4:
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(y))
+    with pytest.raises(ValueError, match="multiple of block"):
+        slab_from_slots(w, np.array([5, 4, 3], np.int32), rows=16, block=16)  # 91 rows do not fit in 16
+
+
 @pytest.mark.parametrize("T,outs,splits,expand_splits", [(9, (64, 32, 32), 2, 2)])
 def test_shrink_beside_the_base_gemm_then_the_expand(T, outs, splits, expand_splits):
     """`linear_shrink_slab` (the GEMM's and the shrink's programs in one launch), then `slab_expand`

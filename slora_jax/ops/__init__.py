@@ -5,6 +5,7 @@ from slora_jax.ops.lora import (
     KernelConfig,
     LoraMeta,
     PagedWeights,
+    SlotSlab,
     SlotWeights,
     add_lora,
     add_lora_group,
@@ -24,6 +25,7 @@ from slora_jax.ops.lora import (
     shrink,
     shrink_group,
     slab_fits,
+    slab_from_slots,
 )
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "KernelConfig",
     "LoraMeta",
     "PagedWeights",
+    "SlotSlab",
     "SlotWeights",
     "add_lora",
     "add_lora_group",
@@ -50,4 +53,5 @@ __all__ = [
     "shrink",
     "shrink_group",
     "slab_fits",
+    "slab_from_slots",
 ]

@@ -762,6 +762,50 @@ def add_lora_slab(ys_TxO, x_TxI: jax.Array, a_slab, b_slab, lo_GxT, hi_GxT, n_ro
     return slab_expand(tuple(ys_TxO), v_GxTxP, b_slab, n_rows, offset, block_n=cfg.slab_block_n, **launch)
 
 
+class SlotSlab(NamedTuple):
+    """One batch's adapters of a `SlotWeights` as a dense slab (`slab_from_slots`): `add_lora_slab`'s operands."""
+
+    a: jax.Array  # [1, H_in, P]
+    b: jax.Array  # [1, P, H_out]
+    lo: jax.Array  # [1, T] int32: token t's adapter holds slab rows [lo, hi)
+    hi: jax.Array  # [1, T]
+    n_rows: jax.Array  # int32 scalar: rows in use, rounded up to the block
+
+
+def slab_from_slots(w: SlotWeights, slot_T, *, rows: int | None = None, block: int = 64) -> SlotSlab:
+    """The adapters that `slot_T` (numpy int32 `[T]`, -1 none) uses, side by side at their own ranks.
+
+    For research code with dense stacked slots: `add_lora_slab((y,), x, s.a, s.b, s.lo, s.hi, s.n_rows)`
+    then equals `lora_reference(y, x, w, slot_T)`. `rows` (a multiple of `block`, at least the rows
+    used; default: those rounded up) fixes the slab's shape, so draws of one size share a compile.
+    A copy of the used adapters is made (a gather on the device); the engine keeps its slab across
+    steps instead (`slora_jax.memory.slab`).
+    """
+    slot_T = np.asarray(slot_T, np.int32)
+    ranks_S = np.asarray(w.ranks)
+    used = list(dict.fromkeys(int(s) for s in slot_T if s >= 0))
+    start = np.cumsum([0] + [int(ranks_S[s]) for s in used])
+    need = -(-int(start[-1]) // block) * block  # the rows the kernels read
+    P = max(need, block) if rows is None else rows
+    if P <= 0 or P % block or P < need:
+        raise ValueError(f"rows={rows} must be a positive multiple of block={block} and hold the batch's "
+                         f"{int(start[-1])} rows")
+    slot_P = np.zeros(P, np.int32)
+    row_P = np.zeros(P, np.int32)
+    live_P = np.zeros(P, bool)
+    for i, s in enumerate(used):
+        slot_P[start[i] : start[i + 1]], row_P[start[i] : start[i + 1]] = s, np.arange(ranks_S[s])
+        live_P[start[i] : start[i + 1]] = True
+    lo_of = {s: int(start[i]) for i, s in enumerate(used)}
+    lo_T = np.array([lo_of.get(int(s), 0) for s in slot_T], np.int32)
+    hi_T = np.where(slot_T >= 0, lo_T + ranks_S[np.maximum(slot_T, 0)], lo_T).astype(np.int32)
+    live = jnp.asarray(live_P)
+    a_PxI = jnp.where(live[:, None], w.a[slot_P, :, row_P], 0)
+    b_PxO = jnp.where(live[:, None], w.b[slot_P, row_P, :], 0)
+    return SlotSlab(a_PxI.T[None], b_PxO[None], jnp.asarray(lo_T)[None], jnp.asarray(hi_T)[None],
+                    jnp.asarray(need, jnp.int32))
+
+
 def shrink(x_TxI: jax.Array, w: Weights, meta: LoraMeta, *, impl: str = "pallas",
            config: KernelConfig | None = None) -> jax.Array:
     """`v[t, :r] = x[t] @ A[slot[t]][:, :r]`: `[T, H_in] -> [T, R]` fp32, zero past the rank and for slot -1.
