@@ -20,7 +20,7 @@ Variants per case:
                each token keeping only its own adapter's r columns. `xla_slab_g`: the same with
                the G projections' shrink as one dot and their expand as one batched dot.
                `xla_slab_t`: as `xla_slab` with A stored transposed, `[P, H_in]` (the pool's A^T rows).
-  `slab[bn{block_n}_s{shrink k_splits}_l{linear k_splits}]` (l0: the kernel's default split) the same
+  `slab[bn{block_n}_s{shrink k_splits}_l{linear k_splits}(_p{block_p})]` (l0: the kernel's default split) the same
                slab through `pallas_kernels.lora_slab`: the masked shrink GEMM, then the base GEMM
                with its K extended by the slab's rows; `linear[bn_l]` that GEMM alone.
   `slab_base[bn_s]`  the shrink's programs in the GEMM's launch (`linear_shrink_slab`), then the
@@ -268,7 +268,7 @@ def main(argv=None):
                             for g in range(G)])
             slabs.append((a_, b_))
 
-        def op_slab_pallas(rows, args, bn, lora=True, sk=4, lk=None, mode="ext"):
+        def op_slab_pallas(rows, args, bn, lora=True, sk=4, lk=None, mode="ext", bp=64):
             x, Ws, slot, a_slab, b_slab = args
             if not lora:
                 return linear_slab(x, Ws, None, None, None, block_n=bn, k_splits=lk, interpret=interpret)
@@ -279,11 +279,11 @@ def main(argv=None):
                 ys, v = linear_shrink_slab(x, Ws, a_slab, lo_GxT, hi_GxT, n * r, block_n=bn, k_splits=lk,
                                            shrink_splits=sk, interpret=interpret)
                 return slab_expand(ys, v, b_slab, n * r, block_n=bn, interpret=interpret)
-            v = slab_shrink(x, a_slab, lo_GxT, hi_GxT, n * r, k_splits=sk, interpret=interpret)
+            v = slab_shrink(x, a_slab, lo_GxT, hi_GxT, n * r, k_splits=sk, block_p=bp, interpret=interpret)
             if mode == "xla":  # XLA's matmul, then the slab's expand accumulating into it
                 return slab_expand(tuple(jnp.dot(x, W) for W in Ws), v, b_slab, n * r, block_n=bn,
                                    interpret=interpret)
-            return linear_slab(x, Ws, v, b_slab, n * r, block_n=bn, k_splits=lk, interpret=interpret)
+            return linear_slab(x, Ws, v, b_slab, n * r, block_n=bn, k_splits=lk, block_p=bp, interpret=interpret)
 
         variants = [("xla", functools.partial(op_xla, lora=False), False, "pair"),
                     ("xla_pair", functools.partial(op_xla, lora=True), True, "pair"),
@@ -292,9 +292,12 @@ def main(argv=None):
         for bn, lk in ((64, None), (64, 1), (32, None)):
             variants.append((f"linear[bn{bn}_l{lk or 0}]", functools.partial(op_slab_pallas, bn=bn, lora=False, lk=lk),
                              False, "slab"))
-        for bn, sk, lk in ((64, 4, None), (64, 1, None), (64, 16, None), (64, 4, 1), (32, 4, None)):
+        for bn, sk, lk in ((64, 4, None), (64, 1, None), (64, 8, None), (64, 16, None), (64, 4, 1), (32, 4, None)):
             variants.append((f"slab[bn{bn}_s{sk}_l{lk or 0}]",
                              functools.partial(op_slab_pallas, bn=bn, sk=sk, lk=lk), True, "slab"))
+        for sk in (4, 8):  # 32 slab columns a shrink program: twice the programs (o has 12 blocks of 64)
+            variants.append((f"slab[bn64_s{sk}_l0_p32]", functools.partial(op_slab_pallas, bn=64, sk=sk, bp=32), True,
+                             "slab"))
         for mode in ("base", "xla"):
             for sk in (4, 1):
                 variants.append((f"slab_{mode}[bn64_s{sk}]", functools.partial(op_slab_pallas, bn=64, sk=sk, mode=mode),
