@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import jax
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -120,9 +122,20 @@ def test_overlapped_steps_give_the_synchronous_tokens():
     outs, engines = {}, {}
     for overlap in (False, True):
         engines[overlap] = e = tiny_engine(max_num_seqs=5, max_batch_tokens=24, num_pages=60, overlap_steps=overlap)
+        t0 = time.perf_counter()
         done = e.generate(prompts, adapters, sps)
+        wall = time.perf_counter() - t0
         assert sum(o.num_preemptions for o in done) > 0  # (when differs: pages come back a step later)
         outs[overlap] = [(o.token_ids, o.finish_reason) for o in done]
+        # Every step is read once and counted under one kind; the seconds partition (part of) the wall time.
+        ph = e.phase_stats
+        unread = e._inflight is not None  # (overlapped: the last step dispatched may stay unread)
+        assert ph["decode_steps"] + ph["mixed_steps"] == e.num_steps - unread and ph["decode_steps"] > 0 < ph["mixed_steps"]
+        assert 0 < ph["decode_s"] + ph["mixed_s"] <= wall
+        sampled = ph["decode_tokens"] + ph["mixed_tokens"]
+        generated = sum(len(o.token_ids) for o in done)
+        # (overlapped: a row may sample once more after its stop token, the token dropped)
+        assert sampled == generated if not overlap else generated <= sampled <= generated + len(done)
     assert outs[True] == outs[False]
     assert {r for _, r in outs[True]} == {"stop", "length"}
     for e in engines.values():

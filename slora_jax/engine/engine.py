@@ -107,6 +107,8 @@ class _InFlight:
     sampled_R: jax.Array
     rows: list[tuple[int, Request]]
     row_of: dict[int, int]  # request id -> row
+    decode_only: bool = False  # every row of the step computed one token (no prompt chunk)
+    dispatched_at: float = 0.0  # perf_counter() at its dispatch
 
 
 def _kernel_config(overrides: dict) -> KernelConfig | None:
@@ -177,6 +179,14 @@ class Engine:
         # read) and adapters (each distinct adapter of a step at its own ranks, once). Their sum over a
         # run, divided by the memory bandwidth, is the run's time at the HBM floor.
         self.bytes_read: collections.Counter = collections.Counter()
+        # Wall seconds and sampled tokens by step kind (cumulative): "decode" steps, where every row
+        # computes one token, and "mixed" steps, which carry a prompt chunk. A step's seconds run from
+        # the end of the step() that read the step before it to the end of the step() that reads it: with
+        # the overlapped loop that is the step's device time when the device is the bound, and the
+        # seconds partition the loop's wall time (idle gaps of a real-time replay fall in the next step).
+        # decode tokens / decode seconds is the engine's decode throughput.
+        self.phase_stats: collections.Counter = collections.Counter()
+        self._last_read: float | None = None
         self._weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
         self._kv_token_bytes = (2 * cfg.num_key_value_heads * cfg.head_dim * cfg.num_hidden_layers
                                 * self.dtype.itemsize)
@@ -311,9 +321,15 @@ class Engine:
         t3 = time.perf_counter()
         if previous is not None:
             self._collect(previous, events)
+            self._account(previous, ta)
         if not self.config.overlap_steps and self._inflight is not None:
             done, self._inflight = self._inflight, None
             self._collect(done, events)
+            self._account(done, ta)
+        if self._inflight is None or not self.has_unfinished():
+            # Nothing in flight, or only a step whose rows have all ended: the device may now idle, and
+            # the next step read counts from its dispatch or from the start of the step() that reads it.
+            self._last_read = None
         hs["schedule"] += t1 - t0
         hs["run"] += t2 - t1
         hs["prefetch"] += t3 - t2
@@ -321,6 +337,16 @@ class Engine:
         if plan:
             self.num_steps += 1
         return events
+
+    def _account(self, done: "_InFlight", call_start: float) -> None:
+        """Add a read step's wall seconds and sampled tokens to `phase_stats` under its kind."""
+        now = time.perf_counter()
+        start = self._last_read if self._last_read is not None else max(done.dispatched_at, call_start)
+        kind = "decode" if done.decode_only else "mixed"
+        self.phase_stats[f"{kind}_steps"] += 1
+        self.phase_stats[f"{kind}_s"] += now - start
+        self.phase_stats[f"{kind}_tokens"] += len(done.rows)
+        self._last_read = now
 
     def _collect(self, inflight: "_InFlight", events: list[TokenEvent]) -> None:
         """Read a dispatched step's sampled tokens (waits for it); append them and check stop conditions."""
@@ -545,7 +571,7 @@ class Engine:
                                         layout=self.layout, attention_impl=self.config.attention_impl,
                                         prefill=prefill)
         self.host_seconds["dispatch"] += time.perf_counter() - t
-        return _InFlight(sampled, rows, {req.id: row for row, req in rows})
+        return _InFlight(sampled, rows, {req.id: row for row, req in rows}, all(n == 1 for _, n in plan), t)
 
     def memory_report(self) -> dict[str, float]:
         """Pool pages by kind, and internal fragmentation of KV and adapter pages."""

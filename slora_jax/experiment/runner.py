@@ -401,6 +401,7 @@ def run_point(exp: ExperimentConfig, out_dir: str, point: dict[str, Any] | None 
         t_run = clock()
         steps_before = getattr(system, "num_steps", 0)
         host_before = dict(getattr(system, "host_seconds", {}))
+        phases_before = dict(getattr(system, "phase_stats", {}))
         bytes_before = dict(getattr(system, "bytes_read", {}))
         store = getattr(system, "store", None)
         store_before = (dict(store.stats), dict(store.seconds)) if hasattr(store, "seconds") else None
@@ -417,6 +418,11 @@ def run_point(exp: ExperimentConfig, out_dir: str, point: dict[str, Any] | None 
             summary["run"]["store"] = {k: v - store_before[0].get(k, 0) for k, v in store.stats.items()}
             summary["run"]["store_s"] = {k: round(v - store_before[1].get(k, 0.0), 4) for k, v in store.seconds.items()}
         summary["metrics"] = serving_metrics(records, exp.engine.slo_first_token_s)
+        if hasattr(system, "phase_stats"):  # wall seconds and sampled tokens of decode-only and mixed steps
+            ph = {k: v - phases_before.get(k, 0) for k, v in system.phase_stats.items()}
+            summary["run"]["phases"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in ph.items()}
+            summary["metrics"]["decode_tok_s"] = (ph["decode_tokens"] / ph["decode_s"]
+                                                  if ph.get("decode_s") else None)
         if hasattr(system, "bytes_read"):  # what the replay's steps had to read (the HBM floor's bytes)
             read = {k: v - bytes_before.get(k, 0) for k, v in system.bytes_read.items()}
             tokens = summary["metrics"].get("generated_tokens") or 0
