@@ -112,6 +112,8 @@ def test_lora_linear_slab_equals_the_reference_lora_on_slots():
     ws = tuple(jnp.asarray(rng.standard_normal((H, o)) / 8, jnp.float32) for o in outs)
     cfg = KernelConfig(slab_block_n=32, slab_block_k=32, slab_block_p=16, interpret=True)
     assert slab_fits(T, H, outs, cfg) and not slab_fits(T, 48, outs, cfg) and not slab_fits(300, H, outs, cfg)
+    assert slab_fits(T, H, outs, dataclasses.replace(cfg, slab_max_tokens=T))
+    assert not slab_fits(T, H, outs, dataclasses.replace(cfg, slab_max_tokens=T - 1))
     G = len(outs)
     args = (jnp.asarray(a), jnp.asarray(b), jnp.asarray(np.tile(lo, (G, 1))), jnp.asarray(np.tile(hi, (G, 1))),
             int(ranks.sum()))

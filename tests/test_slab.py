@@ -85,6 +85,16 @@ def test_engine_with_a_slab_gives_the_same_tokens_and_holds_the_adapters_weights
     rep = engine.memory_report()
     assert rep["slab_bytes"] > 0 and rep["slab_adapters"] == len(engine.slab.entries)
 
+    # `slab_max_tokens`: steps of more tokens (the 32-token prefill here) take the paths on pool pages.
+    widths = []
+    slab_linear = slab_mod.lora_linear_slab
+    monkeypatch.setattr(slab_mod, "lora_linear_slab", lambda x, *a, **k: widths.append(x.shape[0]) or slab_linear(x, *a, **k))
+    engine = tiny_engine(lora_impl="pallas", lora_kernel={**KERNEL, "slab_max_tokens": 16}, max_num_seqs=4,
+                         lora_slab_rows=64)
+    got = engine.generate(prompts, adapters, sp)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert widths and set(widths) == {16} and engine.num_steps > 0
+
 
 def slab_lora_case(slots_BxT: np.ndarray, **kernel):
     """`test_pool.paged_lora_case` with its adapters copied into a slab:

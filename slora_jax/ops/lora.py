@@ -404,6 +404,10 @@ class KernelConfig:
     slab_shrink_with_base: bool = False
     slab_warps: int = 4
     slab_stages: int = 3
+    # slab: calls of more tokens than this (or than `lora_slab.MAX_TOKENS`) take the paths on pool pages.
+    # H200, issue 6's campaign (session 16): the 128-token steps that carry a prompt chunk took 9.58 ms on
+    # the slab against 9.16 with the split pair; 64 keeps the slab for full decode batches only.
+    slab_max_tokens: int = 256
     chunk: int = 64  # fused, dense slots: K/N block (pages: the pool's row width C)
     n_split_max: int = 16  # fused: most programs sharing one tile's H_out
     target_programs: int = 256  # fused: tiles x splits aimed at (splits = this // used tiles)
@@ -707,7 +711,7 @@ def linear_fits(n_tokens: int, ws, cfg: KernelConfig) -> bool:
 
 def slab_fits(n_tokens: int, h_in: int, n_out, cfg: KernelConfig) -> bool:
     """Whether `lora_linear_slab` takes a call of `n_tokens` from `h_in` to outputs `n_out`."""
-    return (0 < n_tokens <= SLAB_MAX_TOKENS and h_in % cfg.slab_block_k == 0
+    return (0 < n_tokens <= min(cfg.slab_max_tokens, SLAB_MAX_TOKENS) and h_in % cfg.slab_block_k == 0
             and all(n % cfg.slab_block_n == 0 for n in n_out))
 
 
