@@ -25,7 +25,8 @@ Variants per case:
                with its K extended by the slab's rows; `linear[bn_l]` that GEMM alone.
   `slab_base[bn_s]`  the shrink's programs in the GEMM's launch (`linear_shrink_slab`), then the
                expand as its own launch (`slab_expand`); `slab_xla[bn_s]` XLA's matmul, then the
-               slab's shrink and expand (`ops.add_lora_slab`: the LoRA alone).
+               slab's shrink and expand (`ops.add_lora_slab`: the LoRA alone). `slab_xshrink[bn]`
+               XLA's dot for the masked shrink, then the Pallas GEMM with its K extended.
 Configs `c` are `bn{block_n}_bk{block_k}_s{num_stages}_w{num_warps}_u{shrink_unroll}_e{expand_unroll}_k{shrink_k_steps}`
 (k0: all of H_in in one shrink program; e0: the default expand step).
 
@@ -279,6 +280,11 @@ def main(argv=None):
                 ys, v = linear_shrink_slab(x, Ws, a_slab, lo_GxT, hi_GxT, n * r, block_n=bn, k_splits=lk,
                                            shrink_splits=sk, interpret=interpret)
                 return slab_expand(ys, v, b_slab, n * r, block_n=bn, interpret=interpret)
+            if mode == "xshrink":  # XLA's dot for the shrink (masked by lo/hi), then the Pallas GEMM
+                v = jnp.einsum("ti,gip->gtp", x, a_slab, preferred_element_type=jnp.float32)
+                c = jnp.arange(a_slab.shape[-1])[None, None, :]
+                v = jnp.where((c >= lo_GxT[:, :, None]) & (c < hi_GxT[:, :, None]), v, 0.0).astype(x.dtype)
+                return linear_slab(x, Ws, v, b_slab, n * r, block_n=bn, k_splits=lk, block_p=bp, interpret=interpret)
             v = slab_shrink(x, a_slab, lo_GxT, hi_GxT, n * r, k_splits=sk, block_p=bp, interpret=interpret)
             if mode == "xla":  # XLA's matmul, then the slab's expand accumulating into it
                 return slab_expand(tuple(jnp.dot(x, W) for W in Ws), v, b_slab, n * r, block_n=bn,
@@ -298,6 +304,10 @@ def main(argv=None):
         for sk in (4, 8):  # 32 slab columns a shrink program: twice the programs (o has 12 blocks of 64)
             variants.append((f"slab[bn64_s{sk}_l0_p32]", functools.partial(op_slab_pallas, bn=64, sk=sk, bp=32), True,
                              "slab"))
+        for sk in (4, 8, 16):  # 128 slab columns a shrink program: x read by half as many column blocks
+            variants.append((f"slab[bn64_s{sk}_l0_p128]", functools.partial(op_slab_pallas, bn=64, sk=sk, bp=128), True,
+                             "slab"))
+        variants.append(("slab_xshrink[bn64]", functools.partial(op_slab_pallas, bn=64, mode="xshrink"), True, "slab"))
         for mode in ("base", "xla"):
             for sk in (4, 1):
                 variants.append((f"slab_{mode}[bn64_s{sk}]", functools.partial(op_slab_pallas, bn=64, sk=sk, mode=mode),
