@@ -38,8 +38,18 @@ per (projection, column block, K split), static ranges per projection as in `lor
 base K loop, then `ceil(n_rows / block_p)` steps over P (loops with run-time bounds, still
 `scf.for`); with K splits, split j takes the j-th share of those base-then-slab steps.
 K splits store fp32 partials; each adds 1 to its block's counter (an acq_rel atomic, after a CTA
-barrier), and the one that sees the last count sums them (volatile loads) and stores the result.
-No program waits on another, so nothing depends on the order programs start in.
+barrier), and the one that sees the last count sums them (volatile loads), stores the result and
+sets the counter back to 0. No program waits on another, so nothing depends on the order programs
+start in.
+Counters. Every launch takes `counters=`, an int32 workspace that is all zero on entry and is all
+zero again when the launch ends (each counter is reset by its block's last program). One such
+array, zeroed once and passed to every call (the engine's slab keeps one), saves a launch a call:
+without it each call zeroes a fresh array, and on a GPU that is a kernel of its own (~1 µs, plus
+the gap to the next kernel). The kernels write the workspace although XLA sees a read-only
+operand; that is sound because the calls of one stream run one after another and each leaves
+the workspace as it found it. Counters used: the GEMM's column blocks (when its K is split),
+then, in `linear_shrink_slab`, the shrink's `G * P / block_p` (when its K is split); a workspace too
+small is a ValueError.
 Two more launch forms of the same programs: `linear_shrink_slab` runs the shrink's programs in
 the plain GEMM's launch (first in the grid; its output v is read by a later launch only), and
 `slab_expand` runs the K extension alone, accumulating into given outputs in place.
@@ -62,6 +72,9 @@ from pallas_kernels.compat import compiler_params, default_interpret, pl, plgpu
 from pallas_kernels.sgmv_shrink import _iota, rows_at
 
 MAX_TOKENS = 256
+# Entries of the counter workspace callers keep (`counters=`): the most any launch of up to 16384
+# column blocks (G * N / block_n, plus a shrink's G * P / block_p) uses.
+COUNTERS = 16384
 # Shared memory a program may take (Hopper allows 227 KiB a block), less room for Triton's own scratch.
 SMEM_BUDGET = 200 * 1024
 
@@ -95,7 +108,7 @@ def _split_store(part_ref, count_ref, cidx, acc, lead, split, k_splits, rows_T, 
 
     Each stores its fp32 partial, then (a CTA barrier first) adds 1 to counter `cidx` with an
     acq_rel atomic; the one that sees `k_splits - 1` reads every partial (volatile loads, past
-    L1) and stores the sum. No program waits. One split: `store(acc)` directly.
+    L1), stores the sum and sets the counter back to 0. No program waits. One split: `store(acc)`.
     """
     if k_splits == 1:
         store(acc)
@@ -113,11 +126,15 @@ def _split_store(part_ref, count_ref, cidx, acc, lead, split, k_splits, rows_T, 
             total += plgpu.load(rows_at(part_ref, (j, *lead), rows_T, col0, width, mixed=mixed), mask=mask,
                                 other=0.0, volatile=True)
         store(total)
+        # Back to zero (every program of this launch has counted): the counters leave the launch as
+        # they came, so one zeroed workspace serves every call of a step (`counters=`).
+        plgpu.atomic_add(count_ref, jnp.asarray(cidx, jnp.int32), jnp.asarray(-k_splits, jnp.int32))
 
 
 def _shrink_program(p, scal_ref, lo_ref, hi_ref, x_ref, a_ref, v_ref, part_ref, count_ref, *, n_tokens, block_t,
-                    block_p, block_k, h_in, n_pblocks, k_splits, gpu_sync, mixed):
-    """Program p of the shrink: projection g, slab columns `[p0, p0 + block_p)`, K split `split`."""
+                    block_p, block_k, h_in, n_pblocks, k_splits, gpu_sync, mixed, count0=0):
+    """Program p of the shrink: projection g, slab columns `[p0, p0 + block_p)`, K split `split`
+    (its column block's counter: `count0 + g n_pblocks + b`)."""
     g, b, split = p // (n_pblocks * k_splits), p // k_splits % n_pblocks, p % k_splits
     p0 = b * block_p
     ga = scal_ref[1] + g  # this projection's slab in a_ref (a layer's offset into a layer-stacked slab)
@@ -142,8 +159,8 @@ def _shrink_program(p, scal_ref, lo_ref, hi_ref, x_ref, a_ref, v_ref, part_ref, 
         hi_T = plgpu.load(hi_ref.at[g, rows_T], mask=ok_T, other=0)
         c_P = p0 + _iota(block_p)
         keep = (c_P[None, :] >= lo_T[:, None]) & (c_P[None, :] < hi_T[:, None])
-        _split_store(part_ref, count_ref, g * n_pblocks + b, jnp.where(keep, acc, 0.0), (g,), split, k_splits,
-                     rows_T, ok_T, p0, block_p, store, gpu_sync=gpu_sync, mixed=mixed)
+        _split_store(part_ref, count_ref, count0 + g * n_pblocks + b, jnp.where(keep, acc, 0.0), (g,), split,
+                     k_splits, rows_T, ok_T, p0, block_p, store, gpu_sync=gpu_sync, mixed=mixed)
 
 
 def _scalars(n_rows, offset) -> jax.Array:
@@ -204,9 +221,18 @@ def _shrink_call(x_TxI, a_slab, lo_GxT, hi_GxT, block_p, block_k, k_splits):
     kw = dict(n_tokens=T, block_t=_pow2_ceil(max(16, T)), block_p=block_p, block_k=block_k, h_in=H_in,
               n_pblocks=n_pblocks, k_splits=k_splits)
     outs = (jax.ShapeDtypeStruct((G, T, P), x_TxI.dtype),
-            jax.ShapeDtypeStruct((k_splits, G, T, P) if k_splits > 1 else (1, 1, 1, 1), jnp.float32),
-            jax.ShapeDtypeStruct((G * n_pblocks,), jnp.int32))
-    return kw, G * n_pblocks * k_splits, outs
+            jax.ShapeDtypeStruct((k_splits, G, T, P) if k_splits > 1 else (1, 1, 1, 1), jnp.float32))
+    return kw, G * n_pblocks * k_splits, outs, (G * n_pblocks if k_splits > 1 else 0)
+
+
+def _counters(counters, needed: int) -> jax.Array:
+    """The split-K counters of a launch that uses `needed` of them: the caller's workspace, or new zeros."""
+    if counters is None:
+        return jnp.zeros((max(1, needed),), jnp.int32)
+    if counters.ndim != 1 or counters.dtype != jnp.int32 or counters.shape[0] < needed:
+        raise ValueError(f"counters must be int32 [>= {needed}] (this launch's split-K counters), got "
+                         f"{counters.dtype}{list(counters.shape)}")
+    return counters
 
 
 def _check_tokens(T: int, what: str):
@@ -216,29 +242,27 @@ def _check_tokens(T: int, what: str):
 
 def slab_shrink(x_TxI, a_slab_GxIxP, lo_GxT, hi_GxT, n_rows, offset=0, *, block_p: int = 64, block_k: int = 128,
                 k_splits: int = 4, num_warps: int = 4, num_stages: int = 3, interpret: bool | None = None,
-                mixed_index: bool | None = None) -> jax.Array:
+                mixed_index: bool | None = None, counters: jax.Array | None = None) -> jax.Array:
     """`v [G, T, P]`: `x @ A_g` keeping, for each token, only slab rows `[lo, hi)` (module doc)."""
     _check_tokens(x_TxI.shape[0], "slab_shrink")
-    kw, n_programs, outs = _shrink_call(x_TxI, a_slab_GxIxP, lo_GxT, hi_GxT, block_p, block_k, k_splits)
+    kw, n_programs, outs, n_counters = _shrink_call(x_TxI, a_slab_GxIxP, lo_GxT, hi_GxT, block_p, block_k, k_splits)
     interpret = default_interpret() if interpret is None else interpret
     mixed = (not interpret) if mixed_index is None else mixed_index
 
-    def kernel(scal_ref, lo_ref, hi_ref, x_ref, a_ref, count_in_ref, v_ref, part_ref, count_ref):
-        del count_in_ref  # aliased to count_ref
+    def kernel(scal_ref, lo_ref, hi_ref, x_ref, a_ref, count_ref, v_ref, part_ref):
         _shrink_program(pl.program_id(0), scal_ref, lo_ref, hi_ref, x_ref, a_ref, v_ref, part_ref, count_ref, **kw,
                         gpu_sync=not interpret, mixed=mixed)
 
-    v, _, _ = pl.pallas_call(
+    v, _ = pl.pallas_call(
         kernel,
         out_shape=outs,
         grid=(n_programs,),
-        input_output_aliases={5: 2},
         compiler_params=compiler_params(num_warps=num_warps, num_stages=_fit_stages(
             num_stages, _stage_bytes(kw["block_t"], block_k, block_p, x_TxI.dtype))),
         interpret=interpret,
         name=f"slab_shrink_x{lo_GxT.shape[0]}",
     )(_scalars(n_rows, offset), lo_GxT.astype(jnp.int32), hi_GxT.astype(jnp.int32), x_TxI, a_slab_GxIxP,
-      jnp.zeros(outs[2].shape, jnp.int32))
+      _counters(counters, n_counters))
     return v
 
 
@@ -252,7 +276,7 @@ def _linear_kernel(*refs, spec, G, n_out, n_tokens, block_t, block_n, block_k, b
     if shrink is not None:
         n_shrink = shrink.pop("n_programs")
         pl.when(q < n_shrink)(lambda: _shrink_program(q, scal_ref, r["lo"], r["hi"], r["x"], r["a"], r["v_out"],
-                                                      r["part_s"], r["count_s"], **shrink, gpu_sync=gpu_sync,
+                                                      r["part_s"], r["count"], **shrink, gpu_sync=gpu_sync,
                                                       mixed=mixed))
         q = q - n_shrink
     n_k = h_in // block_k if base else 0
@@ -304,7 +328,7 @@ def _linear_kernel(*refs, spec, G, n_out, n_tokens, block_t, block_n, block_k, b
 
 
 def _linear_call(x_TxI, ws_IxO, ys_TxO, v_GxTxP, b_slab_GxPxO, shrink_args, n_rows, offset, *, block_n, block_k,
-                 block_p, k_splits, shrink_splits, num_warps, num_stages, interpret, mixed_index, name):
+                 block_p, k_splits, shrink_splits, num_warps, num_stages, interpret, mixed_index, name, counters):
     """One launch of `_linear_kernel`: the base GEMM (`ws_IxO`, or None: `ys_TxO` is accumulated into),
     the slab's K extension (`v`, `b`, or None), and optionally a shrink's programs (`shrink_args`)."""
     base = ys_TxO is None
@@ -335,32 +359,30 @@ def _linear_call(x_TxI, ws_IxO, ys_TxO, v_GxTxP, b_slab_GxPxO, shrink_args, n_ro
     k_splits = _default_splits(n_blocks, n_k, target=160) if k_splits is None else k_splits
     if k_splits < 1 or k_splits > n_k:
         raise ValueError(f"k_splits={k_splits} must be in 1..{n_k} (the K blocks)")
-    shrink, n_shrink, shrink_outs = None, 0, ()
-    if shrink_args is not None:
+    shrink, n_shrink, shrink_outs, n_counters = None, 0, (), n_blocks if k_splits > 1 else 0
+    if shrink_args is not None:  # the shrink's counters after the GEMM's
         a_slab, lo_GxT, hi_GxT = shrink_args
-        shrink, n_shrink, shrink_outs = _shrink_call(x_TxI, a_slab, lo_GxT, hi_GxT, block_p, block_k, shrink_splits)
-        shrink["n_programs"] = n_shrink
+        shrink, n_shrink, shrink_outs, n_shrink_counters = _shrink_call(x_TxI, a_slab, lo_GxT, hi_GxT, block_p,
+                                                                        block_k, shrink_splits)
+        shrink.update(n_programs=n_shrink, count0=n_counters)
+        n_counters += n_shrink_counters
     ins = [("scal", _scalars(n_rows, offset)), ("x", x_TxI)]
     ins += [("w", tuple(ws_IxO))] if base else [("y_in", tuple(ys_TxO))]
     ins += [("v", v_GxTxP), ("b", b_slab_GxPxO)] if lora else []
     if shrink is not None:
-        ins += [("lo", lo_GxT.astype(jnp.int32)), ("hi", hi_GxT.astype(jnp.int32)), ("a", a_slab),
-                ("count_s_in", jnp.zeros(shrink_outs[2].shape, jnp.int32))]
-    ins += [("count_in", jnp.zeros((n_blocks,), jnp.int32))]
+        ins += [("lo", lo_GxT.astype(jnp.int32)), ("hi", hi_GxT.astype(jnp.int32)), ("a", a_slab)]
+    ins += [("count", _counters(counters, n_counters))]
     outs = [("o", tuple(jax.ShapeDtypeStruct((T, n), x_TxI.dtype if base else ys_TxO[0].dtype) for n in n_out)),
-            ("part", jax.ShapeDtypeStruct((k_splits, T, sum(n_out)) if k_splits > 1 else (1, 1, 1), jnp.float32)),
-            ("count", jax.ShapeDtypeStruct((n_blocks,), jnp.int32))]
+            ("part", jax.ShapeDtypeStruct((k_splits, T, sum(n_out)) if k_splits > 1 else (1, 1, 1), jnp.float32))]
     if shrink is not None:
-        outs += [("v_out", shrink_outs[0]), ("part_s", shrink_outs[1]), ("count_s", shrink_outs[2])]
+        outs += [("v_out", shrink_outs[0]), ("part_s", shrink_outs[1])]
     count = lambda v: len(v) if isinstance(v, tuple) else 1  # noqa: E731
     spec = tuple((n, len(v) if isinstance(v, tuple) else None) for n, v in ins + outs)
     flat_in = [a for _, v in ins for a in (v if isinstance(v, tuple) else (v,))]
     flat_out = [a for _, v in outs for a in (v if isinstance(v, tuple) else (v,))]
     where = {n: i for i, n in enumerate(a for n, v in ins for a in [n] * count(v))}
     out_at = {n: i for i, n in enumerate(a for n, v in outs for a in [n] * count(v))}
-    aliases = {where["count_in"]: out_at["count"]}
-    if shrink is not None:
-        aliases[where["count_s_in"]] = out_at["count_s"]
+    aliases = {}
     if not base:  # y in place
         first_y = [i for i, (n, _) in enumerate((n, 0) for n, v in ins for _ in range(count(v))) if n == "y_in"][0]
         aliases.update({first_y + g: g for g in range(G)})
@@ -388,18 +410,20 @@ def _linear_call(x_TxI, ws_IxO, ys_TxO, v_GxTxP, b_slab_GxPxO, shrink_args, n_ro
 
 def linear_slab(x_TxI, ws_IxO, v_GxTxP, b_slab_GxPxO, n_rows, offset=0, *, block_n: int = 64, block_k: int = 128,
                 block_p: int = 64, k_splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
-                interpret: bool | None = None, mixed_index: bool | None = None) -> tuple[jax.Array, ...]:
+                interpret: bool | None = None, mixed_index: bool | None = None,
+                counters: jax.Array | None = None) -> tuple[jax.Array, ...]:
     """`x @ W_g + v_g @ B_g` for G projections in one launch (module doc); `v=None`: the plain GEMM."""
     return _linear_call(x_TxI, tuple(ws_IxO), None, v_GxTxP, b_slab_GxPxO, None, n_rows, offset, block_n=block_n,
                         block_k=block_k, block_p=block_p, k_splits=k_splits, shrink_splits=1, num_warps=num_warps,
                         num_stages=num_stages, interpret=interpret, mixed_index=mixed_index,
-                        name="linear_slab" if v_GxTxP is not None else "linear")
+                        name="linear_slab" if v_GxTxP is not None else "linear", counters=counters)
 
 
 def linear_shrink_slab(x_TxI, ws_IxO, a_slab_GxIxP, lo_GxT, hi_GxT, n_rows, offset=0, *, block_n: int = 64,
                        block_k: int = 128, block_p: int = 64, k_splits: int | None = None, shrink_splits: int = 4,
                        num_warps: int = 4, num_stages: int = 3, interpret: bool | None = None,
-                       mixed_index: bool | None = None) -> tuple[tuple[jax.Array, ...], jax.Array]:
+                       mixed_index: bool | None = None,
+                       counters: jax.Array | None = None) -> tuple[tuple[jax.Array, ...], jax.Array]:
     """`(x @ W_g for each g, v)` in one launch: the plain GEMM's programs and `slab_shrink`'s side by side
     (both stream their weights; neither waits on the other). Then `slab_expand(ys, v, b_slab, ...)`."""
     if a_slab_GxIxP.ndim != 3 or lo_GxT.shape[0] != len(tuple(ws_IxO)):
@@ -407,18 +431,19 @@ def linear_shrink_slab(x_TxI, ws_IxO, a_slab_GxIxP, lo_GxT, hi_GxT, n_rows, offs
     return _linear_call(x_TxI, tuple(ws_IxO), None, None, None, (a_slab_GxIxP, lo_GxT, hi_GxT), n_rows, offset,
                         block_n=block_n, block_k=block_k, block_p=block_p, k_splits=k_splits,
                         shrink_splits=shrink_splits, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-                        mixed_index=mixed_index, name="linear_shrink_slab")
+                        mixed_index=mixed_index, name="linear_shrink_slab", counters=counters)
 
 
 def slab_expand(ys_TxO, v_GxTxP, b_slab_GxPxO, n_rows, offset=0, *, block_n: int = 64, block_p: int = 64,
                 k_splits: int | None = None, num_warps: int = 4, num_stages: int = 3, interpret: bool | None = None,
-                mixed_index: bool | None = None) -> tuple[jax.Array, ...]:
+                mixed_index: bool | None = None, counters: jax.Array | None = None) -> tuple[jax.Array, ...]:
     """`y_g + v_g @ B_g` (in place: the ys are donated by a caller under jit), one launch for G projections."""
     ys_TxO = tuple(ys_TxO)
     x_like = jnp.zeros((ys_TxO[0].shape[0], block_p), ys_TxO[0].dtype)  # only T is read (no base loop)
     return _linear_call(x_like, None, ys_TxO, v_GxTxP, b_slab_GxPxO, None, n_rows, offset, block_n=block_n,
                         block_k=block_p, block_p=block_p, k_splits=k_splits, shrink_splits=1, num_warps=num_warps,
-                        num_stages=num_stages, interpret=interpret, mixed_index=mixed_index, name="slab_expand")
+                        num_stages=num_stages, interpret=interpret, mixed_index=mixed_index, name="slab_expand",
+                        counters=counters)
 
 
 def slab_shrink_reference(x_TxI, a_slab_GxIxP, lo_GxT, hi_GxT):

@@ -67,23 +67,35 @@ def test_model_on_the_slab_on_gpu_equals_reference(splits, T):
     assert rel_err(got, want) < 5e-3
 
 
+@pytest.mark.parametrize("outs", [(4096, 1024, 1024), (4096,)])
 @pytest.mark.parametrize("with_base", [False, True])
 @pytest.mark.parametrize("T", [64, 256])
-def test_slab_at_default_blocks_on_gpu_equals_reference(T, with_base):
-    """7B q/k/v shapes (GQA), bf16, the default blocks: 256 tokens fit in shared memory (fewer stages)."""
+def test_slab_at_default_blocks_on_gpu_equals_reference(T, with_base, outs):
+    """7B q/k/v shapes (GQA) and o, bf16, the default blocks: 256 tokens fit in shared memory (fewer
+    stages). With and without a shared counter workspace: calls on one workspace give the same
+    outputs, one after another, and leave it zero (every split block's last program resets it)."""
     from test_lora_slab import _ranges
 
     from pallas_kernels.lora_slab import linear_slab_reference, slab_shrink_reference
-    from slora_jax.ops import KernelConfig, lora_linear_slab
+    from slora_jax.ops import KernelConfig, lora_linear_slab, slab_counters
 
     rng = np.random.default_rng(T)
-    H, outs, P, n_rows = 4096, (4096, 1024, 1024), 768, 752
+    G, H, P, n_rows = len(outs), 4096, 768, 752
     x = jnp.asarray(rng.standard_normal((T, H)), jnp.bfloat16)
     ws = tuple(jnp.asarray(rng.standard_normal((H, o)) / 64, jnp.bfloat16) for o in outs)
-    a = jnp.asarray(rng.standard_normal((3, H, P)) / 64, jnp.bfloat16)
-    b = jnp.asarray(rng.standard_normal((3, P, 4096)) / 4, jnp.bfloat16)
-    lo, hi = _ranges(rng, 3, T, n_rows)
-    got = lora_linear_slab(x, ws, a, b, lo, hi, n_rows, config=KernelConfig(slab_shrink_with_base=with_base))
+    a = jnp.asarray(rng.standard_normal((G, H, P)) / 64, jnp.bfloat16)
+    b = jnp.asarray(rng.standard_normal((G, P, 4096)) / 4, jnp.bfloat16)
+    lo, hi = _ranges(rng, G, T, n_rows)
+    cfg = KernelConfig(slab_shrink_with_base=with_base)
     want = linear_slab_reference(x, ws, slab_shrink_reference(x, a, lo, hi), b)
+    got = lora_linear_slab(x, ws, a, b, lo, hi, n_rows, config=cfg)
     for g, w in zip(got, want):
         assert rel_err(g, w) < 2e-2
+    counters = slab_counters()
+    step = jax.jit(lambda x, c: [lora_linear_slab(x, ws, a, b, lo, hi, n_rows, config=cfg, counters=c)
+                                 for _ in range(3)])  # three calls on one workspace, in one program
+    for _ in range(2):  # and two programs
+        for ys in step(x, counters):
+            for y, g in zip(ys, got):
+                assert rel_err(y, g) < 1e-6
+    assert not np.asarray(counters).any()

@@ -165,6 +165,13 @@ def test_shrink_beside_the_base_gemm_then_the_expand(T, outs, splits, expand_spl
     lo, hi = _ranges(rng, G, T, n_rows)
     blocks = dict(block_n=32, block_p=16, interpret=True)
     ys, v = linear_shrink_slab(x, ws, a, lo, hi, n_rows, 1, block_k=32, shrink_splits=splits, **blocks)
+    # a shared counter workspace: the same outputs (the GEMM's counters, then the shrink's); too small refused
+    ys_c, v_c = linear_shrink_slab(x, ws, a, lo, hi, n_rows, 1, block_k=32, shrink_splits=splits, **blocks,
+                                   counters=jnp.zeros((64,), jnp.int32))
+    assert all(np.array_equal(p, q) for p, q in zip((*ys, v), (*ys_c, v_c)))
+    with pytest.raises(ValueError, match="counters"):
+        linear_shrink_slab(x, ws, a, lo, hi, n_rows, 1, block_k=32, shrink_splits=splits, **blocks,
+                           counters=jnp.zeros((2,), jnp.int32))
     want_v = slab_shrink(x, a, lo, hi, n_rows, 1, block_p=16, block_k=32, k_splits=splits, interpret=True)
     assert _rel(v, want_v) < 1e-6 and not np.asarray(v[:, :, n_rows:]).any()
     for y, w in zip(ys, linear_slab_reference(x, ws, None, None)):

@@ -35,7 +35,7 @@ import numpy as np
 from slora_jax.config import LlamaConfig
 from slora_jax.errors import ConfigError
 from slora_jax.memory.pool import PROJECTIONS, AdapterTable, PoolLayout, paged_weights
-from slora_jax.ops.lora import KernelConfig, lora_linear_slab, slab_fits
+from slora_jax.ops.lora import KernelConfig, lora_linear_slab, slab_counters, slab_fits
 
 WRITE_CHUNK = 8  # adapters copied into the slab by one call of `_write`
 GROUPS: tuple[tuple[str, ...], ...] = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
@@ -90,6 +90,8 @@ class LoraSlab:
         self.arrays: dict[int, tuple[jax.Array, jax.Array]] = {}  # group index -> (a, b)
         self.entries: dict[str, _Entry] = {}
         self.stats = collections.Counter()  # adapters_written, compactions
+        # The kernels' split-K counters: zeroed once, passed to every call (they leave it zero).
+        self.counters = slab_counters()
 
     @property
     def n_rows(self) -> int:
@@ -203,7 +205,8 @@ class LoraSlab:
             los.append(np.broadcast_to(lo, (len(cols), T)).copy())
             his.append(lo[None] + r_GxT)
         return SlabLora(paged, tuple(self.arrays[g][0] for g in groups), tuple(self.arrays[g][1] for g in groups),
-                        tuple(los), tuple(his), np.asarray(self.n_rows, np.int32), groups, kernel or KernelConfig())
+                        tuple(los), tuple(his), np.asarray(self.n_rows, np.int32), self.counters, groups,
+                        kernel or KernelConfig())
 
     def memory(self) -> dict[str, float]:
         return {"slab_bytes": sum(a.nbytes + b.nbytes for a, b in self.arrays.values()),
@@ -220,6 +223,7 @@ class SlabLora:
     lo: tuple  # [G, T] int32: slab rows [lo, hi) of each token's adapter, per projection
     hi: tuple
     n_rows: np.ndarray  # int32 scalar
+    counters: jax.Array  # int32 split-K counter workspace of the slab kernels (all zero; they leave it so)
     groups: tuple[int, ...] = flax.struct.field(pytree_node=False)
     kernel: KernelConfig = flax.struct.field(pytree_node=False, default=KernelConfig())
 
@@ -244,7 +248,7 @@ class SlabLora:
                                                self.kernel):
                 j = self.groups.index(gi)
                 return lora_linear_slab(x_TxI, ws_IxO, self.a[j], self.b[j], self.lo[j], self.hi[j], self.n_rows,
-                                        layer * len(projs), config=self.kernel)
+                                        layer * len(projs), config=self.kernel, counters=self.counters)
             return None if inner is None else inner(projs, x_TxI, ws_IxO)
 
         return linear

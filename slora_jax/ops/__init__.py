@@ -24,6 +24,7 @@ from slora_jax.ops.lora import (
     random_slot_weights,
     shrink,
     shrink_group,
+    slab_counters,
     slab_fits,
     slab_from_slots,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "random_slot_weights",
     "shrink",
     "shrink_group",
+    "slab_counters",
     "slab_fits",
     "slab_from_slots",
 ]

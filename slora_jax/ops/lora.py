@@ -33,6 +33,7 @@ import numpy as np
 
 from pallas_kernels.lora_linear import MAX_TOKENS as LINEAR_MAX_TOKENS
 from pallas_kernels.lora_linear import lora_linear_paged_group, paged_row_table
+from pallas_kernels.lora_slab import COUNTERS as SLAB_COUNTERS
 from pallas_kernels.lora_slab import MAX_TOKENS as SLAB_MAX_TOKENS
 from pallas_kernels.lora_slab import linear_shrink_slab, linear_slab, slab_expand, slab_shrink
 from pallas_kernels.sgmv_expand import expand_reference, sgmv_expand
@@ -716,7 +717,7 @@ def slab_fits(n_tokens: int, h_in: int, n_out, cfg: KernelConfig) -> bool:
 
 
 def lora_linear_slab(x_TxI: jax.Array, ws_IxO, a_slab, b_slab, lo_GxT, hi_GxT, n_rows, offset=0, *,
-                     config: KernelConfig | None = None) -> tuple[jax.Array, ...]:
+                     config: KernelConfig | None = None, counters: jax.Array | None = None) -> tuple[jax.Array, ...]:
     """`x @ W_g` plus each token's LoRA delta, for projections sharing x, with the adapters in a dense slab.
 
     Args:
@@ -727,6 +728,9 @@ def lora_linear_slab(x_TxI: jax.Array, ws_IxO, a_slab, b_slab, lo_GxT, hi_GxT, n
       lo_GxT, hi_GxT: int32 `[G, T]`, the slab rows `[lo, hi)` of each token's adapter in
         projection g (lo = hi: none).
       n_rows: used slab rows (int32 scalar; the kernels read no further).
+      counters: optional int32 workspace, all zero, of at least `SLAB_COUNTERS` entries, shared by every
+        call (the kernels' split-K counters; they leave it zero). None: each launch zeroes its own,
+        one more small kernel a launch on a GPU (`pallas_kernels.lora_slab`, "Counters").
     Returns `y_g [T, N_g]` in x's dtype: two launches of plain pipelined GEMMs over dense operands,
     `slab_shrink` then `linear_slab` (the base GEMM with its K extended by the slab), or with
     `config.slab_shrink_with_base` `linear_shrink_slab` (the GEMM and the shrink side by side) then
@@ -740,7 +744,7 @@ def lora_linear_slab(x_TxI: jax.Array, ws_IxO, a_slab, b_slab, lo_GxT, hi_GxT, n
                          f"slab_block_k={cfg.slab_block_k} and outputs of slab_block_n={cfg.slab_block_n}; got x "
                          f"{x_TxI.shape}, outputs {[w.shape[1] for w in ws_IxO]}")
     launch = dict(block_p=cfg.slab_block_p, num_warps=cfg.slab_warps, num_stages=cfg.slab_stages,
-                  interpret=cfg.interpret)
+                  interpret=cfg.interpret, counters=counters)
     splits = cfg.slab_linear_splits or None
     if cfg.slab_shrink_with_base:
         ys, v_GxTxP = linear_shrink_slab(x_TxI, ws_IxO, a_slab, lo_GxT, hi_GxT, n_rows, offset,
@@ -753,14 +757,20 @@ def lora_linear_slab(x_TxI: jax.Array, ws_IxO, a_slab, b_slab, lo_GxT, hi_GxT, n
                        block_k=cfg.slab_block_k, k_splits=splits, **launch)
 
 
+def slab_counters() -> jax.Array:
+    """A zeroed split-K counter workspace for the slab kernels (`counters=` of `lora_linear_slab`): make
+    one, pass it to every call (of a step, of a run: the kernels leave it zero)."""
+    return jnp.zeros((SLAB_COUNTERS,), jnp.int32)
+
+
 def add_lora_slab(ys_TxO, x_TxI: jax.Array, a_slab, b_slab, lo_GxT, hi_GxT, n_rows, offset=0, *,
-                  config: KernelConfig | None = None) -> tuple[jax.Array, ...]:
+                  config: KernelConfig | None = None, counters: jax.Array | None = None) -> tuple[jax.Array, ...]:
     """`y_g + (x @ A) @ B` per token, for projections sharing x, with the adapters in a dense slab: the
     slab layout's `add_lora_group` (arguments as `lora_linear_slab`'s; `ys` the base outputs `[T, N_g]`).
     Two launches: `slab_shrink`, then `slab_expand` accumulating into the ys."""
     cfg = config or KernelConfig()
     launch = dict(block_p=cfg.slab_block_p, num_warps=cfg.slab_warps, num_stages=cfg.slab_stages,
-                  interpret=cfg.interpret)
+                  interpret=cfg.interpret, counters=counters)
     v_GxTxP = slab_shrink(x_TxI, a_slab, lo_GxT, hi_GxT, n_rows, offset, block_k=cfg.slab_block_k,
                           k_splits=cfg.slab_shrink_splits, **launch)
     return slab_expand(tuple(ys_TxO), v_GxTxP, b_slab, n_rows, offset, block_n=cfg.slab_block_n, **launch)
