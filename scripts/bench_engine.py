@@ -218,7 +218,7 @@ RUNS = {"base": (False, True), "base_sync": (False, False), "lora": (True, True)
 def bench_7b(bw_GBps: float, batch: int, n_adapters: int, prompt_len: int, new: int, rank: int,
              model: str = "llama-7b", lora_chunk: int = 128, out_dir: str = ".", labels=tuple(RUNS),
              tp: int = 1, unified: bool = True, strategy: str = "slora", lora_kernel: dict | None = None,
-             slab_rows: int = 1024) -> dict:
+             slab_rows: int = 1024, top: int = 12) -> dict:
     cfg = preset(model)
     if tp > 1:  # drawn straight into their shards (the engine keeps them there)
         params = jax.block_until_ready(serving.init_random_params(cfg, EngineConfig(tp=tp), jnp.bfloat16, 0))
@@ -265,7 +265,7 @@ def bench_7b(bw_GBps: float, batch: int, n_adapters: int, prompt_len: int, new: 
                    "host_overhead_ms": (med - dev_s) * 1e3, "dispatch_ms": dispatch * 1e3, "floor_ms": floor_s * 1e3,
                    "floor_ratio_device": floor_s / dev_s, "floor_ratio_wall": floor_s / med,
                    "tokens_per_s": batch / med, "pool_pages_used": engine.memory_report()["pages_adapter"]}
-            row["profile"] = profile_kernels(lambda: rerun(rec, engine, 1))
+            row["profile"] = profile_kernels(lambda: rerun(rec, engine, 1), top=top)
             row["serving_profile"] = serving_profile(engine, batch, prompt_len, names)
             try:
                 row["pool_sized_copies"] = pool_copies(rec, engine, os.path.join(out_dir, f"step_hlo_{label}.txt"))
@@ -299,6 +299,7 @@ def main():
     ap.add_argument("--slots", action="store_true", help="dense adapter slots (unified_memory=False)")
     ap.add_argument("--kernel", default="", help="EngineConfig.lora_kernel overrides, e.g. paged_warps=4,paged_k_steps=4")
     ap.add_argument("--slab-rows", type=int, default=1024, help="EngineConfig.lora_slab_rows of the lora_slab run")
+    ap.add_argument("--top", type=int, default=12, help="kernels listed in the profile of the re-run step")
     ap.add_argument("--tag", default="", help="suffix of the JSON name (engine{tag}.json), e.g. for XLA_FLAGS variants")
     args = ap.parse_args()
     res = {"benchmark": "engine", "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
@@ -321,7 +322,7 @@ def main():
     res["llama_7b"] = bench_7b(bw, args.batch, args.adapters, 128, args.new, args.rank, args.model,
                                args.lora_chunk, args.out, labels, args.tp, not args.slots, args.strategy,
                                {k: int(v) for k, v in (kv.split("=") for kv in args.kernel.split(",") if kv)},
-                               args.slab_rows)
+                               args.slab_rows, args.top)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"engine{args.tag}.json"), "w") as f:
         json.dump(res, f, indent=2)

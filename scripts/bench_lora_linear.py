@@ -27,6 +27,10 @@ Variants per case:
                expand as its own launch (`slab_expand`); `slab_xla[bn_s]` XLA's matmul, then the
                slab's shrink and expand (`ops.add_lora_slab`: the LoRA alone). `slab_xshrink[bn]`
                XLA's dot for the masked shrink, then the Pallas GEMM with its K extended.
+  `slab_ws[...]`, `slab_ws_base[...]`  as `slab[...]`, `slab_base[...]` with one split-K counter
+               workspace shared by every call (`counters=`, as the engine's slab passes it): no
+               zeroing kernel a launch. `slab_ws[bn64_s4_l0_k{block_k}_w{warps}_st{stages}]`: the
+               shrink's launch with that K step, warps and pipeline stages.
 Configs `c` are `bn{block_n}_bk{block_k}_s{num_stages}_w{num_warps}_u{shrink_unroll}_e{expand_unroll}_k{shrink_k_steps}`
 (k0: all of H_in in one shrink program; e0: the default expand step).
 
@@ -74,6 +78,7 @@ from slora_jax.ops import (  # noqa: E402
     build_lora_meta,
     paged_row_tables,
     random_slot_weights,
+    slab_counters,
 )
 
 
@@ -202,6 +207,8 @@ def main(argv=None):
             common = (xs[j], base[group][j], draws[j])
             if lora_meta == "slab":
                 return common + slabs[j]
+            if lora_meta == "slab_ws":  # and the one counter workspace every call shares (as the engine's slab)
+                return common + slabs[j] + (counters,)
             if lora_meta == "slab_t":
                 return common + (jnp.swapaxes(slabs[j][0], 1, 2), slabs[j][1])
             if lora_meta == "pair":
@@ -269,8 +276,11 @@ def main(argv=None):
                             for g in range(G)])
             slabs.append((a_, b_))
 
-        def op_slab_pallas(rows, args, bn, lora=True, sk=4, lk=None, mode="ext", bp=64):
-            x, Ws, slot, a_slab, b_slab = args
+        counters = slab_counters()
+
+        def op_slab_pallas(rows, args, bn, lora=True, sk=4, lk=None, mode="ext", bp=64, shrink_launch=None):
+            x, Ws, slot, a_slab, b_slab = args[:5]
+            ws = {"counters": args[5]} if len(args) > 5 else {}
             if not lora:
                 return linear_slab(x, Ws, None, None, None, block_n=bn, k_splits=lk, interpret=interpret)
             lo = jnp.where(slot >= 0, slot * r, 0).astype(jnp.int32)
@@ -278,18 +288,20 @@ def main(argv=None):
             hi_GxT = lo_GxT + r * (slot >= 0)
             if mode == "base":  # the shrink's programs beside the GEMM's, then the expand
                 ys, v = linear_shrink_slab(x, Ws, a_slab, lo_GxT, hi_GxT, n * r, block_n=bn, k_splits=lk,
-                                           shrink_splits=sk, interpret=interpret)
-                return slab_expand(ys, v, b_slab, n * r, block_n=bn, interpret=interpret)
+                                           shrink_splits=sk, interpret=interpret, **ws)
+                return slab_expand(ys, v, b_slab, n * r, block_n=bn, interpret=interpret, **ws)
             if mode == "xshrink":  # XLA's dot for the shrink (masked by lo/hi), then the Pallas GEMM
                 v = jnp.einsum("ti,gip->gtp", x, a_slab, preferred_element_type=jnp.float32)
                 c = jnp.arange(a_slab.shape[-1])[None, None, :]
                 v = jnp.where((c >= lo_GxT[:, :, None]) & (c < hi_GxT[:, :, None]), v, 0.0).astype(x.dtype)
                 return linear_slab(x, Ws, v, b_slab, n * r, block_n=bn, k_splits=lk, block_p=bp, interpret=interpret)
-            v = slab_shrink(x, a_slab, lo_GxT, hi_GxT, n * r, k_splits=sk, block_p=bp, interpret=interpret)
+            v = slab_shrink(x, a_slab, lo_GxT, hi_GxT, n * r, k_splits=sk, block_p=bp, interpret=interpret, **ws,
+                            **(shrink_launch or {}))
             if mode == "xla":  # XLA's matmul, then the slab's expand accumulating into it
                 return slab_expand(tuple(jnp.dot(x, W) for W in Ws), v, b_slab, n * r, block_n=bn,
                                    interpret=interpret)
-            return linear_slab(x, Ws, v, b_slab, n * r, block_n=bn, k_splits=lk, block_p=bp, interpret=interpret)
+            return linear_slab(x, Ws, v, b_slab, n * r, block_n=bn, k_splits=lk, block_p=bp, interpret=interpret,
+                               **ws)
 
         variants = [("xla", functools.partial(op_xla, lora=False), False, "pair"),
                     ("xla_pair", functools.partial(op_xla, lora=True), True, "pair"),
@@ -307,6 +319,14 @@ def main(argv=None):
         for sk in (4, 8, 16):  # 128 slab columns a shrink program: x read by half as many column blocks
             variants.append((f"slab[bn64_s{sk}_l0_p128]", functools.partial(op_slab_pallas, bn=64, sk=sk, bp=128), True,
                              "slab"))
+        for bk, w, ns in ((256, 4, 3), (64, 4, 3), (128, 8, 3), (128, 2, 3), (128, 4, 2), (128, 4, 4)):
+            variants.append((f"slab_ws[bn64_s4_l0_k{bk}_w{w}_st{ns}]",
+                             functools.partial(op_slab_pallas, bn=64, shrink_launch=dict(block_k=bk, num_warps=w,
+                                                                                         num_stages=ns)),
+                             True, "slab_ws"))
+        variants.append(("slab_ws[bn64_s4_l0]", functools.partial(op_slab_pallas, bn=64), True, "slab_ws"))
+        variants.append(("slab_ws_base[bn64_s4]", functools.partial(op_slab_pallas, bn=64, mode="base"), True,
+                         "slab_ws"))
         variants.append(("slab_xshrink[bn64]", functools.partial(op_slab_pallas, bn=64, mode="xshrink"), True, "slab"))
         for mode in ("base", "xla"):
             for sk in (4, 1):
