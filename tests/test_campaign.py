@@ -39,13 +39,14 @@ def test_issue6_campaign_points(smoke):
     defer = {(p.exp.name, p.exp.engine.defer_unstaged_starts) for p in c.points if p.exp.system == "slora"
              and p.exp.name.startswith("slora_s")}
     assert defer == ({(f"slora_s{i}", True) for i in (1, 2)} | {(f"slora_s{i}_nodefer", False) for i in (1, 2)}
-                     | {(f"slora_s{i}_threads8", True) for i in (1, 2)} | {("slora_s2_nospare", True)})
+                     | {(f"slora_s{i}_threads8", True) for i in (1, 2)} | {("slora_s2_nospare", True), ("slora_s1_slab", True)})
     threads = {p.exp.name: p.exp.engine.adapter_stage_threads for p in c.points if p.exp.system == "slora"}
     assert threads["slora_s2_threads8"] == 8 and threads["slora_s2"] == 4
     spares = {p.exp.name: p.exp.engine.host_adapter_spare_bytes for p in c.points if p.exp.system == "slora"}
     assert spares["slora_s2_nospare"] == 0 and spares["slora_s2"] > 0
     slab = {p.exp.name: p.exp.engine.lora_slab_rows for p in c.points if p.exp.name.startswith("lora_vs_base")}
     assert slab == {"lora_vs_base": 0, "lora_vs_base_linear": 0, "lora_vs_base_slab": 1024, "lora_vs_base_slab64": 1024}
+    assert {p.exp.engine.lora_slab_rows for p in c.points if p.exp.name == "slora_s1_slab"} == {1024}
     slots = {p.exp.name: p.exp.engine.max_lora_rank for p in c.points if p.exp.system == "slora_no_unified"}
     assert slots == {"slora_s1": 8, "slora_s2": 64}
     for p in c.points:
