@@ -96,6 +96,25 @@ def test_engine_with_a_slab_gives_the_same_tokens_and_holds_the_adapters_weights
     assert widths and set(widths) == {16} and engine.num_steps > 0
 
 
+def test_engine_steps_past_the_slab_run_on_the_pool_pages():
+    """A batch whose adapters need more rows than the slab (ranks 2 + 8 + 24 > 32) runs that step on the
+    pool's pages, with a warning, instead of failing mid-step; the tokens stay those of the reference."""
+    prompts = random_prompts(250, [4, 9, 2, 7, 5, 3], seed=6)
+    adapters = ["a0", "a1", "a2", "a0", None, "a1"]
+    sp = SamplingParams(max_new_tokens=6)
+    want = tiny_engine(lora_impl="reference", max_num_seqs=4).generate(prompts, adapters, sp)
+    engine = tiny_engine(lora_impl="pallas", lora_kernel=KERNEL, max_num_seqs=4, lora_slab_rows=32)
+    slab_steps, lora_steps = [], []
+    lora_input, batch_lora = engine.slab.lora_input, engine.store.batch_lora
+    engine.slab.lora_input = lambda *a, **k: slab_steps.append(1) or lora_input(*a, **k)
+    engine.store.batch_lora = lambda *a, **k: lora_steps.append(1) or batch_lora(*a, **k)
+    with pytest.warns(RuntimeWarning, match="lora_slab_rows=32"):
+        got = engine.generate(prompts, adapters, sp)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    on_pages = engine.slab.stats["steps_on_pages"]
+    assert on_pages > 0 and slab_steps and on_pages + len(slab_steps) == len(lora_steps)
+
+
 def slab_lora_case(slots_BxT: np.ndarray, **kernel):
     """`test_pool.paged_lora_case` with its adapters copied into a slab:
     (params, tokens, positions, cache, the reference `PagedLora`, the `SlabLora`)."""

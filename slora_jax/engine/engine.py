@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import os
 import time
+import warnings
 from typing import Callable, Sequence
 
 import flax.struct
@@ -553,8 +554,15 @@ class Engine:
         lora = self.store.batch_lora(names, slot, R, self.config.lora_impl, self._kernel) if names else None
         if self.slab is not None and lora is not None:
             t0 = time.perf_counter()
-            self.slab.ensure(names, lora.table, self.pool, lora.r_max)
-            lora = self.slab.lora_input(lora, names, slot, self._kernel)
+            if self.slab.holds(names, lora.table):
+                self.slab.ensure(names, lora.table, self.pool, lora.r_max)
+                lora = self.slab.lora_input(lora, names, slot, self._kernel)
+            else:  # more adapter rows than the slab has: this step reads the pool's pages (compiled once, here)
+                if not self.slab.stats["steps_on_pages"]:
+                    warnings.warn(f"the batch's adapters need more than EngineConfig.lora_slab_rows="
+                                  f"{self.slab.P} slab rows; such steps run on the pool's pages "
+                                  f"(Engine.slab.stats['steps_on_pages'])", RuntimeWarning, stacklevel=2)
+                self.slab.stats["steps_on_pages"] += 1
             self.host_seconds["slab"] += time.perf_counter() - t0
         self.bytes_read["weights"] += self._weight_bytes
         self.bytes_read["kv"] += kv_tokens * self._kv_token_bytes

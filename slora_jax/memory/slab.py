@@ -89,7 +89,7 @@ class LoraSlab:
         self.cfg, self.layout, self.P, self.dtype, self.block = cfg, layout, rows, jnp.dtype(dtype), block
         self.arrays: dict[int, tuple[jax.Array, jax.Array]] = {}  # group index -> (a, b)
         self.entries: dict[str, _Entry] = {}
-        self.stats = collections.Counter()  # adapters_written, compactions
+        self.stats = collections.Counter()  # adapters_written, compactions, steps_on_pages (batches it could not hold)
         # The kernels' split-K counters: zeroed once, passed to every call (they leave it zero).
         self.counters = slab_counters()
 
@@ -157,6 +157,11 @@ class LoraSlab:
     @staticmethod
     def _high(placed: dict[str, _Entry]) -> int:
         return max((e.start + e.rows for e in placed.values()), default=0)
+
+    def holds(self, names: list[str], table: AdapterTable) -> bool:
+        """Whether the adapters of `names` (the rows of `table`) fit in the slab together (`ensure` can place them)."""
+        rank_AxP = np.asarray(table.rank)
+        return sum(int(rank_AxP[i].max(initial=0)) for i in range(len(names))) <= self.P
 
     def ensure(self, names: list[str], table: AdapterTable, pool: jax.Array, r_max: int) -> None:
         """Make every adapter of `names` (the rows of `table`, in order) hold slab rows, writing the missing ones."""
