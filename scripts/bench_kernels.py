@@ -120,6 +120,11 @@ QUICK = dict(tokens=(1, 64, 256, 4096), projs=((4096, 4096), (4096, 11008)), ran
 SMOKE = dict(tokens=(1, 16), projs=((128, 256),), ranks=("16", "mixed"), pops=("distinct", "identical"))
 MAX_INTERMEDIATE_BYTES = 8e9  # baselines that would materialize more are skipped (and say so)
 MAX_LOOP_SEGMENTS = 8  # `loop` unrolls a matmul pair per segment per call (n_rot x segments in a chain)
+# XLA's Triton GEMM autotuning took most of a grid's compile time (H200, session 18: onehot 18 s and ragged_dot
+# 34 s of compile thread time per (projection, rank, tokens) signature). With it off these two ran within 4% of
+# their default-compiled times on 8 cases (and compiled 10-40x faster); loop and padded_bmm did not (up to +40%
+# and +15%), so they, gather_bmm and our kernels keep the default. `--triton-gemm-off` changes the list.
+TRITON_GEMM_OFF = ("onehot", "ragged_dot", "(reference)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -579,8 +584,9 @@ class Planner:
     """Builds each case's host data and submits its chains' compiles to a thread pool (deduplicated)."""
 
     def __init__(self, impl_labels, threads: int, n_rot_range, gate: TraceGate, plan_only: bool = False,
-                 max_loop_segments: int = MAX_LOOP_SEGMENTS):
+                 max_loop_segments: int = MAX_LOOP_SEGMENTS, compiler_options=None):
         self.labels = impl_labels
+        self.compiler_options = compiler_options or {}  # impl label -> XLA options for its compiles
         self.max_loop_segments = max_loop_segments
         self.impls = [parse_impl(s) for s in impl_labels]
         self.n_rot_range = n_rot_range
@@ -601,7 +607,7 @@ class Planner:
                 t1 = time.perf_counter()
                 lowered = build().lower(*args)
                 t2 = time.perf_counter()
-            exe = lowered.compile()
+            exe = lowered.compile(compiler_options=self.compiler_options.get(label) or None)
             with self._stats_lock:
                 self.trace_s[label] += t2 - t1
                 self.compile_s[label] += time.perf_counter() - t2
@@ -914,6 +920,11 @@ def main(argv=None):
                         "GPU disturb the timing). Default: compile `--ahead` cases, then time them")
     p.add_argument("--loop-max-segments", type=int, default=MAX_LOOP_SEGMENTS,
                    help="skip `loop` where a call has more segments (it unrolls a matmul pair for each)")
+    p.add_argument("--rot-range", default=None,
+                   help="LO,HI: calls per chain (default 8,32; 2,4 with --smoke); compile time grows with HI")
+    p.add_argument("--triton-gemm-off", nargs="*", default=None,
+                   help="impl labels (and '(reference)') compiled with xla_gpu_enable_triton_gemm=false "
+                        f"(default: {','.join(TRITON_GEMM_OFF)}; pass none to compile everything by default)")
     p.add_argument("--plan-only", action="store_true", help="print the case and compile counts; no device work")
     p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     p.add_argument("--name", default="lora_kernels")
@@ -936,6 +947,10 @@ def main(argv=None):
     if bad:
         p.error(f"unknown rank case or popularity: {bad}")
     n_rot_range = (2, 4) if args.smoke else (8, 32)
+    if args.rot_range:
+        n_rot_range = tuple(int(v) for v in args.rot_range.split(","))
+        if len(n_rot_range) != 2 or not 1 <= n_rot_range[0] <= n_rot_range[1]:
+            p.error(f"--rot-range wants LO,HI with 1 <= LO <= HI, got {args.rot_range!r}")
     tm = Timing(target_s=1e-3, min_diffs=2, max_diffs=3) if args.smoke else Timing()
 
     plan = [(hi, ho, rc, T, pop) for hi, ho in projs for rc in rank_cases for T in tokens for pop in pops]
@@ -963,6 +978,14 @@ def main(argv=None):
             print(f"  skipped {n:4d}  {s}")
         return
 
+    off = ([lb for lb in TRITON_GEMM_OFF if lb in labels or lb == "(reference)"] if args.triton_gemm_off is None
+           else split_list(args.triton_gemm_off))
+    unknown = [lb for lb in off if lb not in labels and lb != "(reference)"]
+    if unknown:
+        p.error(f"--triton-gemm-off names impls not in this run: {unknown}")
+    compiler_options = {} if jax.default_backend() != "gpu" else {
+        lb: {"xla_gpu_enable_triton_gemm": False} for lb in off}
+
     t_start = time.perf_counter()
     phases = Phases()
     sys.setswitchinterval(1e-4)  # a compile thread's Python never holds the dispatching thread long
@@ -976,7 +999,7 @@ def main(argv=None):
     print(f"device {dev.device_kind}  jax {jax.__version__}  ceilings {ceilings}", flush=True)
     run_info = {"device": dev.device_kind, "git_commit": commit, "measured_ceilings": ceilings,
                 "command": " ".join([os.path.basename(sys.argv[0]), *(sys.argv[1:] if argv is None else argv)]),
-                "cases_planned": len(plan)}
+                "cases_planned": len(plan), "compiler_options": compiler_options}
     if result is None:
         result = {"benchmark": args.name, "git_commit": commit, "device": dev.device_kind,
                   "jax_version": jax.__version__, "measured_ceilings": ceilings, "command": run_info["command"],
@@ -995,7 +1018,8 @@ def main(argv=None):
     out_path = os.path.join(args.out, f"{args.name}.json")
     writer = ResultWriter(out_path)
 
-    planner = Planner(labels, args.compile_threads, n_rot_range, gate, max_loop_segments=args.loop_max_segments)
+    planner = Planner(labels, args.compile_threads, n_rot_range, gate, max_loop_segments=args.loop_max_segments,
+                      compiler_options=compiler_options)
     impls = planner.impls
     data = DeviceData()
     pending = collections.deque()

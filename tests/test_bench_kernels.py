@@ -102,3 +102,12 @@ def test_slab_impl_spec_rows_and_skips(bk):
     assert bk.slab_rows(slots, ranks_S, 64) == 256 and bk.slab_rows(slots[:1], ranks_S, 64) == 64
     assert bk.skip_reason("slab", 1024, 4096, 4096, 16, 1, 1, cfg=cfg).startswith("the slab kernels take")
     assert bk.skip_reason("slab", 256, 4096, 11008, 16, 1, 1, cfg=cfg) is None
+
+
+def test_triton_gemm_off_names_impls_of_the_run(bk, tmp_path):
+    """`--triton-gemm-off` takes labels of this run's impls (or '(reference)'); others are an error."""
+    args = ["--smoke", "--impls", "gather_bmm", "--tokens", "1", "--ranks", "16", "--pops", "identical",
+            "--out", str(tmp_path), "--git-commit", "test"]
+    with pytest.raises(SystemExit):
+        bk.main([*args, "--triton-gemm-off", "onehot"])
+    assert bk.TRITON_GEMM_OFF and set(bk.TRITON_GEMM_OFF) <= {*bk.IMPLS_DEFAULT, "(reference)"}
