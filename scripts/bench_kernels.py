@@ -32,8 +32,8 @@ impls other than the dense split pair get the metadata as `build_lora_meta(...,
 static_tiles=True)` gives it (as the engine does: `active_tiles` is the tile bound),
 so they compile once for all popularities; dense impls also share across rank cases
 of the same padded R. `loop` unrolls a matmul pair per segment and per call, so it is
-skipped beyond 8 segments a call (`--loop-max-segments`; at 8 it already measured 5x
-the other impls).
+skipped beyond 2 segments a call (`--loop-max-segments`; with 3 to 8 it lost by 4-24x in every row
+measured, and its chains took most of the compile time).
 Weights: 1000 adapters in dense slots, generated once per (projection, rank case)
 group (the cases are ordered so that groups are contiguous), and for
 `pallas_paged` the same adapters packed into pool pages (`PagedWeights.from_slots`,
@@ -119,7 +119,10 @@ QUICK = dict(tokens=(1, 64, 256, 4096), projs=((4096, 4096), (4096, 11008)), ran
              pops=("distinct", "uniform", "identical"))
 SMOKE = dict(tokens=(1, 16), projs=((128, 256),), ranks=("16", "mixed"), pops=("distinct", "identical"))
 MAX_INTERMEDIATE_BYTES = 8e9  # baselines that would materialize more are skipped (and say so)
-MAX_LOOP_SEGMENTS = 8  # `loop` unrolls a matmul pair per segment per call (n_rot x segments in a chain)
+# `loop` unrolls a matmul pair per segment per call (n_rot x segments in a chain: 47 s of compile thread time per
+# chain on an H200). With 3 to 8 segments it lost to the best other impl by 4-24x in all 14 such rows of the
+# session-18 grid run (`lora_kernels_grid_h200.json`, run 0); it is competitive only with one segment.
+MAX_LOOP_SEGMENTS = 2
 # XLA's Triton GEMM autotuning took most of a grid's compile time (H200, session 18: onehot 18 s and ragged_dot
 # 34 s of compile thread time per (projection, rank, tokens) signature). With it off these two ran within 4% of
 # their default-compiled times on 8 cases (and compiled 10-40x faster); loop and padded_bmm did not (up to +40%
@@ -273,7 +276,7 @@ def skip_reason(name, T, h_in, h_out, R, n_segments, n_tiles, max_loop_segments=
     if name == "onehot" and T * N_SLOTS * R * 4 > MAX_INTERMEDIATE_BYTES:
         return "[T, S, R] intermediate exceeds 8 GB"
     if name == "loop" and n_segments > max_loop_segments:
-        return (f"more than {max_loop_segments} segments to unroll (8 already measured 5x the other impls; "
+        return (f"more than {max_loop_segments} segments to unroll (3 to 8 lost by 4-24x in every row measured; "
                 f"the chain's tracing and compile grow with n_rot x segments)")
     return None
 
