@@ -120,13 +120,14 @@ QUICK = dict(tokens=(1, 64, 256, 4096), projs=((4096, 4096), (4096, 11008)), ran
 SMOKE = dict(tokens=(1, 16), projs=((128, 256),), ranks=("16", "mixed"), pops=("distinct", "identical"))
 MAX_INTERMEDIATE_BYTES = 8e9  # baselines that would materialize more are skipped (and say so)
 # `loop` unrolls a matmul pair per segment per call (n_rot x segments in a chain: 47 s of compile thread time per
-# chain on an H200). With 3 to 8 segments it lost to the best other impl by 4-24x in all 14 such rows of the
+# chain on an H200). With 3 to 8 segments it lost to the best other impl by 4-24x in all 12 such rows of the
 # session-18 grid run (`lora_kernels_grid_h200.json`, run 0); it is competitive only with one segment.
 MAX_LOOP_SEGMENTS = 2
 # XLA's Triton GEMM autotuning took most of a grid's compile time (H200, session 18: onehot 18 s and ragged_dot
-# 34 s of compile thread time per (projection, rank, tokens) signature). With it off these two ran within 4% of
-# their default-compiled times on 8 cases (and compiled 10-40x faster); loop and padded_bmm did not (up to +40%
-# and +15%), so they, gather_bmm and our kernels keep the default. `--triton-gemm-off` changes the list.
+# 34 s of compile thread time per (projection, rank, tokens) signature). With it off these two ran at 0.93-1.03x
+# of their default-compiled times on 8 cases (and compiled 10-40x faster); loop and padded_bmm did not (up to
+# 1.65x and 1.17x; benchmarks/results/kernels_s18_h200/), so they, gather_bmm and our kernels keep the default.
+# `--triton-gemm-off` changes the list.
 TRITON_GEMM_OFF = ("onehot", "ragged_dot", "(reference)")
 
 
@@ -562,7 +563,8 @@ class Case:
     flops: float
     segments: int  # most segments of one draw
     segs_total: int  # segments summed over the chain
-    n_tiles: int
+    n_tiles: int  # the metadata's static tile count NT (`num_tiles(T, max_segments, block_m)`)
+    max_segments: int  # the metadata's segment bound G
     jobs: dict  # impl label -> Future of the compiled chain, or a skip reason (str)
     ref: concurrent.futures.Future  # compiled chunked_reference
     slab_rows: dict = dataclasses.field(default_factory=dict)  # pallas_slab label -> rows of its draws' slabs
@@ -587,8 +589,9 @@ class Planner:
     """Builds each case's host data and submits its chains' compiles to a thread pool (deduplicated)."""
 
     def __init__(self, impl_labels, threads: int, n_rot_range, gate: TraceGate, plan_only: bool = False,
-                 max_loop_segments: int = MAX_LOOP_SEGMENTS, compiler_options=None):
+                 max_loop_segments: int = MAX_LOOP_SEGMENTS, compiler_options=None, tight_segments: bool = False):
         self.labels = impl_labels
+        self.tight_segments = tight_segments  # metadata bound = the case's most segments, not min(T, N_SLOTS)
         self.compiler_options = compiler_options or {}  # impl label -> XLA options for its compiles
         self.max_loop_segments = max_loop_segments
         self.impls = [parse_impl(s) for s in impl_labels]
@@ -654,7 +657,9 @@ class Planner:
         n_rot = rotations(T, h_in, h_out, ranks_S, *self.n_rot_range)
         rng = np.random.default_rng(zlib.crc32(f"{T} {h_in} {h_out} {rank} {pop}".encode()))
         slots = [slot_draw(pop, T, rng) for _ in range(n_rot)]
-        metas = [build_lora_meta(s, max_segments=min(T, N_SLOTS)) for s in slots]  # block_m from the layout
+        G = (max(1, max(len(np.unique(s[s >= 0])) for s in slots)) if self.tight_segments
+             else min(T, N_SLOTS))
+        metas = [build_lora_meta(s, max_segments=G) for s in slots]  # block_m from the layout
         bf = [lora_bytes_flops(s, ranks_S, T, h_in, h_out) for s in slots]
         segs = [int(m.num_segments) for m in metas]
         n_tiles = len(metas[0].tile_slot)
@@ -692,7 +697,7 @@ class Planner:
                            ref_args)
         return Case(h_in, h_out, rank, T, pop, n_rot, slots, metas, metas_static,
                     float(np.mean([b for b, _ in bf])), float(np.mean([f for _, f in bf])), max(segs), sum(segs),
-                    n_tiles, jobs, ref, rows_of)
+                    n_tiles, G, jobs, ref, rows_of)
 
 
 # ----------------------------------------------------------------------------- running a case
@@ -759,7 +764,8 @@ def run_case(c: Case, data: DeviceData, labels, impls, floor_s, gate: TraceGate,
         case = {"tokens": c.T, "h_in": c.h_in, "h_out": c.h_out, "rank": c.rank, "popularity": c.pop,
                 "impl": label}
         row = {"case": case, "floor_us": floor_s * 1e6, "bytes": int(c.bytes_), "flops": int(c.flops),
-               "segments": c.segments, "n_rot": c.n_rot, "run": run_id}
+               "segments": c.segments, "max_segments": c.max_segments, "tiles": c.n_tiles, "n_rot": c.n_rot,
+               "run": run_id}
         rows[label] = row
         job = c.jobs[label]
         if isinstance(job, str) or ref_error:
@@ -928,6 +934,10 @@ def main(argv=None):
     p.add_argument("--triton-gemm-off", nargs="*", default=None,
                    help="impl labels (and '(reference)') compiled with xla_gpu_enable_triton_gemm=false "
                         f"(default: {','.join(TRITON_GEMM_OFF)}; pass none to compile everything by default)")
+    p.add_argument("--tight-segments", action="store_true",
+                   help="size each case's metadata to its own most segments (default: min(T, 1000), the bound a "
+                        "batch of up to 1000 adapters needs; its padding tiles launch programs that return at once). For probes: "
+                        "the popularities of a case then differ in shape, so they no longer share compiles")
     p.add_argument("--plan-only", action="store_true", help="print the case and compile counts; no device work")
     p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     p.add_argument("--name", default="lora_kernels")
@@ -961,6 +971,9 @@ def main(argv=None):
     if args.resume:
         with open(args.resume) as f:
             result = json.load(f)
+        tight = {bool(run.get("tight_segments", False)) for run in result.get("runs", [])}
+        if tight and tight != {args.tight_segments}:
+            p.error(f"{args.resume} was run with tight_segments={sorted(tight)}; resume it with the same")
         done_keys = {case_key(r["case"]) for r in result["rows"]}
         n_before = len(plan)
         plan = [k for k in plan if (k[3], k[0], k[1], k[2], k[4]) not in done_keys]
@@ -968,7 +981,8 @@ def main(argv=None):
 
     gate = TraceGate()
     if args.plan_only:
-        planner = Planner(labels, 1, n_rot_range, gate, plan_only=True, max_loop_segments=args.loop_max_segments)
+        planner = Planner(labels, 1, n_rot_range, gate, plan_only=True, max_loop_segments=args.loop_max_segments,
+                          tight_segments=args.tight_segments)
         skips = collections.Counter()
         pairs = 0
         for k in plan:
@@ -1002,7 +1016,8 @@ def main(argv=None):
     print(f"device {dev.device_kind}  jax {jax.__version__}  ceilings {ceilings}", flush=True)
     run_info = {"device": dev.device_kind, "git_commit": commit, "measured_ceilings": ceilings,
                 "command": " ".join([os.path.basename(sys.argv[0]), *(sys.argv[1:] if argv is None else argv)]),
-                "cases_planned": len(plan), "compiler_options": compiler_options}
+                "cases_planned": len(plan), "compiler_options": compiler_options,
+                "tight_segments": args.tight_segments}
     if result is None:
         result = {"benchmark": args.name, "git_commit": commit, "device": dev.device_kind,
                   "jax_version": jax.__version__, "measured_ceilings": ceilings, "command": run_info["command"],
@@ -1022,7 +1037,7 @@ def main(argv=None):
     writer = ResultWriter(out_path)
 
     planner = Planner(labels, args.compile_threads, n_rot_range, gate, max_loop_segments=args.loop_max_segments,
-                      compiler_options=compiler_options)
+                      compiler_options=compiler_options, tight_segments=args.tight_segments)
     impls = planner.impls
     data = DeviceData()
     pending = collections.deque()

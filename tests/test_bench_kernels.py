@@ -111,3 +111,24 @@ def test_triton_gemm_off_names_impls_of_the_run(bk, tmp_path):
     with pytest.raises(SystemExit):
         bk.main([*args, "--triton-gemm-off", "onehot"])
     assert bk.TRITON_GEMM_OFF and set(bk.TRITON_GEMM_OFF) <= {*bk.IMPLS_DEFAULT, "(reference)"}
+
+
+def test_tight_segments_sizes_the_metadata_to_the_case(bk, tmp_path):
+    """`--tight-segments`: the metadata's segment bound is the case's own (one adapter: one segment),
+    recorded in each row with its tile count; a file run one way cannot be resumed the other way."""
+    args = ["--smoke", "--impls", "gather_bmm", "--tokens", "16", "--ranks", "16", "--pops", "identical",
+            "--out", str(tmp_path), "--git-commit", "test"]
+    switch = sys.getswitchinterval()
+    try:
+        bk.main([*args, "--tight-segments"])
+        with open(tmp_path / "lora_kernels.json") as f:
+            result = json.load(f)
+        (row,) = result["rows"]
+        assert "median_us" in row and row["segments"] == 1
+        # NT bounds ceil(T / block_m) + G tiles: 2 here, against 16 with the default G = min(T, 1000) = 16
+        assert (row["max_segments"], row["tiles"]) == (1, 2)
+        assert result["runs"][0]["tight_segments"] is True
+        with pytest.raises(SystemExit):
+            bk.main([*args, "--pops", "distinct", "--resume", str(tmp_path / "lora_kernels.json")])
+    finally:
+        sys.setswitchinterval(switch)
