@@ -118,6 +118,7 @@ ENGINE_IMPL = "pallas_paged"  # what the engine runs (paged split pair, chunk = 
 QUICK = dict(tokens=(1, 64, 256, 4096), projs=((4096, 4096), (4096, 11008)), ranks=("16", "mixed"),
              pops=("distinct", "uniform", "identical"))
 SMOKE = dict(tokens=(1, 16), projs=((128, 256),), ranks=("16", "mixed"), pops=("distinct", "identical"))
+META_DEFAULT = dict(tight_segments=False, block_m=None)  # the metadata of runs that do not record theirs
 MAX_INTERMEDIATE_BYTES = 8e9  # baselines that would materialize more are skipped (and say so)
 # `loop` unrolls a matmul pair per segment per call (n_rot x segments in a chain: 47 s of compile thread time per
 # chain on an H200). With 3 to 8 segments it lost to the best other impl by 4-24x in all 12 such rows of the
@@ -589,9 +590,11 @@ class Planner:
     """Builds each case's host data and submits its chains' compiles to a thread pool (deduplicated)."""
 
     def __init__(self, impl_labels, threads: int, n_rot_range, gate: TraceGate, plan_only: bool = False,
-                 max_loop_segments: int = MAX_LOOP_SEGMENTS, compiler_options=None, tight_segments: bool = False):
+                 max_loop_segments: int = MAX_LOOP_SEGMENTS, compiler_options=None, tight_segments: bool = False,
+                 block_m: int | None = None):
         self.labels = impl_labels
         self.tight_segments = tight_segments  # metadata bound = the case's most segments, not min(T, N_SLOTS)
+        self.block_m = block_m  # metadata rows per tile (None: `default_block_m` of the token count)
         self.compiler_options = compiler_options or {}  # impl label -> XLA options for its compiles
         self.max_loop_segments = max_loop_segments
         self.impls = [parse_impl(s) for s in impl_labels]
@@ -659,7 +662,7 @@ class Planner:
         slots = [slot_draw(pop, T, rng) for _ in range(n_rot)]
         G = (max(1, max(len(np.unique(s[s >= 0])) for s in slots)) if self.tight_segments
              else min(T, N_SLOTS))
-        metas = [build_lora_meta(s, max_segments=G) for s in slots]  # block_m from the layout
+        metas = [build_lora_meta(s, max_segments=G, block_m=self.block_m) for s in slots]
         bf = [lora_bytes_flops(s, ranks_S, T, h_in, h_out) for s in slots]
         segs = [int(m.num_segments) for m in metas]
         n_tiles = len(metas[0].tile_slot)
@@ -764,7 +767,8 @@ def run_case(c: Case, data: DeviceData, labels, impls, floor_s, gate: TraceGate,
         case = {"tokens": c.T, "h_in": c.h_in, "h_out": c.h_out, "rank": c.rank, "popularity": c.pop,
                 "impl": label}
         row = {"case": case, "floor_us": floor_s * 1e6, "bytes": int(c.bytes_), "flops": int(c.flops),
-               "segments": c.segments, "max_segments": c.max_segments, "tiles": c.n_tiles, "n_rot": c.n_rot,
+               "segments": c.segments, "max_segments": c.max_segments, "tiles": c.n_tiles,
+               "block_m": int(c.metas[0].block_m), "n_rot": c.n_rot,
                "run": run_id}
         rows[label] = row
         job = c.jobs[label]
@@ -938,6 +942,9 @@ def main(argv=None):
                    help="size each case's metadata to its own most segments (default: min(T, 1000), the bound a "
                         "batch of up to 1000 adapters needs; its padding tiles launch programs that return at once). For probes: "
                         "the popularities of a case then differ in shape, so they no longer share compiles")
+    p.add_argument("--block-m", type=int, default=None,
+                   help="rows per tile of every case's metadata (a power of two >= 16; default: by token count, "
+                        "`ops.lora.default_block_m`)")
     p.add_argument("--plan-only", action="store_true", help="print the case and compile counts; no device work")
     p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     p.add_argument("--name", default="lora_kernels")
@@ -960,6 +967,9 @@ def main(argv=None):
     if bad:
         p.error(f"unknown rank case or popularity: {bad}")
     n_rot_range = (2, 4) if args.smoke else (8, 32)
+    if args.block_m is not None and (args.block_m < 16 or args.block_m & (args.block_m - 1)):
+        p.error(f"--block-m must be a power of two >= 16, got {args.block_m}")
+    meta_opts = dict(tight_segments=args.tight_segments, block_m=args.block_m)
     if args.rot_range:
         n_rot_range = tuple(int(v) for v in args.rot_range.split(","))
         if len(n_rot_range) != 2 or not 1 <= n_rot_range[0] <= n_rot_range[1]:
@@ -971,9 +981,10 @@ def main(argv=None):
     if args.resume:
         with open(args.resume) as f:
             result = json.load(f)
-        tight = {bool(run.get("tight_segments", False)) for run in result.get("runs", [])}
-        if tight and tight != {args.tight_segments}:
-            p.error(f"{args.resume} was run with tight_segments={sorted(tight)}; resume it with the same")
+        meta_of = {json.dumps(run.get("metadata", META_DEFAULT), sort_keys=True) for run in result.get("runs", [])}
+        if meta_of and meta_of != {json.dumps(meta_opts, sort_keys=True)}:
+            p.error(f"{args.resume} was run with metadata {sorted(meta_of)}; resume it with the same "
+                    f"(--tight-segments, --block-m), not {meta_opts}")
         done_keys = {case_key(r["case"]) for r in result["rows"]}
         n_before = len(plan)
         plan = [k for k in plan if (k[3], k[0], k[1], k[2], k[4]) not in done_keys]
@@ -982,7 +993,7 @@ def main(argv=None):
     gate = TraceGate()
     if args.plan_only:
         planner = Planner(labels, 1, n_rot_range, gate, plan_only=True, max_loop_segments=args.loop_max_segments,
-                          tight_segments=args.tight_segments)
+                          **meta_opts)
         skips = collections.Counter()
         pairs = 0
         for k in plan:
@@ -1017,7 +1028,7 @@ def main(argv=None):
     run_info = {"device": dev.device_kind, "git_commit": commit, "measured_ceilings": ceilings,
                 "command": " ".join([os.path.basename(sys.argv[0]), *(sys.argv[1:] if argv is None else argv)]),
                 "cases_planned": len(plan), "compiler_options": compiler_options,
-                "tight_segments": args.tight_segments}
+                "metadata": meta_opts}
     if result is None:
         result = {"benchmark": args.name, "git_commit": commit, "device": dev.device_kind,
                   "jax_version": jax.__version__, "measured_ceilings": ceilings, "command": run_info["command"],
@@ -1037,7 +1048,7 @@ def main(argv=None):
     writer = ResultWriter(out_path)
 
     planner = Planner(labels, args.compile_threads, n_rot_range, gate, max_loop_segments=args.loop_max_segments,
-                      compiler_options=compiler_options, tight_segments=args.tight_segments)
+                      compiler_options=compiler_options, **meta_opts)
     impls = planner.impls
     data = DeviceData()
     pending = collections.deque()

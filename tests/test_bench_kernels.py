@@ -115,7 +115,8 @@ def test_triton_gemm_off_names_impls_of_the_run(bk, tmp_path):
 
 def test_tight_segments_sizes_the_metadata_to_the_case(bk, tmp_path):
     """`--tight-segments`: the metadata's segment bound is the case's own (one adapter: one segment),
-    recorded in each row with its tile count; a file run one way cannot be resumed the other way."""
+    recorded in each row with its tile count; a file run one way cannot be resumed the other way;
+    `--block-m` must be a valid tile height."""
     args = ["--smoke", "--impls", "gather_bmm", "--tokens", "16", "--ranks", "16", "--pops", "identical",
             "--out", str(tmp_path), "--git-commit", "test"]
     switch = sys.getswitchinterval()
@@ -127,8 +128,14 @@ def test_tight_segments_sizes_the_metadata_to_the_case(bk, tmp_path):
         assert "median_us" in row and row["segments"] == 1
         # NT bounds ceil(T / block_m) + G tiles: 2 here, against 16 with the default G = min(T, 1000) = 16
         assert (row["max_segments"], row["tiles"]) == (1, 2)
-        assert result["runs"][0]["tight_segments"] is True
+        assert result["runs"][0]["metadata"] == {"tight_segments": True, "block_m": None} and row["block_m"] == 16
         with pytest.raises(SystemExit):
             bk.main([*args, "--pops", "distinct", "--resume", str(tmp_path / "lora_kernels.json")])
+        with pytest.raises(SystemExit):
+            bk.main([*args, "--block-m", "24"])
+        bk.main([*args, "--block-m", "32", "--name", "bm"])
+        with open(tmp_path / "bm.json") as f:
+            (row,) = json.load(f)["rows"]
+        assert "median_us" in row and (row["block_m"], row["tiles"]) == (32, 16)  # min(T, ceil(16 / 32) + 16)
     finally:
         sys.setswitchinterval(switch)
