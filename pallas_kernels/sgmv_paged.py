@@ -39,6 +39,11 @@ each adapter's rank.
 
 `k_steps=None` picks K chunks per program with `default_k_steps`.
 
+`tile_programs=N` (> 0) launches at most N programs along the tile axis of both kernels, each
+looping over the used tiles with stride N (`used_tiles`, the metadata's count, read at run time),
+so the padding tiles of a metadata bound (NT) launch no program. Off by default (0): not yet
+measured on a GPU (session 18).
+
 `sgmv_paged_group_one_launch` runs the same shrink and expand programs in one launch: the
 expand's programs load their B and y blocks, then wait on per-(projection, tile) counters
 that the shrink's programs raise (`_one_launch_kernel`). It relies on programs starting in
@@ -145,8 +150,26 @@ def _shrink_program(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_
             done(g, tile)
 
 
-def _shrink_kernel(*refs, n_groups: int, **static):
-    _shrink_program(*refs, pl.program_id(0) // n_groups, pl.program_id(0) % n_groups, pl.program_id(1), **static)
+def _tile_loop(program, p, used_ref, tile_programs: int) -> None:
+    """`program(tile)` for the used tiles `p, p + tile_programs, ...` (below `used_ref[0]`): a program of the
+    tile axis loops over real tiles instead of one program per bound tile (`tile_programs` > 0)."""
+    n_iter = jnp.maximum((used_ref[0] - p + tile_programs - 1) // tile_programs, 0)
+
+    def body(i, carry):
+        program(p + i * tile_programs)
+        return carry
+
+    lax.fori_loop(0, n_iter, body, 0)
+
+
+def _shrink_kernel(*refs, n_groups: int, tile_programs: int = 0, **static):
+    a, p = pl.program_id(0), pl.program_id(1)  # read here: interpret mode cannot discharge one in a loop
+    split, g = a // n_groups, a % n_groups
+    if not tile_programs:
+        _shrink_program(*refs, split, g, p, **static)
+        return
+    prog_refs, used_ref = refs[:9] + refs[10:], refs[9]
+    _tile_loop(lambda tile: _shrink_program(*prog_refs, split, g, tile, **static), p, used_ref, tile_programs)
 
 
 def _expand_block(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_ref, pages_ref, b_row_ref,
@@ -229,11 +252,16 @@ def _expand_programs(meta_refs, y_refs, o_refs, n, tile, *, n_out: tuple[int, ..
         first += n_blocks
 
 
-def _expand_kernel(*refs, n_out: tuple[int, ...], **static):
+def _expand_kernel(*refs, n_out: tuple[int, ...], tile_programs: int = 0, **static):
     G = len(n_out)
     # program ids read here: interpret mode cannot discharge one inside a `pl.when`
-    _expand_programs(refs[:9], refs[9 : 9 + G], refs[9 + G :], pl.program_id(0), pl.program_id(1), n_out=n_out,
-                     **static)
+    n, p = pl.program_id(0), pl.program_id(1)
+    if not tile_programs:
+        _expand_programs(refs[:9], refs[9 : 9 + G], refs[9 + G :], n, p, n_out=n_out, **static)
+        return
+    used_ref, y_refs, o_refs = refs[9], refs[10 : 10 + G], refs[10 + G :]
+    _tile_loop(lambda tile: _expand_programs(refs[:9], y_refs, o_refs, n, tile, n_out=n_out, **static), p, used_ref,
+               tile_programs)
 
 
 def wait_for_count(count_ref, idx, target: int, *, gpu_sync: bool) -> None:
@@ -297,6 +325,16 @@ def _one_launch_kernel(*refs, n_out: tuple[int, ...], n_steps: tuple[int, ...], 
                          k_splits=k_splits, **expand)
 
 
+def _tile_programs(tile_programs: int, used_tiles, n_tiles: int):
+    """Programs along the tile axis, and the extra kernel input of the tile loop (none without it)."""
+    if tile_programs < 0:
+        raise ValueError(f"tile_programs must be >= 0, got {tile_programs}")
+    if not tile_programs:
+        return n_tiles, ()
+    used = jnp.full((1,), n_tiles, jnp.int32) if used_tiles is None else jnp.reshape(used_tiles, (1,)).astype(jnp.int32)
+    return min(tile_programs, n_tiles), (used,)
+
+
 def _check(block_m: int, block_r: int, chunk: int, h: int, name: str) -> None:
     for what, v in (("block_m", block_m), ("r_block", block_r), ("chunk C", chunk)):
         if v < 16 or v & (v - 1):
@@ -313,11 +351,15 @@ def _modes(interpret: bool | None, mixed_index: bool | None) -> tuple[bool, bool
 def sgmv_shrink_paged_group(x_TxI, rows_NxC, pages_SxP, rank_GxS, a_row_GxS, perm_T, tile_start, tile_end,
                             tile_slot, *, rows_per_page: int, r_block: int, block_m: int,
                             k_steps: int | None = None, active_tiles: int | None = None, num_warps: int = 4,
-                            num_stages: int = 1, interpret: bool | None = None, mixed_index: bool | None = None):
+                            num_stages: int = 1, interpret: bool | None = None, mixed_index: bool | None = None,
+                            tile_programs: int = 0, used_tiles=None):
     """Split-K shrink of G projections sharing x; returns `vpart [G, k_splits, T, r_block]` fp32 (module doc).
 
     `k_steps` K chunks per program (None: `default_k_steps` over G x `active_tiles`,
     a static bound on the tiles holding rows, default NT); `k_splits = ceil(H_in / C / k_steps)`.
+    `tile_programs` > 0: at most that many programs along the tile axis, each looping over the
+    used tiles (`used_tiles`, a scalar int32: the metadata's count; None: all NT) with that
+    stride, so padding tiles launch no program. 0: one program per tile of the bound NT.
     """
     T, H_in = x_TxI.shape
     G, S = rank_GxS.shape
@@ -329,27 +371,31 @@ def sgmv_shrink_paged_group(x_TxI, rows_NxC, pages_SxP, rank_GxS, a_row_GxS, per
     k_steps = max(1, min(k_steps, n_in))
     k_splits = -(-n_in // k_steps)
     interpret, mixed = _modes(interpret, mixed_index)
+    NT = tile_slot.shape[0]
+    P, loop_args = _tile_programs(tile_programs, used_tiles, NT)
     kernel = functools.partial(_shrink_kernel, block_m=block_m, block_r=r_block, chunk=C, n_in=n_in,
                                k_steps=k_steps, n_groups=G, n_adapters=S, rows_per_page=rows_per_page, n_tokens=T,
-                               mixed=mixed)
+                               mixed=mixed, tile_programs=P if tile_programs else 0)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((G, k_splits, T, r_block), jnp.float32),
-        grid=(k_splits * G, tile_slot.shape[0]),
+        grid=(k_splits * G, P),
         compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"sgmv_shrink_paged_x{G}",
     )(perm_T, tile_start, tile_end, tile_slot, rank_GxS.reshape(-1), pages_SxP.reshape(-1), a_row_GxS.reshape(-1),
-      rows_NxC, x_TxI)
+      rows_NxC, x_TxI, *loop_args)
 
 
 def sgmv_expand_paged_group(ys_TxO, vpart_GxKxTxR, rows_NxC, pages_SxP, rank_GxS, b_row_GxS, perm_T, tile_start,
                             tile_end, tile_slot, *, rows_per_page: int, block_m: int, n_steps: int = 2,
                             num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None,
-                            mixed_index: bool | None = None) -> tuple[jax.Array, ...]:
+                            mixed_index: bool | None = None, tile_programs: int = 0,
+                            used_tiles=None) -> tuple[jax.Array, ...]:
     """Expand G projections into their outputs `ys_TxO` (a sequence, each aliased in place); returns them.
 
-    `n_steps` N chunks per program (fewer for an output narrower than that).
+    `n_steps` N chunks per program (fewer for an output narrower than that). `tile_programs`,
+    `used_tiles`: as `sgmv_shrink_paged_group`.
     """
     ys_TxO = tuple(ys_TxO)
     G, k_splits, T, R = vpart_GxKxTxR.shape
@@ -361,15 +407,16 @@ def sgmv_expand_paged_group(ys_TxO, vpart_GxKxTxR, rows_NxC, pages_SxP, rank_GxS
     n_out = tuple(y.shape[1] // C for y in ys_TxO)
     steps = tuple(max(1, min(n_steps, n)) for n in n_out)
     interpret, mixed = _modes(interpret, mixed_index)
+    P, loop_args = _tile_programs(tile_programs, used_tiles, tile_slot.shape[0])
     kernel = functools.partial(_expand_kernel, n_out=n_out, n_steps=steps, block_m=block_m, block_r=R, chunk=C,
                                k_splits=k_splits, n_adapters=rank_GxS.shape[1], rows_per_page=rows_per_page,
-                               n_tokens=T, mixed=mixed)
+                               n_tokens=T, mixed=mixed, tile_programs=P if tile_programs else 0)
     args = (perm_T, tile_start, tile_end, tile_slot, rank_GxS.reshape(-1), pages_SxP.reshape(-1),
-            b_row_GxS.reshape(-1), rows_NxC, vpart_GxKxTxR, *ys_TxO)
+            b_row_GxS.reshape(-1), rows_NxC, vpart_GxKxTxR, *loop_args, *ys_TxO)
     return pl.pallas_call(
         kernel,
         out_shape=tuple(jax.ShapeDtypeStruct(y.shape, y.dtype) for y in ys_TxO),
-        grid=(sum(-(-n // s) for n, s in zip(n_out, steps)), tile_slot.shape[0]),
+        grid=(sum(-(-n // s) for n, s in zip(n_out, steps)), P),
         input_output_aliases={len(args) - G + g: g for g in range(G)},
         compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,

@@ -188,6 +188,41 @@ def test_paged_group_matches_reference(T, layout, dtype, block_m, rows_per_page,
     assert err < (1e-5 if dtype == jnp.float32 else 1e-2), err
 
 
+LOOP = dataclasses.replace(SPLIT, paged_tile_programs=3)  # 3 programs along the tiles, each looping (stride 3)
+
+
+@pytest.mark.parametrize("T,layout,block_m", [(37, "mixed_none", 16), (64, "identical", 16), (20, "all_none", 16),
+                                              (5, "distinct", 16)])
+def test_paged_tile_loop_matches_reference(T, layout, block_m):
+    """`paged_tile_programs`: fewer programs than tiles, each looping over the used ones (5 of 8 tiles, 4 of
+    68, none, or 5 of 5), give the one-program-a-tile results: grouped, and one projection alone."""
+    assert run_group_case(T, layout, GROUP_RANKS, jnp.float32, seed=T, block_m=block_m, cfg=LOOP) < 1e-5
+    rng = np.random.default_rng(T)
+    w = random_slot_weights(jax.random.key(T), GROUP_RANKS[0], H_IN, H_OUT, dtype=jnp.float32, max_rank=128)
+    (pw,) = paged_group_from_slots([w], 16, 128, rng)
+    slot_T = make_slots(layout, T, S, rng)
+    meta = build_lora_meta(slot_T, block_m=block_m)
+    x = jnp.asarray(rng.standard_normal((T, H_IN)), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((T, H_OUT)), jnp.float32)
+    want = lora_reference(y, x, w, jnp.asarray(slot_T))
+    assert rel_err(_add(y, x, pw, meta, config=LOOP), want, y) < 1e-5
+
+
+def test_paged_tile_loop_lowers_for_the_gpu():
+    """The loop's bound is read at run time (`used_tiles`): it must lower to Triton, with the tile axis
+    of both launches cut to `paged_tile_programs`."""
+    ws = [random_slot_weights(jax.random.key(g), r, H_IN, o, dtype=jnp.bfloat16, max_rank=128)
+          for g, (r, o) in enumerate(zip(GROUP_RANKS, GROUP_OUT))]
+    pws = paged_group_from_slots(ws, 16, 128, np.random.default_rng(0))
+    meta = build_lora_meta(make_slots("skewed", 64, S, np.random.default_rng(1)), block_m=16)
+    x = jnp.zeros((64, H_IN), jnp.bfloat16)
+    ys = tuple(jnp.zeros((64, o), jnp.bfloat16) for o in GROUP_OUT)
+    cfg = dataclasses.replace(LOOP, interpret=False, paged_tile_programs=4)
+    text = _add_group.trace(ys, x, pws, meta, config=cfg).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 2
+    assert meta.tile_slot.shape[0] > 4  # the bound the default would launch a program for each of
+
+
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     ranks=st.lists(st.lists(st.sampled_from(RANKS + (0, 0)), min_size=S, max_size=S), min_size=3, max_size=3),

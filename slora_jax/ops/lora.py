@@ -362,6 +362,11 @@ class KernelConfig:
     # step: 5.04-5.06 vs 5.23-5.24 ms at batch 1, 5.24 vs 5.43-5.49 at batch 8, 8.22 vs 8.20 at batch 64
     # (benchmarks/NOTES_lora_kernels.md, session 10).
     paged_one_launch_max_tokens: int = 16
+    # split pair, pages: N > 0 launches at most N programs along the tile axis, each looping over the used tiles
+    # (stride N), so the padding tiles of the metadata's bound launch none; 0: one program per bound tile. The
+    # H200 grid (session 18) sizes its metadata for 1000 segments: one adapter at 4096 tokens has 65 used tiles
+    # of 1064. Not yet measured (benchmarks/NOTES_lora_kernels.md, session 18).
+    paged_tile_programs: int = 0
     # Ablation, off: N > 0 computes each LoRA delta (zeros + the op) as a call annotated for GPU stream N
     # (`compat.on_gpu_stream`), added to the base output after, so XLA may run the latency-bound LoRA
     # kernels beside the base matmul that reads the same x. 0: the op accumulates into the base output on
@@ -555,6 +560,11 @@ def _add_fused(y_TxO, x_TxI, w: Weights, meta: LoraMeta, cfg: KernelConfig):
     return sgmv_fused(y_TxO, x_TxI, w.a, w.b, w.ranks, *tiles, chunk=cfg.chunk, **launch)
 
 
+def _tile_loop(meta: LoraMeta, cfg: KernelConfig) -> dict:
+    """The split pair's tile-loop arguments (`KernelConfig.paged_tile_programs`)."""
+    return dict(tile_programs=cfg.paged_tile_programs, used_tiles=meta.used_tiles) if cfg.paged_tile_programs else {}
+
+
 def _add_paged_group(ys_TxO, x_TxI, ws: tuple[PagedWeights, ...], meta: LoraMeta, cfg: KernelConfig):
     w0 = ws[0]
     tiles = (meta.perm, meta.tile_start, meta.tile_end, meta.tile_slot)
@@ -569,9 +579,10 @@ def _add_paged_group(ys_TxO, x_TxI, ws: tuple[PagedWeights, ...], meta: LoraMeta
             active_tiles=meta.active_tiles, n_steps=cfg.paged_n_steps, num_warps=cfg.paged_warps, **common)
     vpart = sgmv_shrink_paged_group(x_TxI, w0.rows, w0.pages, rank_GxS, jnp.stack([w.a_row for w in ws]), *tiles,
                                     r_block=r_block, k_steps=cfg.paged_k_steps, active_tiles=meta.active_tiles,
-                                    num_warps=cfg.paged_warps, **common)
+                                    num_warps=cfg.paged_warps, **common, **_tile_loop(meta, cfg))
     return sgmv_expand_paged_group(ys_TxO, vpart, w0.rows, w0.pages, rank_GxS, jnp.stack([w.b_row for w in ws]),
-                                   *tiles, n_steps=cfg.paged_n_steps, num_warps=cfg.paged_warps, **common)
+                                   *tiles, n_steps=cfg.paged_n_steps, num_warps=cfg.paged_warps, **common,
+                                   **_tile_loop(meta, cfg))
 
 
 def _add_pallas(y_TxO, x_TxI, w, meta, cfg: KernelConfig):
@@ -693,7 +704,7 @@ def lora_linear_group(x_TxI: jax.Array, ws_IxO, ws, meta: LoraMeta, *, tables=No
                                         *tiles, rows_per_page=ws[0].rows_per_page, r_block=a_tab.shape[-1],
                                         block_m=meta.block_m, k_steps=cfg.paged_k_steps,
                                         active_tiles=meta.active_tiles, num_warps=cfg.paged_warps,
-                                        interpret=cfg.interpret, mixed_index=cfg.mixed_index)
+                                        interpret=cfg.interpret, mixed_index=cfg.mixed_index, **_tile_loop(meta, cfg))
     return lora_linear_paged_group(
         x_TxI, ws_IxO, ws[0].rows, rank_GxS, a_tab, b_tab, meta.slot, *tiles, row_offset, vpart, block_m=meta.block_m,
         block_n=cfg.linear_block_n, block_k=cfg.linear_block_k, shrink_k_steps=cfg.linear_shrink_k_steps,
@@ -899,7 +910,7 @@ def shrink_group(x_TxI: jax.Array, ws, meta: LoraMeta, *, impl: str = "pallas",
         meta.tile_start, meta.tile_end, meta.tile_slot, rows_per_page=w0.rows_per_page,
         r_block=_pow2_ceil(max(16, *(w.r_max for w in ws))), block_m=meta.block_m, k_steps=cfg.paged_k_steps,
         active_tiles=meta.active_tiles, num_warps=cfg.paged_warps, interpret=cfg.interpret,
-        mixed_index=cfg.mixed_index)
+        mixed_index=cfg.mixed_index, **_tile_loop(meta, cfg))
     v_GxTxR = vpart.sum(1)
     return tuple(jnp.where(_paged_rank_mask(w.rank, w.r_max, slot_T), v_GxTxR[g, :, : w.r_max], 0.0)
                  for g, w in enumerate(ws))
@@ -927,7 +938,7 @@ def expand_group(ys_TxO, vs_TxR, ws, meta: LoraMeta, *, impl: str = "pallas",
         ys_TxO, v_Gx1xTxR, w0.rows, w0.pages, jnp.stack([w.rank for w in ws]), jnp.stack([w.b_row for w in ws]),
         meta.perm, meta.tile_start, meta.tile_end, meta.tile_slot, rows_per_page=w0.rows_per_page,
         block_m=meta.block_m, n_steps=cfg.paged_n_steps, num_warps=cfg.paged_warps, interpret=cfg.interpret,
-        mixed_index=cfg.mixed_index)
+        mixed_index=cfg.mixed_index, **_tile_loop(meta, cfg))
 
 
 def _paged_rank_mask(rank_S: jax.Array, r_max: int, slot_T: jax.Array) -> jax.Array:
@@ -942,7 +953,7 @@ def _paged_shrink(x_TxI, w: PagedWeights, meta: LoraMeta, cfg: KernelConfig) -> 
         x_TxI, w.rows, w.pages, w.rank[None], w.a_row[None], meta.perm, meta.tile_start, meta.tile_end,
         meta.tile_slot, rows_per_page=w.rows_per_page, r_block=_pow2_ceil(max(16, w.r_max)), block_m=meta.block_m,
         k_steps=cfg.paged_k_steps, active_tiles=meta.active_tiles, num_warps=cfg.paged_warps,
-        interpret=cfg.interpret, mixed_index=cfg.mixed_index)
+        interpret=cfg.interpret, mixed_index=cfg.mixed_index, **_tile_loop(meta, cfg))
     return vpart[0].sum(0)[:, : w.r_max]
 
 
@@ -954,7 +965,7 @@ def _paged_expand(y_TxO, v_TxR, w: PagedWeights, meta: LoraMeta, cfg: KernelConf
         (y_TxO,), v_1x1xTxR, w.rows, w.pages, w.rank[None], w.b_row[None], meta.perm, meta.tile_start,
         meta.tile_end, meta.tile_slot, rows_per_page=w.rows_per_page, block_m=meta.block_m,
         n_steps=cfg.paged_n_steps, num_warps=cfg.paged_warps, interpret=cfg.interpret,
-        mixed_index=cfg.mixed_index)
+        mixed_index=cfg.mixed_index, **_tile_loop(meta, cfg))
     return y_TxO
 
 
