@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ from slora_jax.ops import (
     expand,
     expand_group,
     lora_reference,
+    paged_warps_for,
     random_slot_weights,
     shrink,
     shrink_group,
@@ -191,11 +193,14 @@ def test_paged_group_matches_reference(T, layout, dtype, block_m, rows_per_page,
 LOOP = dataclasses.replace(SPLIT, paged_tile_programs=3)  # 3 programs along the tiles, each looping (stride 3)
 
 
-@pytest.mark.parametrize("T,layout,block_m", [(37, "mixed_none", 16), (64, "identical", 16)])
-def test_paged_tile_loop_matches_reference(T, layout, block_m):
+@pytest.mark.parametrize("T,layout,block_m,programs", [(37, "mixed_none", 16, 3), (64, "identical", 16, 3),
+                                                        (37, "mixed_none", 16, 0)])
+def test_paged_tile_loop_matches_reference(T, layout, block_m, programs):
     """`paged_tile_programs`: fewer programs than tiles, each looping over the used ones (7 of 37 tiles, or 4
-    of 64), give the one-program-a-tile results: grouped, and one projection alone."""
-    assert run_group_case(T, layout, GROUP_RANKS, jnp.float32, seed=T, block_m=block_m, cfg=LOOP) < 1e-5
+    of 64), give the reference's results: grouped, and one projection alone; and so does 0, one program per
+    bound tile (the default, 128, loops: these tiny cases have fewer tiles than that)."""
+    cfg = dataclasses.replace(LOOP, paged_tile_programs=programs)
+    assert run_group_case(T, layout, GROUP_RANKS, jnp.float32, seed=T, block_m=block_m, cfg=cfg) < 1e-5
     rng = np.random.default_rng(T)
     w = random_slot_weights(jax.random.key(T), GROUP_RANKS[0], H_IN, H_OUT, dtype=jnp.float32, max_rank=128)
     (pw,) = paged_group_from_slots([w], 16, 128, rng)
@@ -204,7 +209,7 @@ def test_paged_tile_loop_matches_reference(T, layout, block_m):
     x = jnp.asarray(rng.standard_normal((T, H_IN)), jnp.float32)
     y = jnp.asarray(rng.standard_normal((T, H_OUT)), jnp.float32)
     want = lora_reference(y, x, w, jnp.asarray(slot_T))
-    assert rel_err(_add(y, x, pw, meta, config=LOOP), want, y) < 1e-5
+    assert rel_err(_add(y, x, pw, meta, config=cfg), want, y) < 1e-5
 
 
 def test_paged_tile_loop_lowers_for_the_gpu():
@@ -220,6 +225,25 @@ def test_paged_tile_loop_lowers_for_the_gpu():
     text = _add_group.trace(ys, x, pws, meta, config=cfg).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 2
     assert meta.tile_slot.shape[0] > 4  # the bound the default would launch a program for each of
+
+
+@pytest.mark.parametrize("block_m,want", [(16, 2), (32, 4)])
+def test_paged_warps_by_tile(block_m, want):
+    """`paged_warps=None` picks the launch's warps by tile (`paged_warps_for`): 2 for 16-row tiles at rank
+    block 128 (2048 fp32 values), 4 for 32-row ones (4096); a set value wins. Checked in the Triton calls."""
+    assert paged_warps_for(KernelConfig(), block_m, 128) == want
+    assert paged_warps_for(KernelConfig(), 64, 64) == 4 and paged_warps_for(KernelConfig(), 64, 16) == 2
+    assert paged_warps_for(KernelConfig(paged_warps=8), block_m, 128) == 8
+    ws = [random_slot_weights(jax.random.key(g), r, H_IN, o, dtype=jnp.bfloat16, max_rank=128)
+          for g, (r, o) in enumerate(zip(GROUP_RANKS, GROUP_OUT))]
+    pws = paged_group_from_slots(ws, 16, 128, np.random.default_rng(0))
+    meta = build_lora_meta(make_slots("skewed", 64, S, np.random.default_rng(1)), block_m=block_m)
+    x = jnp.zeros((64, H_IN), jnp.bfloat16)
+    ys = tuple(jnp.zeros((64, o), jnp.bfloat16) for o in GROUP_OUT)
+    for cfg, warps in ((dataclasses.replace(SPLIT, interpret=False), want),
+                       (dataclasses.replace(SPLIT, interpret=False, paged_warps=1), 1)):
+        text = _add_group.trace(ys, x, pws, meta, config=cfg).lower(lowering_platforms=("cuda",)).as_text()
+        assert re.findall(r"num_warps = (\d+) : i32", text) == [str(warps)] * 2
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -353,20 +353,24 @@ class KernelConfig:
     paged_k_steps: int | None = None
     paged_n_steps: int = 2  # split pair, pages: N chunks per expand program, unrolled
     group_projections: bool = True  # split pair, pages: `add_lora_group` launches once for its projections
-    # split pair, pages: warps per program of both kernels. On an H200, 2 beat 4 for q/k/v of 7B at 64 tokens
-    # over 64 adapters (28.7 vs 38.0-44.9 us), other rows within noise; neutral in the 7B engine step
-    # (benchmarks/NOTES_lora_kernels.md, session 8).
-    paged_warps: int = 2
+    # split pair, pages: warps per program of both kernels; None: by tile (`paged_warps_for`), 4 where the fp32
+    # [block_m, r_block] shrink tile has >= 4096 values, else 2. H200 (session 19, 4096->4096, 1000 adapters
+    # resident): 64-row tiles at 4096 tokens took 2057 vs 5435 us with 4 warps against 2 (distinct, rank 128),
+    # 1023 vs 1290 (rank 64), and 0.59-0.97x at uniform/identical; 32-row tiles at 1024 tokens: rank 128 and
+    # mixed 0.83-1.04x with 4, rank 64 1.22-1.30x slower with 4 (2048 values). Decode-sized tiles (16 rows)
+    # keep 2: it beat 4 for q/k/v of 7B at 64 tokens (28.7 vs 38.0-44.9 us; session 8). 8 lost everywhere.
+    paged_warps: int | None = None
     # split pair, pages: calls of at most this many tokens run shrink and expand as one launch, the expand's
     # programs waiting on per-tile counters (`sgmv_paged_group_one_launch`); 0: never. H200, Llama-7B decode
     # step: 5.04-5.06 vs 5.23-5.24 ms at batch 1, 5.24 vs 5.43-5.49 at batch 8, 8.22 vs 8.20 at batch 64
     # (benchmarks/NOTES_lora_kernels.md, session 10).
     paged_one_launch_max_tokens: int = 16
     # split pair, pages: N > 0 launches at most N programs along the tile axis, each looping over the used tiles
-    # (stride N), so the padding tiles of the metadata's bound launch none; 0: one program per bound tile. The
-    # H200 grid (session 18) sizes its metadata for 1000 segments: one adapter at 4096 tokens has 65 used tiles
-    # of 1064. Not yet measured (benchmarks/NOTES_lora_kernels.md, session 18).
-    paged_tile_programs: int = 0
+    # (stride N), so the padding tiles of the metadata's bound launch none; 0: one program per bound tile.
+    # H200 (session 19, 4096->4096, metadata for 1000 segments): 128 took 0.59-0.82x the time of 0 at 1024 and
+    # 4096 tokens (one adapter or 32-64 adapters, ranks 16 and 128: 1024 tokens rank 16 identical 22.9 vs
+    # 39.0 us) and 0.94-1.03x at 64 tokens; 512 was between the two.
+    paged_tile_programs: int = 128
     # Ablation, off: N > 0 computes each LoRA delta (zeros + the op) as a call annotated for GPU stream N
     # (`compat.on_gpu_stream`), added to the base output after, so XLA may run the latency-bound LoRA
     # kernels beside the base matmul that reads the same x. 0: the op accumulates into the base output on
@@ -565,6 +569,14 @@ def _tile_loop(meta: LoraMeta, cfg: KernelConfig) -> dict:
     return dict(tile_programs=cfg.paged_tile_programs, used_tiles=meta.used_tiles) if cfg.paged_tile_programs else {}
 
 
+def paged_warps_for(cfg: KernelConfig, block_m: int, r_block: int) -> int:
+    """Warps per program of the paged kernels: `cfg.paged_warps`, or (None) 4 for tiles of at least 4096 fp32
+    values (`block_m * r_block`, the shrink's accumulator), else 2 (`KernelConfig.paged_warps`)."""
+    if cfg.paged_warps is not None:
+        return cfg.paged_warps
+    return 4 if block_m * r_block >= 4096 else 2
+
+
 def _add_paged_group(ys_TxO, x_TxI, ws: tuple[PagedWeights, ...], meta: LoraMeta, cfg: KernelConfig):
     w0 = ws[0]
     tiles = (meta.perm, meta.tile_start, meta.tile_end, meta.tile_slot)
@@ -572,16 +584,17 @@ def _add_paged_group(ys_TxO, x_TxI, ws: tuple[PagedWeights, ...], meta: LoraMeta
                   mixed_index=cfg.mixed_index)
     rank_GxS = jnp.stack([w.rank for w in ws])
     r_block = _pow2_ceil(max(16, *(w.r_max for w in ws)))
+    warps = paged_warps_for(cfg, meta.block_m, r_block)
     if x_TxI.shape[0] <= cfg.paged_one_launch_max_tokens:
         return sgmv_paged_group_one_launch(
             ys_TxO, x_TxI, w0.rows, w0.pages, rank_GxS, jnp.stack([w.a_row for w in ws]),
             jnp.stack([w.b_row for w in ws]), *tiles, r_block=r_block, k_steps=cfg.paged_k_steps,
-            active_tiles=meta.active_tiles, n_steps=cfg.paged_n_steps, num_warps=cfg.paged_warps, **common)
+            active_tiles=meta.active_tiles, n_steps=cfg.paged_n_steps, num_warps=warps, **common)
     vpart = sgmv_shrink_paged_group(x_TxI, w0.rows, w0.pages, rank_GxS, jnp.stack([w.a_row for w in ws]), *tiles,
                                     r_block=r_block, k_steps=cfg.paged_k_steps, active_tiles=meta.active_tiles,
-                                    num_warps=cfg.paged_warps, **common, **_tile_loop(meta, cfg))
+                                    num_warps=warps, **common, **_tile_loop(meta, cfg))
     return sgmv_expand_paged_group(ys_TxO, vpart, w0.rows, w0.pages, rank_GxS, jnp.stack([w.b_row for w in ws]),
-                                   *tiles, n_steps=cfg.paged_n_steps, num_warps=cfg.paged_warps, **common,
+                                   *tiles, n_steps=cfg.paged_n_steps, num_warps=warps, **common,
                                    **_tile_loop(meta, cfg))
 
 
@@ -703,7 +716,8 @@ def lora_linear_group(x_TxI: jax.Array, ws_IxO, ws, meta: LoraMeta, *, tables=No
         vpart = sgmv_shrink_paged_group(x_TxI, ws[0].rows, ws[0].pages, rank_GxS, jnp.stack([w.a_row for w in ws]),
                                         *tiles, rows_per_page=ws[0].rows_per_page, r_block=a_tab.shape[-1],
                                         block_m=meta.block_m, k_steps=cfg.paged_k_steps,
-                                        active_tiles=meta.active_tiles, num_warps=cfg.paged_warps,
+                                        active_tiles=meta.active_tiles,
+                                        num_warps=paged_warps_for(cfg, meta.block_m, a_tab.shape[-1]),
                                         interpret=cfg.interpret, mixed_index=cfg.mixed_index, **_tile_loop(meta, cfg))
     return lora_linear_paged_group(
         x_TxI, ws_IxO, ws[0].rows, rank_GxS, a_tab, b_tab, meta.slot, *tiles, row_offset, vpart, block_m=meta.block_m,
@@ -905,11 +919,12 @@ def shrink_group(x_TxI: jax.Array, ws, meta: LoraMeta, *, impl: str = "pallas",
     if impl != "pallas" or not cfg.group_projections or len(ws) < 2 or not _paged_group(ws, x_TxI):
         return tuple(shrink(x_TxI, w, meta, impl=impl, config=config) for w in ws)
     w0, slot_T = ws[0], jnp.asarray(meta.slot)
+    r_block = _pow2_ceil(max(16, *(w.r_max for w in ws)))
     vpart = sgmv_shrink_paged_group(
         x_TxI, w0.rows, w0.pages, jnp.stack([w.rank for w in ws]), jnp.stack([w.a_row for w in ws]), meta.perm,
         meta.tile_start, meta.tile_end, meta.tile_slot, rows_per_page=w0.rows_per_page,
-        r_block=_pow2_ceil(max(16, *(w.r_max for w in ws))), block_m=meta.block_m, k_steps=cfg.paged_k_steps,
-        active_tiles=meta.active_tiles, num_warps=cfg.paged_warps, interpret=cfg.interpret,
+        r_block=r_block, block_m=meta.block_m, k_steps=cfg.paged_k_steps, active_tiles=meta.active_tiles,
+        num_warps=paged_warps_for(cfg, meta.block_m, r_block), interpret=cfg.interpret,
         mixed_index=cfg.mixed_index, **_tile_loop(meta, cfg))
     v_GxTxR = vpart.sum(1)
     return tuple(jnp.where(_paged_rank_mask(w.rank, w.r_max, slot_T), v_GxTxR[g, :, : w.r_max], 0.0)
@@ -937,8 +952,8 @@ def expand_group(ys_TxO, vs_TxR, ws, meta: LoraMeta, *, impl: str = "pallas",
     return sgmv_expand_paged_group(
         ys_TxO, v_Gx1xTxR, w0.rows, w0.pages, jnp.stack([w.rank for w in ws]), jnp.stack([w.b_row for w in ws]),
         meta.perm, meta.tile_start, meta.tile_end, meta.tile_slot, rows_per_page=w0.rows_per_page,
-        block_m=meta.block_m, n_steps=cfg.paged_n_steps, num_warps=cfg.paged_warps, interpret=cfg.interpret,
-        mixed_index=cfg.mixed_index, **_tile_loop(meta, cfg))
+        block_m=meta.block_m, n_steps=cfg.paged_n_steps, num_warps=paged_warps_for(cfg, meta.block_m, r_block),
+        interpret=cfg.interpret, mixed_index=cfg.mixed_index, **_tile_loop(meta, cfg))
 
 
 def _paged_rank_mask(rank_S: jax.Array, r_max: int, slot_T: jax.Array) -> jax.Array:
@@ -949,11 +964,12 @@ def _paged_rank_mask(rank_S: jax.Array, r_max: int, slot_T: jax.Array) -> jax.Ar
 
 def _paged_shrink(x_TxI, w: PagedWeights, meta: LoraMeta, cfg: KernelConfig) -> jax.Array:
     """The paged split shrink of one projection, `[T, r_max]` fp32 (rows outside tiles undefined)."""
+    r_block = _pow2_ceil(max(16, w.r_max))
     vpart = sgmv_shrink_paged_group(
         x_TxI, w.rows, w.pages, w.rank[None], w.a_row[None], meta.perm, meta.tile_start, meta.tile_end,
-        meta.tile_slot, rows_per_page=w.rows_per_page, r_block=_pow2_ceil(max(16, w.r_max)), block_m=meta.block_m,
-        k_steps=cfg.paged_k_steps, active_tiles=meta.active_tiles, num_warps=cfg.paged_warps,
-        interpret=cfg.interpret, mixed_index=cfg.mixed_index, **_tile_loop(meta, cfg))
+        meta.tile_slot, rows_per_page=w.rows_per_page, r_block=r_block, block_m=meta.block_m,
+        k_steps=cfg.paged_k_steps, active_tiles=meta.active_tiles,
+        num_warps=paged_warps_for(cfg, meta.block_m, r_block), interpret=cfg.interpret, mixed_index=cfg.mixed_index, **_tile_loop(meta, cfg))
     return vpart[0].sum(0)[:, : w.r_max]
 
 
@@ -964,7 +980,7 @@ def _paged_expand(y_TxO, v_TxR, w: PagedWeights, meta: LoraMeta, cfg: KernelConf
     (y_TxO,) = sgmv_expand_paged_group(
         (y_TxO,), v_1x1xTxR, w.rows, w.pages, w.rank[None], w.b_row[None], meta.perm, meta.tile_start,
         meta.tile_end, meta.tile_slot, rows_per_page=w.rows_per_page, block_m=meta.block_m,
-        n_steps=cfg.paged_n_steps, num_warps=cfg.paged_warps, interpret=cfg.interpret,
+        n_steps=cfg.paged_n_steps, num_warps=paged_warps_for(cfg, meta.block_m, r_block), interpret=cfg.interpret,
         mixed_index=cfg.mixed_index, **_tile_loop(meta, cfg))
     return y_TxO
 
