@@ -47,7 +47,10 @@ wrong results) are rows with the reason; so are skipped ones (`skipped`).
 `--budget-s` stops starting new cases, and stops waiting for a batch's compiles (the
 JSON is rewritten after every case); `--resume FILE` skips the cases already in FILE
 and appends to its rows and a new `runs` entry, so the grid can be finished over
-several runs; `--summarize FILE` only prints the summary.
+several runs; `--resume FILE --retime` instead times `--impls` again on the cases FILE holds (those the
+grid options select), puts the new rows in place of those impls' old ones (kept in `replaced_rows`) and
+recomputes every row's `vs` of the case (for a default that changed; floor ratios are each row's own run's);
+`--summarize FILE` only prints the summary.
 Where the wall time goes: each `runs` entry has `phase_s`, the main thread's wall
 seconds by phase (setup, ceilings, prepare: host data and compile submission,
 compile_wait: waiting on the compile threads, which lower (serially, `lower_s`) and
@@ -812,6 +815,27 @@ def run_case(c: Case, data: DeviceData, labels, impls, floor_s, gate: TraceGate,
     return rows
 
 
+def replace_rows(result: dict, rows: list) -> None:
+    """`rows` (one case, new timings of some impls) in place of that case's rows of the same impls (the old
+    ones move to `result["replaced_rows"]`, nothing is lost); every row of the case gets its `vs` again."""
+    key = case_key(rows[0]["case"])
+    new = {r["case"]["impl"]: r for r in rows}
+    merged = []
+    for r in result["rows"]:
+        if case_key(r["case"]) == key and r["case"]["impl"] in new:
+            result.setdefault("replaced_rows", []).append(r)
+            merged.append(new.pop(r["case"]["impl"]))
+        else:
+            merged.append(r)
+    merged.extend(new.values())  # impls the case had no row of
+    result["rows"] = merged
+    case_rows = [r for r in merged if case_key(r["case"]) == key]
+    timed = {r["case"]["impl"]: r["median_us"] for r in case_rows if "median_us" in r}
+    for r in case_rows:
+        if "median_us" in r:
+            r["vs"] = {k: v / r["median_us"] for k, v in timed.items() if k != r["case"]["impl"]}
+
+
 # ----------------------------------------------------------------------------- summary
 
 
@@ -921,6 +945,8 @@ def main(argv=None):
                    f"baselines; default {','.join(IMPLS_DEFAULT)}")
     p.add_argument("--budget-s", type=float, default=1e9, help="start no new case after this many seconds")
     p.add_argument("--resume", help="JSON of an earlier (cut-off) run: skip its cases, append to its rows")
+    p.add_argument("--retime", action="store_true",
+                   help="with --resume: time --impls again on FILE's cases, replacing their rows there")
     p.add_argument("--summarize", help="only print the summary of this JSON")
     p.add_argument("--table", action="store_true", help="summary: also one line per case")
     p.add_argument("--engine-impl", default=ENGINE_IMPL, help="summary: the impl compared with the baselines")
@@ -987,8 +1013,13 @@ def main(argv=None):
                     f"(--tight-segments, --block-m), not {meta_opts}")
         done_keys = {case_key(r["case"]) for r in result["rows"]}
         n_before = len(plan)
-        plan = [k for k in plan if (k[3], k[0], k[1], k[2], k[4]) not in done_keys]
-        print(f"resume: {n_before - len(plan)} of {n_before} cases already in {args.resume}", flush=True)
+        plan = [k for k in plan if ((k[3], k[0], k[1], k[2], k[4]) in done_keys) == args.retime]
+        if args.retime:
+            print(f"retime: {len(plan)} of {n_before} cases in {args.resume}, impls {labels}", flush=True)
+        else:
+            print(f"resume: {n_before - len(plan)} of {n_before} cases already in {args.resume}", flush=True)
+    elif args.retime:
+        p.error("--retime needs --resume FILE")
 
     gate = TraceGate()
     if args.plan_only:
@@ -1028,7 +1059,7 @@ def main(argv=None):
     run_info = {"device": dev.device_kind, "git_commit": commit, "measured_ceilings": ceilings,
                 "command": " ".join([os.path.basename(sys.argv[0]), *(sys.argv[1:] if argv is None else argv)]),
                 "cases_planned": len(plan), "compiler_options": compiler_options,
-                "metadata": meta_opts}
+                "metadata": meta_opts, **({"retime": labels} if args.retime else {})}
     if result is None:
         result = {"benchmark": args.name, "git_commit": commit, "device": dev.device_kind,
                   "jax_version": jax.__version__, "measured_ceilings": ceilings, "command": run_info["command"],
@@ -1082,7 +1113,10 @@ def main(argv=None):
         c = pending.popleft()
         floor_s = max(c.bytes_ / bw, c.flops / rate)
         rows = run_case(c, data, labels, impls, floor_s, gate, tm, run_id, phases)
-        result["rows"].extend(rows)
+        if args.retime:
+            replace_rows(result, rows)
+        else:
+            result["rows"].extend(rows)
         done += 1
         line = "  ".join(f"{r['case']['impl']}={r['median_us']:.1f}" + ("*" if r.get("timing") == "capped" else "")
                          if "median_us" in r else f"{r['case']['impl']}=skip" for r in rows)

@@ -72,6 +72,33 @@ def test_smoke_run_records_phases_and_resumes(bk, tmp_path):
         assert row["phase_s"]["timing"] > 0 and all(v >= 0 for v in row["phase_s"].values())
 
 
+def test_retime_replaces_one_impls_rows(bk, tmp_path):
+    """`--resume --retime`: the file's cases only, the named impl's rows replaced (the old ones kept in
+    `replaced_rows`), the other impls' rows kept with their `vs` against the new time."""
+    args = ["--smoke", "--tokens", "1", "--ranks", "16", "--out", str(tmp_path), "--git-commit", "test"]
+    path = tmp_path / "lora_kernels.json"
+    switch = sys.getswitchinterval()
+    try:
+        bk.main([*args, "--pops", "identical", "--impls", "gather_bmm,onehot"])
+        with open(path) as f:
+            before = json.load(f)
+        bk.main([*args, "--pops", "identical,distinct", "--impls", "gather_bmm", "--resume", str(path), "--retime"])
+    finally:
+        sys.setswitchinterval(switch)
+    with open(path) as f:
+        result = json.load(f)
+    assert [(r["case"]["popularity"], r["case"]["impl"], r["run"]) for r in result["rows"]] == [
+        ("identical", "gather_bmm", 1), ("identical", "onehot", 0)]  # no distinct case: it was not in the file
+    assert result["replaced_rows"] == [before["rows"][0]]
+    assert result["runs"][1]["retime"] == ["gather_bmm"]
+    gather, onehot = result["rows"]
+    assert onehot["median_us"] == before["rows"][1]["median_us"]
+    assert onehot["vs"] == {"gather_bmm": gather["median_us"] / onehot["median_us"]}
+    assert gather["vs"] == {"onehot": onehot["median_us"] / gather["median_us"]}
+    with pytest.raises(SystemExit):
+        bk.main([*args, "--retime"])
+
+
 def test_bench_engine_pool_copy_detector():
     """Only an instruction whose own result is a pool-shaped copy counts, not a kernel with a copied operand."""
     spec = importlib.util.spec_from_file_location("bench_engine", os.path.join(ROOT, "scripts/bench_engine.py"))
