@@ -119,8 +119,11 @@ def _tile_adapter(tile_slot_ref, rank_ref, tile, g, n_adapters: int):
 
 def _shrink_program(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_ref, pages_ref, a_row_ref,
                     rows_ref, x_ref, vpart_ref, split, g, tile, *, block_m: int, block_r: int, chunk: int, n_in: int,
-                    k_steps: int, n_adapters: int, rows_per_page: int, n_tokens: int, mixed: bool, done=None):
-    """Split `split` of projection `g`'s shrink for `tile`; `done(g, tile)` runs after its partial is stored."""
+                    k_steps: int, n_adapters: int, rows_per_page: int, n_tokens: int, mixed: bool, k_loop: int = 1,
+                    done=None):
+    """Split `split` of projection `g`'s shrink for `tile`; `done(g, tile)` runs after its partial is stored.
+
+    The split covers `k_loop * k_steps` K chunks: `k_loop` steps of a loop, each `k_steps` unrolled chunks."""
     safe, rank = _tile_adapter(tile_slot_ref, rank_ref, tile, g, n_adapters)
     max_pages = pages_ref.shape[0] // n_adapters
 
@@ -131,19 +134,24 @@ def _shrink_program(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_
         rank_ok_R = _iota(block_r) < rank
         precision = lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None  # fp32: no TF32
         a_first = a_row_ref[g * n_adapters + safe]
+
+        def chunks(i, acc_MxR):
+            for u in range(k_steps):  # unrolled: every chunk's loads issue together
+                j_raw = (split * k_loop + i) * k_steps + u
+                ok = j_raw < n_in
+                j = jnp.minimum(j_raw, n_in - 1)
+                phys_R = paged_row_ids(pages_ref, safe, max_pages, a_first + j * rank, rank_ok_R,
+                                       rows_per_page=rows_per_page, block_r=block_r)
+                at_RxC = plgpu.load(rows_at(rows_ref, (), phys_R, 0, chunk, mixed=mixed),
+                                    mask=jnp.broadcast_to((rank_ok_R & ok)[:, None], (block_r, chunk)), other=0)
+                x_MxC = plgpu.load(rows_at(x_ref, (), rows_M, j * chunk, chunk, mixed=mixed),
+                                   mask=jnp.broadcast_to((row_ok_M & ok)[:, None], (block_m, chunk)), other=0)
+                acc_MxR += lax.dot_general(x_MxC, at_RxC, (((1,), (1,)), ((), ())), precision=precision,
+                                           preferred_element_type=jnp.float32)
+            return acc_MxR
+
         acc_MxR = jnp.zeros((block_m, block_r), jnp.float32)
-        for u in range(k_steps):  # unrolled: every chunk's loads issue together
-            j_raw = split * k_steps + u
-            ok = j_raw < n_in
-            j = jnp.minimum(j_raw, n_in - 1)
-            phys_R = paged_row_ids(pages_ref, safe, max_pages, a_first + j * rank, rank_ok_R,
-                                   rows_per_page=rows_per_page, block_r=block_r)
-            at_RxC = plgpu.load(rows_at(rows_ref, (), phys_R, 0, chunk, mixed=mixed),
-                                mask=jnp.broadcast_to((rank_ok_R & ok)[:, None], (block_r, chunk)), other=0)
-            x_MxC = plgpu.load(rows_at(x_ref, (), rows_M, j * chunk, chunk, mixed=mixed),
-                               mask=jnp.broadcast_to((row_ok_M & ok)[:, None], (block_m, chunk)), other=0)
-            acc_MxR += lax.dot_general(x_MxC, at_RxC, (((1,), (1,)), ((), ())), precision=precision,
-                                       preferred_element_type=jnp.float32)
+        acc_MxR = chunks(0, acc_MxR) if k_loop == 1 else lax.fori_loop(0, k_loop, chunks, acc_MxR)
         plgpu.store(rows_at(vpart_ref, (g, split), rows_M, 0, block_r, mixed=mixed), acc_MxR,
                     mask=jnp.broadcast_to(row_ok_M[:, None], (block_m, block_r)))
         if done is not None:
@@ -352,11 +360,12 @@ def sgmv_shrink_paged_group(x_TxI, rows_NxC, pages_SxP, rank_GxS, a_row_GxS, per
                             tile_slot, *, rows_per_page: int, r_block: int, block_m: int,
                             k_steps: int | None = None, active_tiles: int | None = None, num_warps: int = 4,
                             num_stages: int = 1, interpret: bool | None = None, mixed_index: bool | None = None,
-                            tile_programs: int = 0, used_tiles=None):
+                            tile_programs: int = 0, used_tiles=None, k_loop: int = 1):
     """Split-K shrink of G projections sharing x; returns `vpart [G, k_splits, T, r_block]` fp32 (module doc).
 
-    `k_steps` K chunks per program (None: `default_k_steps` over G x `active_tiles`,
-    a static bound on the tiles holding rows, default NT); `k_splits = ceil(H_in / C / k_steps)`.
+    `k_steps` K chunks per loop step, unrolled (None: `default_k_steps` over G x `active_tiles`,
+    a static bound on the tiles holding rows, default NT), `k_loop` loop steps per program;
+    `k_splits = ceil(H_in / C / (k_steps * k_loop))`.
     `tile_programs` > 0: at most that many programs along the tile axis, each looping over the
     used tiles (`used_tiles`, a scalar int32: the metadata's count; None: all NT) with that
     stride, so padding tiles launch no program. 0: one program per tile of the bound NT.
@@ -369,12 +378,15 @@ def sgmv_shrink_paged_group(x_TxI, rows_NxC, pages_SxP, rank_GxS, a_row_GxS, per
     if k_steps is None:
         k_steps = default_k_steps(n_in, G * (active_tiles or tile_slot.shape[0]))
     k_steps = max(1, min(k_steps, n_in))
-    k_splits = -(-n_in // k_steps)
+    if k_loop < 1:
+        raise ValueError(f"k_loop must be >= 1, got {k_loop}")
+    k_loop = min(k_loop, -(-n_in // k_steps))
+    k_splits = -(-n_in // (k_steps * k_loop))
     interpret, mixed = _modes(interpret, mixed_index)
     NT = tile_slot.shape[0]
     P, loop_args = _tile_programs(tile_programs, used_tiles, NT)
     kernel = functools.partial(_shrink_kernel, block_m=block_m, block_r=r_block, chunk=C, n_in=n_in,
-                               k_steps=k_steps, n_groups=G, n_adapters=S, rows_per_page=rows_per_page, n_tokens=T,
+                               k_steps=k_steps, k_loop=k_loop, n_groups=G, n_adapters=S, rows_per_page=rows_per_page, n_tokens=T,
                                mixed=mixed, tile_programs=P if tile_programs else 0)
     return pl.pallas_call(
         kernel,

@@ -212,6 +212,50 @@ def test_paged_tile_loop_matches_reference(T, layout, block_m, programs):
     assert rel_err(_add(y, x, pw, meta, config=cfg), want, y) < 1e-5
 
 
+@pytest.mark.parametrize("k_steps,k_loop,presum", [(1, 3, 0), (1, 2, 1), (3, 1, 1), (1, 4, 1), (2, 9, 0)])
+def test_paged_k_loop_and_presum_match_reference(k_steps, k_loop, presum):
+    """`paged_k_loop` (K chunks per shrink program as a loop of `paged_k_steps` unrolled ones; H_in = 4
+    chunks: 2 splits of 3 chunks with a masked tail, 2 of 2, one of 4, one of 4 with more loop steps than
+    needed) and `paged_presum_min_tokens` (the partials summed before the expand) give the reference's
+    results, grouped and one projection alone, and `shrink` alone."""
+    cfg = dataclasses.replace(SPLIT, paged_k_steps=k_steps, paged_k_loop=k_loop, paged_presum_min_tokens=presum)
+    assert run_group_case(37, "mixed_none", GROUP_RANKS, jnp.float32, seed=5, cfg=cfg) < 1e-5
+    rng = np.random.default_rng(6)
+    w = random_slot_weights(jax.random.key(6), GROUP_RANKS[2], H_IN, H_OUT, dtype=jnp.float32, max_rank=128)
+    (pw,) = paged_group_from_slots([w], 16, 128, rng)
+    slot_T = make_slots("skewed", 37, S, rng)
+    meta = build_lora_meta(slot_T, block_m=16)
+    x = jnp.asarray(rng.standard_normal((37, H_IN)), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((37, H_OUT)), jnp.float32)
+    assert rel_err(_add(y, x, pw, meta, config=cfg), lora_reference(y, x, w, jnp.asarray(slot_T)), y) < 1e-5
+    v_want = jnp.einsum("ti,tir->tr", x, w.a[jnp.maximum(jnp.asarray(slot_T), 0)], precision="highest")
+    v_want = jnp.where((jnp.asarray(slot_T) >= 0)[:, None], v_want, 0.0)[:, : pw.r_max]
+    got = shrink(x, pw, meta, impl="pallas", config=cfg)
+    assert float(jnp.max(jnp.abs(got - v_want))) < 1e-4 * float(jnp.max(jnp.abs(v_want)))
+
+
+def test_paged_k_loop_lowers_for_the_gpu():
+    """The shrink's K loop (inside the tile loop) lowers to Triton; the presum is an XLA reduction between."""
+    ws = [random_slot_weights(jax.random.key(g), r, H_IN, o, dtype=jnp.bfloat16, max_rank=128)
+          for g, (r, o) in enumerate(zip(GROUP_RANKS, GROUP_OUT))]
+    pws = paged_group_from_slots(ws, 16, 128, np.random.default_rng(0))
+    meta = build_lora_meta(make_slots("skewed", 64, S, np.random.default_rng(1)), block_m=16)
+    x = jnp.zeros((64, H_IN), jnp.bfloat16)
+    ys = tuple(jnp.zeros((64, o), jnp.bfloat16) for o in GROUP_OUT)
+    cfg = dataclasses.replace(LOOP, interpret=False, paged_k_steps=1, paged_k_loop=2, paged_presum_min_tokens=1)
+    text = _add_group.trace(ys, x, pws, meta, config=cfg).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 2 and "stablehlo.reduce" in text
+
+
+def test_paged_k_loop_checks_its_value():
+    w = random_slot_weights(jax.random.key(0), GROUP_RANKS[0], H_IN, H_OUT, dtype=jnp.float32, max_rank=128)
+    (pw,) = paged_group_from_slots([w], 16, 128, np.random.default_rng(0))
+    meta = build_lora_meta(np.zeros(16, np.int32), block_m=16)
+    with pytest.raises(ValueError, match="k_loop must be >= 1"):
+        add_lora(jnp.zeros((16, H_OUT)), jnp.zeros((16, H_IN)), pw, meta, impl="pallas",
+                 config=dataclasses.replace(SPLIT, paged_k_loop=0))
+
+
 def test_paged_tile_loop_lowers_for_the_gpu():
     """The loop's bound is read at run time (`used_tiles`): it must lower to Triton, with the tile axis
     of both launches cut to `paged_tile_programs`."""

@@ -352,6 +352,12 @@ class KernelConfig:
     # split pair, pages: K chunks (of C) per shrink program, unrolled; None: `default_k_steps` of the tiles
     paged_k_steps: int | None = None
     paged_n_steps: int = 2  # split pair, pages: N chunks per expand program, unrolled
+    # split pair, pages: loop steps of `paged_k_steps` chunks per shrink program (fewer K splits, so fewer
+    # partials for every expand program of a tile to sum); 1: no loop
+    paged_k_loop: int = 1
+    # split pair, pages: calls of at least this many tokens sum the shrink's K-split partials once (an XLA
+    # reduction) before the expand, instead of every expand program of a tile summing them; 0: never
+    paged_presum_min_tokens: int = 0
     group_projections: bool = True  # split pair, pages: `add_lora_group` launches once for its projections
     # split pair, pages: warps per program of both kernels; None: by tile (`paged_warps_for`), 4 where the fp32
     # [block_m, r_block] shrink tile has >= 4096 values, else 2. H200 (session 19, 4096->4096, 1000 adapters
@@ -591,8 +597,11 @@ def _add_paged_group(ys_TxO, x_TxI, ws: tuple[PagedWeights, ...], meta: LoraMeta
             jnp.stack([w.b_row for w in ws]), *tiles, r_block=r_block, k_steps=cfg.paged_k_steps,
             active_tiles=meta.active_tiles, n_steps=cfg.paged_n_steps, num_warps=warps, **common)
     vpart = sgmv_shrink_paged_group(x_TxI, w0.rows, w0.pages, rank_GxS, jnp.stack([w.a_row for w in ws]), *tiles,
-                                    r_block=r_block, k_steps=cfg.paged_k_steps, active_tiles=meta.active_tiles,
-                                    num_warps=warps, **common, **_tile_loop(meta, cfg))
+                                    r_block=r_block, k_steps=cfg.paged_k_steps, k_loop=cfg.paged_k_loop,
+                                    active_tiles=meta.active_tiles, num_warps=warps, **common,
+                                    **_tile_loop(meta, cfg))
+    if cfg.paged_presum_min_tokens and x_TxI.shape[0] >= cfg.paged_presum_min_tokens and vpart.shape[1] > 1:
+        vpart = vpart.sum(1, keepdims=True)  # rows outside tiles are undefined, as before: never read
     return sgmv_expand_paged_group(ys_TxO, vpart, w0.rows, w0.pages, rank_GxS, jnp.stack([w.b_row for w in ws]),
                                    *tiles, n_steps=cfg.paged_n_steps, num_warps=warps, **common,
                                    **_tile_loop(meta, cfg))
@@ -923,9 +932,9 @@ def shrink_group(x_TxI: jax.Array, ws, meta: LoraMeta, *, impl: str = "pallas",
     vpart = sgmv_shrink_paged_group(
         x_TxI, w0.rows, w0.pages, jnp.stack([w.rank for w in ws]), jnp.stack([w.a_row for w in ws]), meta.perm,
         meta.tile_start, meta.tile_end, meta.tile_slot, rows_per_page=w0.rows_per_page,
-        r_block=r_block, block_m=meta.block_m, k_steps=cfg.paged_k_steps, active_tiles=meta.active_tiles,
-        num_warps=paged_warps_for(cfg, meta.block_m, r_block), interpret=cfg.interpret,
-        mixed_index=cfg.mixed_index, **_tile_loop(meta, cfg))
+        r_block=r_block, block_m=meta.block_m, k_steps=cfg.paged_k_steps, k_loop=cfg.paged_k_loop,
+        active_tiles=meta.active_tiles, num_warps=paged_warps_for(cfg, meta.block_m, r_block),
+        interpret=cfg.interpret, mixed_index=cfg.mixed_index, **_tile_loop(meta, cfg))
     v_GxTxR = vpart.sum(1)
     return tuple(jnp.where(_paged_rank_mask(w.rank, w.r_max, slot_T), v_GxTxR[g, :, : w.r_max], 0.0)
                  for g, w in enumerate(ws))
@@ -968,8 +977,9 @@ def _paged_shrink(x_TxI, w: PagedWeights, meta: LoraMeta, cfg: KernelConfig) -> 
     vpart = sgmv_shrink_paged_group(
         x_TxI, w.rows, w.pages, w.rank[None], w.a_row[None], meta.perm, meta.tile_start, meta.tile_end,
         meta.tile_slot, rows_per_page=w.rows_per_page, r_block=r_block, block_m=meta.block_m,
-        k_steps=cfg.paged_k_steps, active_tiles=meta.active_tiles,
-        num_warps=paged_warps_for(cfg, meta.block_m, r_block), interpret=cfg.interpret, mixed_index=cfg.mixed_index, **_tile_loop(meta, cfg))
+        k_steps=cfg.paged_k_steps, k_loop=cfg.paged_k_loop, active_tiles=meta.active_tiles,
+        num_warps=paged_warps_for(cfg, meta.block_m, r_block), interpret=cfg.interpret, mixed_index=cfg.mixed_index,
+        **_tile_loop(meta, cfg))
     return vpart[0].sum(0)[:, : w.r_max]
 
 
