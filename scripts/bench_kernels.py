@@ -815,9 +815,10 @@ def run_case(c: Case, data: DeviceData, labels, impls, floor_s, gate: TraceGate,
     return rows
 
 
-def replace_rows(result: dict, rows: list) -> None:
+def replace_rows(result: dict, rows: list) -> list[int]:
     """`rows` (one case, new timings of some impls) in place of that case's rows of the same impls (the old
-    ones move to `result["replaced_rows"]`, nothing is lost); every row of the case gets its `vs` again."""
+    ones move to `result["replaced_rows"]`, nothing is lost); every row of the case gets its `vs` again.
+    Returns the indices of the case's rows in `result["rows"]` (changed: `ResultWriter.write`'s `changed`)."""
     key = case_key(rows[0]["case"])
     new = {r["case"]["impl"]: r for r in rows}
     merged = []
@@ -829,11 +830,13 @@ def replace_rows(result: dict, rows: list) -> None:
             merged.append(r)
     merged.extend(new.values())  # impls the case had no row of
     result["rows"] = merged
-    case_rows = [r for r in merged if case_key(r["case"]) == key]
-    timed = {r["case"]["impl"]: r["median_us"] for r in case_rows if "median_us" in r}
-    for r in case_rows:
+    where = [i for i, r in enumerate(merged) if case_key(r["case"]) == key]
+    timed = {merged[i]["case"]["impl"]: merged[i]["median_us"] for i in where if "median_us" in merged[i]}
+    for i in where:
+        r = merged[i]
         if "median_us" in r:
             r["vs"] = {k: v / r["median_us"] for k, v in timed.items() if k != r["case"]["impl"]}
+    return where
 
 
 # ----------------------------------------------------------------------------- summary
@@ -910,14 +913,18 @@ class ResultWriter:
 
     Rows go one a line, each encoded once: `json.dump(indent=1)` of the whole growing file (Python's
     pure-Python encoder, as any indent selects) took 0.27 s a case at the full grid's 3920 rows.
-    Rows must not change once written.
+    A row changed once written (`--retime`) must be named in `changed` (its index), or the file keeps
+    its old text.
     """
 
     def __init__(self, path):
         self.path = path
         self._rows = []  # encoded rows
 
-    def write(self, result):
+    def write(self, result, changed=()):
+        for i in changed:
+            if i < len(self._rows):
+                self._rows[i] = json.dumps(result["rows"][i])
         self._rows += [json.dumps(r) for r in result["rows"][len(self._rows):]]
         head = json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1)
         with open(self.path + ".tmp", "w") as f:
@@ -1113,8 +1120,9 @@ def main(argv=None):
         c = pending.popleft()
         floor_s = max(c.bytes_ / bw, c.flops / rate)
         rows = run_case(c, data, labels, impls, floor_s, gate, tm, run_id, phases)
+        changed = []
         if args.retime:
-            replace_rows(result, rows)
+            changed = replace_rows(result, rows)
         else:
             result["rows"].extend(rows)
         done += 1
@@ -1123,7 +1131,7 @@ def main(argv=None):
         print(f"{c.label()} floor={floor_s * 1e6:8.1f}us  {line}", flush=True)
         record()
         with phases("json"):
-            writer.write(result)
+            writer.write(result, changed)
     record()
     run_info.update(lower_s=dict(planner.trace_s), compile_thread_s=dict(planner.compile_s),
                     compiles=dict(planner.n_compiles))

@@ -79,22 +79,25 @@ def test_retime_replaces_one_impls_rows(bk, tmp_path):
     path = tmp_path / "lora_kernels.json"
     switch = sys.getswitchinterval()
     try:
-        bk.main([*args, "--pops", "identical", "--impls", "gather_bmm,onehot"])
+        bk.main([*args, "--pops", "identical,skewed", "--impls", "gather_bmm,onehot"])
         with open(path) as f:
             before = json.load(f)
-        bk.main([*args, "--pops", "identical,distinct", "--impls", "gather_bmm", "--resume", str(path), "--retime"])
+        bk.main([*args, "--pops", "identical,skewed,distinct", "--impls", "gather_bmm", "--resume", str(path),
+                 "--retime"])
     finally:
         sys.setswitchinterval(switch)
     with open(path) as f:
         result = json.load(f)
+    # both cases re-timed, in the file (not only the first the writer saw); no distinct case: not in the file
     assert [(r["case"]["popularity"], r["case"]["impl"], r["run"]) for r in result["rows"]] == [
-        ("identical", "gather_bmm", 1), ("identical", "onehot", 0)]  # no distinct case: it was not in the file
-    assert result["replaced_rows"] == [before["rows"][0]]
+        ("identical", "gather_bmm", 1), ("identical", "onehot", 0), ("skewed", "gather_bmm", 1), ("skewed", "onehot", 0)]
+    assert result["replaced_rows"] == [before["rows"][0], before["rows"][2]]
     assert result["runs"][1]["retime"] == ["gather_bmm"]
-    gather, onehot = result["rows"]
-    assert onehot["median_us"] == before["rows"][1]["median_us"]
-    assert onehot["vs"] == {"gather_bmm": gather["median_us"] / onehot["median_us"]}
-    assert gather["vs"] == {"onehot": onehot["median_us"] / gather["median_us"]}
+    for k in (0, 2):
+        gather, onehot = result["rows"][k : k + 2]
+        assert onehot["median_us"] == before["rows"][k + 1]["median_us"]
+        assert onehot["vs"] == {"gather_bmm": gather["median_us"] / onehot["median_us"]}
+        assert gather["vs"] == {"onehot": onehot["median_us"] / gather["median_us"]}
     with pytest.raises(SystemExit):
         bk.main([*args, "--retime"])
 

@@ -358,9 +358,11 @@ class KernelConfig:
     # split pair, pages: calls of at least this many tokens sum the shrink's K-split partials once (an XLA
     # reduction) before the expand, instead of every expand program of a tile summing them; 0: never.
     # H200 (session 20, 1000 adapters resident, 256/1024/4096 tokens, ranks 16/128/mixed, distinct and
-    # identical): 0.33-1.00x the time of never, in all 36 cases (11008->4096 rank 128 distinct at 4096 tokens
-    # 1748 vs 5294 us; identical 158 vs 462); fewer tokens not yet measured, so they keep the in-kernel sum.
-    paged_presum_min_tokens: int = 256
+    # identical): 0.30-1.01x the time of never, in all 36 cases (11008->4096 rank 128 distinct at 4096 tokens
+    # 1748 vs 5294 us; identical 158 vs 462). At 32 and 64 tokens (36 cases, also 4096->1024): median 0.84x
+    # (0.53-1.09x, one 1.89x: rank mixed, identical, 32 tokens, 35.2 vs 18.6 us); slower only with one adapter.
+    # Calls of 17-31 tokens (not measured) keep the in-kernel sum.
+    paged_presum_min_tokens: int = 32
     group_projections: bool = True  # split pair, pages: `add_lora_group` launches once for its projections
     # split pair, pages: warps per program of both kernels; None: by tile (`paged_warps_for`), 4 where the fp32
     # [block_m, r_block] shrink tile has >= 4096 values, else 2. H200 (session 19, 4096->4096, 1000 adapters
