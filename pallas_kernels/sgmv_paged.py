@@ -27,7 +27,9 @@ Reference: `paged_group_reference` (jnp, the pages read with `read_paged`).
 Work. Shrink: grid `(k_splits * G, NT)`, program `(split * G + g, tile)` takes `k_steps`
 consecutive K chunks of projection g, unrolled, so all its loads are in flight at once
 (a loop over chunks would pay one memory latency per step: the one-launch `sgmv_fused`
-is bound by that, benchmarks/NOTES_lora_kernels.md). Expand: grid
+is bound by that, benchmarks/NOTES_lora_kernels.md); `k_loop > 1` repeats that `k_loop`
+times in a loop, for fewer splits (not faster in session 20's H200 probe once the partials
+are summed before the expand, which `ops.lora` does from `paged_presum_min_tokens`). Expand: grid
 `(sum_g n_blocks_g, NT)`; the first axis is cut into static ranges, one per projection
 (a static `pl.when` branch each, so no program is spent past a narrow output), and
 program `(n, tile)` sums its projection's partials for its rows and adds `n_steps`
@@ -41,8 +43,9 @@ each adapter's rank.
 
 `tile_programs=N` (> 0) launches at most N programs along the tile axis of both kernels, each
 looping over the used tiles with stride N (`used_tiles`, the metadata's count, read at run time),
-so the padding tiles of a metadata bound (NT) launch no program. Off by default (0): not yet
-measured on a GPU (session 18).
+so the padding tiles of a metadata bound (NT) launch no program. 0 (one program per bound tile)
+is this function's default; `ops.lora` launches 128 (`KernelConfig.paged_tile_programs`, measured
+in session 19).
 
 `sgmv_paged_group_one_launch` runs the same shrink and expand programs in one launch: the
 expand's programs load their B and y blocks, then wait on per-(projection, tile) counters

@@ -842,6 +842,35 @@ def replace_rows(result: dict, rows: list) -> list[int]:
 # ----------------------------------------------------------------------------- summary
 
 
+def by_tokens_table(by_case: dict, engine_impl: str, min_tokens: int) -> list[str]:
+    """Markdown lines: per token count, `engine_impl`'s floor ratio (median, max), cases at >= 50% of the
+    floor, and its speedup over the best baseline (impls not named pallas*: median, cases below 1); then
+    the same over the cases with >= `min_tokens` tokens. Cases without a timed engine row or baseline are
+    left out."""
+    per_T = collections.defaultdict(list)  # T -> [(floor ratio, speedup)]
+    for (T, *_), d in by_case.items():
+        e = d.get(engine_impl)
+        base = [r["median_us"] for b, r in d.items() if not b.startswith("pallas") and "median_us" in r]
+        if e is not None and "median_us" in e and base:
+            per_T[T].append((e["floor_ratio"], min(base) / e["median_us"]))
+
+    def line(name, vals):
+        fl, sp = np.array([v[0] for v in vals]), np.array([v[1] for v in vals])
+        return (f"| {name} | {len(vals)} | {np.median(fl):.2f} ({fl.max():.2f}) | {int((fl >= 0.5).sum())} | "
+                f"{np.median(sp):.2f}x | {int((sp < 1).sum())} |")
+
+    if not per_T:
+        return []
+    out = [f"\n{engine_impl} against the best baseline, by tokens:",
+           "| tokens | cases | floor ratio, median (max) | >= 50% of floor | speedup, median | slower |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    out += [line(str(T), per_T[T]) for T in sorted(per_T)]
+    big = [v for T in per_T if T >= min_tokens for v in per_T[T]]
+    if big:
+        out.append(line(f">= {min_tokens}", big))
+    return out
+
+
 def summarize(result, engine_impl=ENGINE_IMPL, min_tokens=64, table=False, out=None):
     """Per impl: median floor ratio (cases with >= min_tokens), cases timed, cases fastest; the cases where
     the engine's impl is slower than the best baseline (a baseline: an impl not named pallas*)."""
@@ -882,6 +911,8 @@ def summarize(result, engine_impl=ENGINE_IMPL, min_tokens=64, table=False, out=N
             b = min(base, key=base.get)
             if base[b] < e["median_us"]:
                 slower.append((k, e["median_us"], b, base[b]))
+    for line in by_tokens_table(by_case, engine_impl, min_tokens):
+        p(line)
     p(f"\n{engine_impl} slower than the best baseline in {len(slower)} of "
       f"{sum(1 for d in by_case.values() if engine_impl in d and 'median_us' in d[engine_impl])} cases:")
     for (T, hi, ho, rc, pop), us, b, bus in slower:  # in grid order

@@ -169,3 +169,26 @@ def test_tight_segments_sizes_the_metadata_to_the_case(bk, tmp_path):
         assert "median_us" in row and (row["block_m"], row["tiles"]) == (32, 16)  # min(T, ceil(16 / 32) + 16)
     finally:
         sys.setswitchinterval(switch)
+
+
+def test_by_tokens_table(bk):
+    """The README's per-token table: floor ratios of the engine impl, and its speedup over the best
+    impl not named pallas* (another pallas impl is not a baseline); cases with no baseline are left out."""
+    def row(impl, us, floor_ratio=None):
+        r = {"case": {"impl": impl}, "median_us": us}
+        return r if floor_ratio is None else {**r, "floor_ratio": floor_ratio}
+
+    by_case = {
+        (64, 4096, 4096, "16", "distinct"): {"pallas_paged": row("pallas_paged", 10.0, 0.6),
+                                             "loop": row("loop", 30.0), "pallas": row("pallas", 1.0)},
+        (64, 4096, 4096, "16", "identical"): {"pallas_paged": row("pallas_paged", 10.0, 0.2),
+                                              "loop": row("loop", 5.0), "onehot": row("onehot", 50.0)},
+        (64, 4096, 4096, "16", "skewed"): {"pallas_paged": row("pallas_paged", 10.0, 0.4),
+                                           "onehot": row("onehot", 20.0)},
+        (8, 4096, 4096, "16", "skewed"): {"pallas_paged": row("pallas_paged", 10.0, 0.1),
+                                          "pallas": row("pallas", 5.0)},  # no baseline: left out
+    }
+    lines = bk.by_tokens_table(by_case, "pallas_paged", 64)
+    assert lines[-2:] == ["| 64 | 3 | 0.40 (0.60) | 1 | 2.00x | 1 |", "| >= 64 | 3 | 0.40 (0.60) | 1 | 2.00x | 1 |"]
+    assert not any(line.startswith("| 8 ") for line in lines)
+    assert bk.by_tokens_table({}, "pallas_paged", 64) == []
