@@ -354,6 +354,15 @@ def _check(block_m: int, block_r: int, chunk: int, h: int, name: str) -> None:
         raise ValueError(f"{name}={h} must be a multiple of the pool's row width C={chunk}")
 
 
+def _k_split(n_in: int, k_steps: int, k_loop: int) -> tuple[int, int, int]:
+    """K chunks per loop step and loop steps per shrink program, clamped to the `n_in` chunks, and the splits."""
+    if k_loop < 1:
+        raise ValueError(f"k_loop must be >= 1, got {k_loop}")
+    k_steps = max(1, min(k_steps, n_in))
+    k_loop = min(k_loop, -(-n_in // k_steps))
+    return k_steps, k_loop, -(-n_in // (k_steps * k_loop))
+
+
 def _modes(interpret: bool | None, mixed_index: bool | None) -> tuple[bool, bool]:
     interpret = default_interpret() if interpret is None else interpret
     return interpret, (not interpret) if mixed_index is None else mixed_index
@@ -380,17 +389,13 @@ def sgmv_shrink_paged_group(x_TxI, rows_NxC, pages_SxP, rank_GxS, a_row_GxS, per
     n_in = H_in // C
     if k_steps is None:
         k_steps = default_k_steps(n_in, G * (active_tiles or tile_slot.shape[0]))
-    k_steps = max(1, min(k_steps, n_in))
-    if k_loop < 1:
-        raise ValueError(f"k_loop must be >= 1, got {k_loop}")
-    k_loop = min(k_loop, -(-n_in // k_steps))
-    k_splits = -(-n_in // (k_steps * k_loop))
+    k_steps, k_loop, k_splits = _k_split(n_in, k_steps, k_loop)
     interpret, mixed = _modes(interpret, mixed_index)
     NT = tile_slot.shape[0]
     P, loop_args = _tile_programs(tile_programs, used_tiles, NT)
     kernel = functools.partial(_shrink_kernel, block_m=block_m, block_r=r_block, chunk=C, n_in=n_in,
-                               k_steps=k_steps, k_loop=k_loop, n_groups=G, n_adapters=S, rows_per_page=rows_per_page, n_tokens=T,
-                               mixed=mixed, tile_programs=P if tile_programs else 0)
+                               k_steps=k_steps, k_loop=k_loop, n_groups=G, n_adapters=S, rows_per_page=rows_per_page,
+                               n_tokens=T, mixed=mixed, tile_programs=P if tile_programs else 0)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((G, k_splits, T, r_block), jnp.float32),
@@ -443,7 +448,7 @@ def sgmv_paged_group_one_launch(ys_TxO, x_TxI, rows_NxC, pages_SxP, rank_GxS, a_
                                 tile_start, tile_end, tile_slot, *, rows_per_page: int, r_block: int, block_m: int,
                                 k_steps: int | None = None, active_tiles: int | None = None, n_steps: int = 2,
                                 num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None,
-                                mixed_index: bool | None = None) -> tuple[jax.Array, ...]:
+                                mixed_index: bool | None = None, k_loop: int = 1) -> tuple[jax.Array, ...]:
     """The split pair's shrink and expand as one launch; returns the outputs `ys_TxO`.
 
     Same programs and results as `sgmv_shrink_paged_group` then `sgmv_expand_paged_group`
@@ -465,8 +470,7 @@ def sgmv_paged_group_one_launch(ys_TxO, x_TxI, rows_NxC, pages_SxP, rank_GxS, a_
     n_in = H_in // C
     if k_steps is None:
         k_steps = default_k_steps(n_in, G * (active_tiles or NT))
-    k_steps = max(1, min(k_steps, n_in))
-    k_splits = -(-n_in // k_steps)
+    k_steps, k_loop, k_splits = _k_split(n_in, k_steps, k_loop)
     n_out = tuple(y.shape[1] // C for y in ys_TxO)
     steps = tuple(max(1, min(n_steps, n)) for n in n_out)
     n_blocks = sum(-(-n // st) for n, st in zip(n_out, steps))
@@ -475,7 +479,7 @@ def sgmv_paged_group_one_launch(ys_TxO, x_TxI, rows_NxC, pages_SxP, rank_GxS, a_
                   mixed=mixed)
     kernel = functools.partial(_one_launch_kernel, n_out=n_out, n_steps=steps, n_groups=G, n_tiles=NT,
                                k_splits=k_splits, n_shrink=k_splits * G * NT, n_blocks=n_blocks,
-                               shrink=dict(n_in=n_in, k_steps=k_steps, **common), expand=common,
+                               shrink=dict(n_in=n_in, k_steps=k_steps, k_loop=k_loop, **common), expand=common,
                                gpu_sync=not interpret)
     args = (perm_T, tile_start, tile_end, tile_slot, rank_GxS.reshape(-1), pages_SxP.reshape(-1),
             a_row_GxS.reshape(-1), b_row_GxS.reshape(-1), rows_NxC, x_TxI, jnp.zeros((G * NT,), jnp.int32), *ys_TxO)

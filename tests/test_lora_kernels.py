@@ -212,13 +212,15 @@ def test_paged_tile_loop_matches_reference(T, layout, block_m, programs):
     assert rel_err(_add(y, x, pw, meta, config=cfg), want, y) < 1e-5
 
 
+@pytest.mark.parametrize("base", [SPLIT, ONE], ids=["pair", "one_launch"])
 @pytest.mark.parametrize("k_steps,k_loop,presum", [(1, 3, 0), (1, 2, 1), (3, 1, 1), (1, 4, 1), (2, 9, 0)])
-def test_paged_k_loop_and_presum_match_reference(k_steps, k_loop, presum):
+def test_paged_k_loop_and_presum_match_reference(k_steps, k_loop, presum, base):
     """`paged_k_loop` (K chunks per shrink program as a loop of `paged_k_steps` unrolled ones; H_in = 4
     chunks: 2 splits of 3 chunks with a masked tail, 2 of 2, one of 4, one of 4 with more loop steps than
     needed) and `paged_presum_min_tokens` (the partials summed before the expand) give the reference's
-    results, grouped and one projection alone, and `shrink` alone."""
-    cfg = dataclasses.replace(SPLIT, paged_k_steps=k_steps, paged_k_loop=k_loop, paged_presum_min_tokens=presum)
+    results, grouped and one projection alone, and `shrink` alone; so does the one-launch path with the
+    K loop (it has no presum)."""
+    cfg = dataclasses.replace(base, paged_k_steps=k_steps, paged_k_loop=k_loop, paged_presum_min_tokens=presum)
     assert run_group_case(37, "mixed_none", GROUP_RANKS, jnp.float32, seed=5, cfg=cfg) < 1e-5
     rng = np.random.default_rng(6)
     w = random_slot_weights(jax.random.key(6), GROUP_RANKS[2], H_IN, H_OUT, dtype=jnp.float32, max_rank=128)
@@ -245,6 +247,9 @@ def test_paged_k_loop_lowers_for_the_gpu():
     cfg = dataclasses.replace(LOOP, interpret=False, paged_k_steps=1, paged_k_loop=2, paged_presum_min_tokens=1)
     text = _add_group.trace(ys, x, pws, meta, config=cfg).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 2 and "stablehlo.reduce" in text
+    one = dataclasses.replace(cfg, paged_one_launch_max_tokens=1 << 30)  # the K loop in the one-launch kernel
+    text = _add_group.trace(ys, x, pws, meta, config=one).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 1
 
 
 def test_paged_k_loop_checks_its_value():

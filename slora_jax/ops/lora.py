@@ -352,8 +352,9 @@ class KernelConfig:
     # split pair, pages: K chunks (of C) per shrink program, unrolled; None: `default_k_steps` of the tiles
     paged_k_steps: int | None = None
     paged_n_steps: int = 2  # split pair, pages: N chunks per expand program, unrolled
-    # split pair, pages: loop steps of `paged_k_steps` chunks per shrink program (fewer K splits, so fewer
-    # partials for every expand program of a tile to sum); 1: no loop
+    # pages (split pair and one launch): loop steps of `paged_k_steps` chunks per shrink program (fewer K
+    # splits, so fewer partials to sum); 1: no loop. H200 (session 20): 2 with the presum took 1.09x the time of
+    # the presum alone at 256-4096 tokens and 1.40x at 32-64 (medians); <= 16 tokens not yet measured.
     paged_k_loop: int = 1
     # split pair, pages: calls of at least this many tokens sum the shrink's K-split partials once (an XLA
     # reduction) before the expand, instead of every expand program of a tile summing them; 0: never.
@@ -600,7 +601,8 @@ def _add_paged_group(ys_TxO, x_TxI, ws: tuple[PagedWeights, ...], meta: LoraMeta
         return sgmv_paged_group_one_launch(
             ys_TxO, x_TxI, w0.rows, w0.pages, rank_GxS, jnp.stack([w.a_row for w in ws]),
             jnp.stack([w.b_row for w in ws]), *tiles, r_block=r_block, k_steps=cfg.paged_k_steps,
-            active_tiles=meta.active_tiles, n_steps=cfg.paged_n_steps, num_warps=warps, **common)
+            k_loop=cfg.paged_k_loop, active_tiles=meta.active_tiles, n_steps=cfg.paged_n_steps, num_warps=warps,
+            **common)
     vpart = sgmv_shrink_paged_group(x_TxI, w0.rows, w0.pages, rank_GxS, jnp.stack([w.a_row for w in ws]), *tiles,
                                     r_block=r_block, k_steps=cfg.paged_k_steps, k_loop=cfg.paged_k_loop,
                                     active_tiles=meta.active_tiles, num_warps=warps, **common,
