@@ -186,11 +186,12 @@ def _shrink_kernel(*refs, n_groups: int, tile_programs: int = 0, **static):
 def _expand_block(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_ref, pages_ref, b_row_ref,
                   rows_ref, vpart_ref, y_ref, o_ref, nblk, tile, *, g: int, block_m: int, block_r: int, chunk: int,
                   n_out: int, n_steps: int, k_splits: int, n_adapters: int, rows_per_page: int, n_tokens: int,
-                  mixed: bool, wait=None):
+                  mixed: bool, wait=None, wait_loads: str = "volatile"):
     """Program `(nblk, tile)` of projection `g` (static): `n_steps` chunks of `y_g += v_g @ B_g`.
 
     `wait` (the one-launch kernel: returns once the tile's shrink is done): B and y are
-    loaded before it, the partials after.
+    loaded before it, the partials after, as `wait_loads` says: "volatile" loads, or "cg"
+    loads (cached in L2 only, which other SMs' stores reach; never a stale L1 line either).
     """
     safe, rank = _tile_adapter(tile_slot_ref, rank_ref, tile, g, n_adapters)
     max_pages = pages_ref.shape[0] // n_adapters
@@ -205,11 +206,12 @@ def _expand_block(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_re
         def v_sum():
             vmask_MxR = row_ok_M[:, None] & rank_ok_R[None, :]
             v_MxR = jnp.zeros((block_m, block_r), jnp.float32)
+            # After a wait the partials are other programs' stores of this launch: never read from a
+            # stale L1 line.
+            fresh = {} if wait is None else dict(volatile=True) if wait_loads == "volatile" else dict(cache_modifier=".cg")
             for s in range(k_splits):
-                # After a wait the partials are other programs' stores of this launch: read
-                # them volatile, never from a stale L1 line.
                 v_MxR += plgpu.load(rows_at(vpart_ref, (g, s), rows_M, 0, block_r, mixed=mixed), mask=vmask_MxR,
-                                    other=0.0, volatile=wait is not None)
+                                    other=0.0, **fresh)
             return v_MxR.astype(rows_ref.dtype)
 
         def load_b(b_first, u):
@@ -299,7 +301,7 @@ def _one_launch_kernel(*refs, n_out: tuple[int, ...], n_steps: tuple[int, ...], 
     Shrink program done: a CTA barrier, then +1 on its (projection, tile) counter (an
     acq_rel atomic, so the partial's stores are visible first). Expand program: its B
     and y loads, then it polls the counter (acq_rel atomics adding 0) until all
-    `k_splits` are in, then a barrier, then the partials (volatile loads). Waiting cannot
+    `k_splits` are in, then a barrier, then the partials (volatile or L2-only loads: `wait_loads`). Waiting cannot
     deadlock: programs start in id order, so every shrink program has started (and
     needs no other) before any expand program waits. `gpu_sync=False` (interpret mode,
     which has no barrier and runs programs one after another) leaves the barriers and the
@@ -448,15 +450,19 @@ def sgmv_paged_group_one_launch(ys_TxO, x_TxI, rows_NxC, pages_SxP, rank_GxS, a_
                                 tile_start, tile_end, tile_slot, *, rows_per_page: int, r_block: int, block_m: int,
                                 k_steps: int | None = None, active_tiles: int | None = None, n_steps: int = 2,
                                 num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None,
-                                mixed_index: bool | None = None, k_loop: int = 1) -> tuple[jax.Array, ...]:
+                                mixed_index: bool | None = None, k_loop: int = 1,
+                                wait_loads: str = "volatile") -> tuple[jax.Array, ...]:
     """The split pair's shrink and expand as one launch; returns the outputs `ys_TxO`.
 
     Same programs and results as `sgmv_shrink_paged_group` then `sgmv_expand_paged_group`
     (the partials still go through HBM), on a 1-D grid: the shrink's programs first,
     then the expand's, which wait on a per-(projection, tile) counter of finished
     splits (`_one_launch_kernel`). One launch fewer, and each expand program's B and y
-    loads overlap the shrink instead of following it.
+    loads overlap the shrink instead of following it. `wait_loads`: how the expand reads the
+    partials after its wait, "volatile" or "cg" (`_expand_block`).
     """
+    if wait_loads not in ("volatile", "cg"):
+        raise ValueError(f"wait_loads must be 'volatile' or 'cg', got {wait_loads!r}")
     ys_TxO = tuple(ys_TxO)
     T, H_in = x_TxI.shape
     G, S = rank_GxS.shape
@@ -479,7 +485,8 @@ def sgmv_paged_group_one_launch(ys_TxO, x_TxI, rows_NxC, pages_SxP, rank_GxS, a_
                   mixed=mixed)
     kernel = functools.partial(_one_launch_kernel, n_out=n_out, n_steps=steps, n_groups=G, n_tiles=NT,
                                k_splits=k_splits, n_shrink=k_splits * G * NT, n_blocks=n_blocks,
-                               shrink=dict(n_in=n_in, k_steps=k_steps, k_loop=k_loop, **common), expand=common,
+                               shrink=dict(n_in=n_in, k_steps=k_steps, k_loop=k_loop, **common),
+                               expand=dict(wait_loads=wait_loads, **common),
                                gpu_sync=not interpret)
     args = (perm_T, tile_start, tile_end, tile_slot, rank_GxS.reshape(-1), pages_SxP.reshape(-1),
             a_row_GxS.reshape(-1), b_row_GxS.reshape(-1), rows_NxC, x_TxI, jnp.zeros((G * NT,), jnp.int32), *ys_TxO)

@@ -231,7 +231,7 @@ def parse_impl(spec: str):
     kw = {}
     for item in filter(None, rest.rstrip("]").split(",")):
         k, v = item.split("=")
-        kw[k] = None if v == "None" else int(v)
+        kw[k] = None if v == "None" else int(v) if v.lstrip("-").isdigit() else v  # str fields: as written
     return name, KernelConfig(**kw), paged
 
 

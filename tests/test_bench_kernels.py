@@ -127,6 +127,8 @@ def test_slab_impl_spec_rows_and_skips(bk):
 
     name, cfg, paged = bk.parse_impl("pallas_slab[slab_shrink_splits=8]")
     assert (name, cfg.slab_shrink_splits, paged) == ("slab", 8, False)
+    name, cfg, paged = bk.parse_impl("pallas_paged[paged_wait_loads=cg,paged_k_steps=None,paged_k_loop=2]")
+    assert (name, cfg.paged_wait_loads, cfg.paged_k_steps, cfg.paged_k_loop, paged) == ("pallas", "cg", None, 2, True)
     ranks_S = np.array([8, 16, 64, 128])
     slots = [np.array([0, 0, 1, -1]), np.array([3, 2, 2, 2])]  # 24 and 192 rows
     assert bk.slab_rows(slots, ranks_S, 64) == 256 and bk.slab_rows(slots[:1], ranks_S, 64) == 64

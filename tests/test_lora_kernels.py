@@ -252,6 +252,25 @@ def test_paged_k_loop_lowers_for_the_gpu():
     assert text.count("xla.gpu.triton") == 1
 
 
+@pytest.mark.parametrize("T,layout", [(1, "distinct"), (37, "mixed_none")])
+def test_paged_one_launch_cg_loads_match_reference(T, layout):
+    """`paged_wait_loads="cg"`: the one-launch expand reads the partials as L2-only loads; same results
+    (interpret mode: the programs run in order, so this checks the kernel's arithmetic and masks), and it lowers."""
+    cfg = dataclasses.replace(ONE, paged_wait_loads="cg")
+    assert run_group_case(T, layout, GROUP_RANKS, jnp.float32, seed=T, cfg=cfg) < 1e-5
+    ws = [random_slot_weights(jax.random.key(g), r, H_IN, o, dtype=jnp.bfloat16, max_rank=128)
+          for g, (r, o) in enumerate(zip(GROUP_RANKS, GROUP_OUT))]
+    pws = paged_group_from_slots(ws, 16, 128, np.random.default_rng(0))
+    meta = build_lora_meta(make_slots(layout, T, S, np.random.default_rng(1)), block_m=16)
+    x = jnp.zeros((T, H_IN), jnp.bfloat16)
+    ys = tuple(jnp.zeros((T, o), jnp.bfloat16) for o in GROUP_OUT)
+    gpu = dataclasses.replace(cfg, interpret=False)
+    assert _add_group.trace(ys, x, pws, meta, config=gpu).lower(lowering_platforms=("cuda",)).as_text().count(
+        "xla.gpu.triton") == 1
+    with pytest.raises(ValueError, match="wait_loads"):
+        _add_group(ys, x, pws, meta, config=dataclasses.replace(cfg, paged_wait_loads="ca"))
+
+
 def test_paged_k_loop_checks_its_value():
     w = random_slot_weights(jax.random.key(0), GROUP_RANKS[0], H_IN, H_OUT, dtype=jnp.float32, max_rank=128)
     (pw,) = paged_group_from_slots([w], 16, 128, np.random.default_rng(0))

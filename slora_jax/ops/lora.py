@@ -377,6 +377,10 @@ class KernelConfig:
     # step: 5.04-5.06 vs 5.23-5.24 ms at batch 1, 5.24 vs 5.43-5.49 at batch 8, 8.22 vs 8.20 at batch 64
     # (benchmarks/NOTES_lora_kernels.md, session 10).
     paged_one_launch_max_tokens: int = 16
+    # one launch: how the expand reads the shrink's partials after its wait: "volatile" loads, or "cg" (L2
+    # only). The one-launch time grows with K splits x rank (11008->4096 rank 128: 66-74 us against 25-26 at
+    # 4096->4096, session 20's grid); whether these loads are why is not yet measured.
+    paged_wait_loads: str = "volatile"
     # split pair, pages: N > 0 launches at most N programs along the tile axis, each looping over the used tiles
     # (stride N), so the padding tiles of the metadata's bound launch none; 0: one program per bound tile.
     # H200 (session 19, 4096->4096, metadata for 1000 segments): 128 took 0.59-0.82x the time of 0 at 1024 and
@@ -602,7 +606,7 @@ def _add_paged_group(ys_TxO, x_TxI, ws: tuple[PagedWeights, ...], meta: LoraMeta
             ys_TxO, x_TxI, w0.rows, w0.pages, rank_GxS, jnp.stack([w.a_row for w in ws]),
             jnp.stack([w.b_row for w in ws]), *tiles, r_block=r_block, k_steps=cfg.paged_k_steps,
             k_loop=cfg.paged_k_loop, active_tiles=meta.active_tiles, n_steps=cfg.paged_n_steps, num_warps=warps,
-            **common)
+            wait_loads=cfg.paged_wait_loads, **common)
     vpart = sgmv_shrink_paged_group(x_TxI, w0.rows, w0.pages, rank_GxS, jnp.stack([w.a_row for w in ws]), *tiles,
                                     r_block=r_block, k_steps=cfg.paged_k_steps, k_loop=cfg.paged_k_loop,
                                     active_tiles=meta.active_tiles, num_warps=warps, **common,
