@@ -14,7 +14,8 @@ same with the `default_k_steps` heuristic), `group` (one pair for q, k, v; heuri
 `group_k4`, `group_k8`, `group_k16` (explicit K chunks per shrink program), `group_n4` (4 N
 chunks per expand program), `group_w1` / `group_w4` / `group_w8` (warps per program of both
 kernels; the default is 2), `group_w4_k4`, `group_one` / `per_proj_one` (shrink and expand always in one
-launch; by default only calls of <= `KernelConfig.paged_one_launch_max_tokens` tokens),
+launch; by default only calls of <= `KernelConfig.paged_one_launch_max_tokens` tokens with a rank
+block <= `paged_one_launch_max_rank`),
 `group_pair` / `per_proj_pair` (never in one launch).
 
 Method (as scripts/bench_kernels.py): every variant is checked against
@@ -67,8 +68,9 @@ VARIANTS = {
     "group_w4": dict(paged_warps=4),
     "group_w8": dict(paged_warps=8),
     "group_w4_k4": dict(paged_warps=4, paged_k_steps=4),
-    "group_one": dict(paged_one_launch_max_tokens=1 << 30),
-    "per_proj_one": dict(group_projections=False, paged_one_launch_max_tokens=1 << 30),
+    "group_one": dict(paged_one_launch_max_tokens=1 << 30, paged_one_launch_max_rank=1 << 30),
+    "per_proj_one": dict(group_projections=False, paged_one_launch_max_tokens=1 << 30,
+                         paged_one_launch_max_rank=1 << 30),
     "group_pair": dict(paged_one_launch_max_tokens=0),
     "per_proj_pair": dict(group_projections=False, paged_one_launch_max_tokens=0),
 }

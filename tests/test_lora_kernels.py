@@ -37,7 +37,8 @@ H_IN, H_OUT, S = 64, 32, 7
 CFG = KernelConfig(shrink_block_k=16, expand_block_n=16, chunk=16, unroll_k=2, fused=True, interpret=True,
                    paged_k_steps=3, paged_n_steps=1)  # pages: 2 K splits, the second with a masked tail
 SPLIT = dataclasses.replace(CFG, fused=False, paged_one_launch_max_tokens=0)  # the two-launch shrink + expand pair
-ONE = dataclasses.replace(SPLIT, paged_one_launch_max_tokens=1 << 30)  # the same programs in one launch (pages only)
+# the same programs in one launch (pages only), at any size and rank
+ONE = dataclasses.replace(SPLIT, paged_one_launch_max_tokens=1 << 30, paged_one_launch_max_rank=1 << 30)
 _add = jax.jit(add_lora, static_argnames=("impl", "config"))
 _add_group = jax.jit(add_lora_group, static_argnames=("impl", "config"))
 
@@ -247,7 +248,7 @@ def test_paged_k_loop_lowers_for_the_gpu():
     cfg = dataclasses.replace(LOOP, interpret=False, paged_k_steps=1, paged_k_loop=2, paged_presum_min_tokens=1)
     text = _add_group.trace(ys, x, pws, meta, config=cfg).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 2 and "stablehlo.reduce" in text
-    one = dataclasses.replace(cfg, paged_one_launch_max_tokens=1 << 30)  # the K loop in the one-launch kernel
+    one = dataclasses.replace(cfg, paged_one_launch_max_tokens=1 << 30, paged_one_launch_max_rank=1 << 30)
     text = _add_group.trace(ys, x, pws, meta, config=one).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 1
 
@@ -461,18 +462,21 @@ def test_one_launch_lowering_keeps_the_wait(monkeypatch, capsys):
     assert module.count("tt.atomic_rmw add, acq_rel, gpu") == 3  # shrink's +1; expand's first poll and loop poll
 
 
-@pytest.mark.parametrize("T,launches", [(1, 1), (16, 1), (17, 2), (64, 2)])
-def test_default_one_launch_for_small_calls(T, launches):
-    """By default the paged pair runs as one launch for calls of <= 16 tokens, as two above."""
-    assert KernelConfig().paged_one_launch_max_tokens == 16
-    w = random_slot_weights(jax.random.key(0), [8, 16, 24], 256, 128)
-    ws = paged_group_from_slots((w,), 64, 96, np.random.default_rng(0))
-    meta = build_lora_meta(np.arange(T) % 4 - 1)
+@pytest.mark.parametrize("T,ranks,launches", [(1, [8, 16, 24], 1), (16, [8, 32], 1), (17, [8, 16, 24], 2),
+                                             (64, [8, 16, 24], 2), (1, [8, 64], 2), (16, [128, 4], 2)])
+def test_default_one_launch_for_small_calls(T, ranks, launches):
+    """By default the paged pair runs as one launch for calls of <= 16 tokens whose rank block is <= 32, as two
+    (with the partials summed by XLA between) otherwise."""
     cfg = KernelConfig(interpret=False)
+    assert (cfg.paged_one_launch_max_tokens, cfg.paged_one_launch_max_rank, cfg.paged_presum_min_tokens) == (16, 32, 1)
+    w = random_slot_weights(jax.random.key(0), ranks, 1024, 128)  # 16 chunks: > 1 K split
+    ws = paged_group_from_slots((w,), 64, 96, np.random.default_rng(0))
+    meta = build_lora_meta(np.arange(T) % (len(ranks) + 1) - 1)
     f = jax.jit(lambda y, x, ws, m: add_lora_group((y,), x, ws, m, config=cfg))
-    x, y = jnp.zeros((T, 256), jnp.bfloat16), jnp.zeros((T, 128), jnp.bfloat16)
+    x, y = jnp.zeros((T, 1024), jnp.bfloat16), jnp.zeros((T, 128), jnp.bfloat16)
     text = f.trace(y, x, ws, meta).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == launches
+    assert ("stablehlo.reduce" in text) == (launches == 2)
 
 
 @pytest.mark.parametrize("mixed_index", [True, False])

@@ -287,7 +287,8 @@ def test_model_grouped_lora_equals_reference():
         assert text.count("xla.gpu.triton") == 2 * pairs
     # One launch per group instead of a pair (`paged_one_launch_max_tokens`): 4 launches a layer (its logits:
     # the lora_stream run below, which takes the one launch at 12 tokens).
-    text = run.trace(params, CFG, toks, pos, cache, lora("pallas", interpret=False, paged_one_launch_max_tokens=1 << 30)
+    one = dict(paged_one_launch_max_tokens=1 << 30, paged_one_launch_max_rank=1 << 30)
+    text = run.trace(params, CFG, toks, pos, cache, lora("pallas", interpret=False, **one)
                      ).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 4
     # Each delta on GPU stream 1 (`lora_stream`), added after, each group in one launch (the default at <= 16

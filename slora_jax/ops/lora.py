@@ -362,8 +362,8 @@ class KernelConfig:
     # identical): 0.30-1.01x the time of never, in all 36 cases (11008->4096 rank 128 distinct at 4096 tokens
     # 1748 vs 5294 us; identical 158 vs 462). At 32 and 64 tokens (36 cases, also 4096->1024): median 0.84x
     # (0.53-1.09x, one 1.89x: rank mixed, identical, 32 tokens, 35.2 vs 18.6 us); slower only with one adapter.
-    # Calls of 17-31 tokens (not measured) keep the in-kernel sum.
-    paged_presum_min_tokens: int = 32
+    # Session 21: 1 from 32, so that the decode calls `paged_one_launch_max_rank` sends to the pair have it too.
+    paged_presum_min_tokens: int = 1
     group_projections: bool = True  # split pair, pages: `add_lora_group` launches once for its projections
     # split pair, pages: warps per program of both kernels; None: by tile (`paged_warps_for`), 4 where the fp32
     # [block_m, r_block] shrink tile has >= 4096 values, else 2. H200 (session 19, 4096->4096, 1000 adapters
@@ -377,9 +377,16 @@ class KernelConfig:
     # step: 5.04-5.06 vs 5.23-5.24 ms at batch 1, 5.24 vs 5.43-5.49 at batch 8, 8.22 vs 8.20 at batch 64
     # (benchmarks/NOTES_lora_kernels.md, session 10).
     paged_one_launch_max_tokens: int = 16
+    # ... and only where the group's rank block (the largest rank, as a power of two >= 16) is at most this;
+    # larger ranks take the split pair with the presum. The one launch's expand programs each sum every K
+    # split's partial after their wait, which grows with splits x rank. H200 (session 21, 1 and 8 tokens,
+    # distinct and identical; benchmarks/results/kernels_s21_h200): at rank 128 and mixed ranks the pair
+    # with the presum took 12.1-21.4 us on 11008->4096 against 66.9-82.6 with one launch (0.18-0.27x), and
+    # 0.53-1.25x (median 0.75x) of it on 4096->4096 and 4096->1024; at rank 16, 0.83-1.58x (median 1.13x).
+    paged_one_launch_max_rank: int = 32
     # one launch: how the expand reads the shrink's partials after its wait: "volatile" loads, or "cg" (L2
-    # only). The one-launch time grows with K splits x rank (11008->4096 rank 128: 66-74 us against 25-26 at
-    # 4096->4096, session 20's grid); whether these loads are why is not yet measured.
+    # only). H200 (session 21, the 36 cases above): "cg" took 1.02x the time (median; 0.48-1.27x), so these
+    # loads are not why the one launch grows with K splits x rank.
     paged_wait_loads: str = "volatile"
     # split pair, pages: N > 0 launches at most N programs along the tile axis, each looping over the used tiles
     # (stride N), so the padding tiles of the metadata's bound launch none; 0: one program per bound tile.
@@ -601,7 +608,7 @@ def _add_paged_group(ys_TxO, x_TxI, ws: tuple[PagedWeights, ...], meta: LoraMeta
     rank_GxS = jnp.stack([w.rank for w in ws])
     r_block = _pow2_ceil(max(16, *(w.r_max for w in ws)))
     warps = paged_warps_for(cfg, meta.block_m, r_block)
-    if x_TxI.shape[0] <= cfg.paged_one_launch_max_tokens:
+    if x_TxI.shape[0] <= cfg.paged_one_launch_max_tokens and r_block <= cfg.paged_one_launch_max_rank:
         return sgmv_paged_group_one_launch(
             ys_TxO, x_TxI, w0.rows, w0.pages, rank_GxS, jnp.stack([w.a_row for w in ws]),
             jnp.stack([w.b_row for w in ws]), *tiles, r_block=r_block, k_steps=cfg.paged_k_steps,
