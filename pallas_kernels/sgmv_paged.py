@@ -45,7 +45,10 @@ each adapter's rank.
 looping over the used tiles with stride N (`used_tiles`, the metadata's count, read at run time),
 so the padding tiles of a metadata bound (NT) launch no program. 0 (one program per bound tile)
 is this function's default; `ops.lora` launches 128 (`KernelConfig.paged_tile_programs`, measured
-in session 19).
+in session 19). `flat=True` (with N > 0) flattens the loop instead: N programs in all, on a
+grid `(1, N)`, each looping with stride N over the run-time items (first-axis program, used
+tile), the first axis fastest as in the grid: every item of a used tile gets a program, and no
+program waits on a padding tile, whatever the split of work between the two axes.
 
 `sgmv_paged_group_one_launch` runs the same shrink and expand programs in one launch: the
 expand's programs load their B and y blocks, then wait on per-(projection, tile) counters
@@ -173,13 +176,31 @@ def _tile_loop(program, p, used_ref, tile_programs: int) -> None:
     lax.fori_loop(0, n_iter, body, 0)
 
 
-def _shrink_kernel(*refs, n_groups: int, tile_programs: int = 0, **static):
+def _flat_loop(program, q, used_ref, n_first: int, n_programs: int) -> None:
+    """`program(first, tile)` for the items `q, q + n_programs, ...` of the `used_ref[0] x n_first` items
+    (first-axis program fastest): the tile loop flattened over both grid axes (`flat=True`)."""
+    n_items = used_ref[0] * n_first
+    n_iter = jnp.maximum((n_items - q + n_programs - 1) // n_programs, 0)
+
+    def body(i, carry):
+        item = q + i * n_programs
+        program(item % n_first, item // n_first)
+        return carry
+
+    lax.fori_loop(0, n_iter, body, 0)
+
+
+def _shrink_kernel(*refs, n_groups: int, tile_programs: int = 0, flat_first: int = 0, **static):
     a, p = pl.program_id(0), pl.program_id(1)  # read here: interpret mode cannot discharge one in a loop
     split, g = a // n_groups, a % n_groups
     if not tile_programs:
         _shrink_program(*refs, split, g, p, **static)
         return
     prog_refs, used_ref = refs[:9] + refs[10:], refs[9]
+    if flat_first:
+        _flat_loop(lambda a, tile: _shrink_program(*prog_refs, a // n_groups, a % n_groups, tile, **static), p,
+                   used_ref, flat_first, tile_programs)
+        return
     _tile_loop(lambda tile: _shrink_program(*prog_refs, split, g, tile, **static), p, used_ref, tile_programs)
 
 
@@ -265,7 +286,7 @@ def _expand_programs(meta_refs, y_refs, o_refs, n, tile, *, n_out: tuple[int, ..
         first += n_blocks
 
 
-def _expand_kernel(*refs, n_out: tuple[int, ...], tile_programs: int = 0, **static):
+def _expand_kernel(*refs, n_out: tuple[int, ...], tile_programs: int = 0, flat_first: int = 0, **static):
     G = len(n_out)
     # program ids read here: interpret mode cannot discharge one inside a `pl.when`
     n, p = pl.program_id(0), pl.program_id(1)
@@ -273,6 +294,10 @@ def _expand_kernel(*refs, n_out: tuple[int, ...], tile_programs: int = 0, **stat
         _expand_programs(refs[:9], refs[9 : 9 + G], refs[9 + G :], n, p, n_out=n_out, **static)
         return
     used_ref, y_refs, o_refs = refs[9], refs[10 : 10 + G], refs[10 + G :]
+    if flat_first:
+        _flat_loop(lambda n, tile: _expand_programs(refs[:9], y_refs, o_refs, n, tile, n_out=n_out, **static), p,
+                   used_ref, flat_first, tile_programs)
+        return
     _tile_loop(lambda tile: _expand_programs(refs[:9], y_refs, o_refs, n, tile, n_out=n_out, **static), p, used_ref,
                tile_programs)
 
@@ -338,14 +363,22 @@ def _one_launch_kernel(*refs, n_out: tuple[int, ...], n_steps: tuple[int, ...], 
                          k_splits=k_splits, **expand)
 
 
-def _tile_programs(tile_programs: int, used_tiles, n_tiles: int):
-    """Programs along the tile axis, and the extra kernel input of the tile loop (none without it)."""
+def _tile_programs(tile_programs: int, used_tiles, n_tiles: int, n_first: int, flat: bool):
+    """The grid `(first axis, tile axis)`, the static loop arguments of the kernel (programs on the tile
+    axis; `flat_first`: the first axis's size when the loop is flattened, else 0), and the extra kernel
+    input of the tile loop (none without it)."""
     if tile_programs < 0:
         raise ValueError(f"tile_programs must be >= 0, got {tile_programs}")
     if not tile_programs:
-        return n_tiles, ()
+        if flat:
+            raise ValueError("flat=True needs tile_programs > 0 (the programs of the flattened loop)")
+        return (n_first, n_tiles), dict(tile_programs=0, flat_first=0), ()
     used = jnp.full((1,), n_tiles, jnp.int32) if used_tiles is None else jnp.reshape(used_tiles, (1,)).astype(jnp.int32)
-    return min(tile_programs, n_tiles), (used,)
+    if flat:
+        P = min(tile_programs, n_first * n_tiles)
+        return (1, P), dict(tile_programs=P, flat_first=n_first), (used,)
+    P = min(tile_programs, n_tiles)
+    return (n_first, P), dict(tile_programs=P, flat_first=0), (used,)
 
 
 def _check(block_m: int, block_r: int, chunk: int, h: int, name: str) -> None:
@@ -374,7 +407,7 @@ def sgmv_shrink_paged_group(x_TxI, rows_NxC, pages_SxP, rank_GxS, a_row_GxS, per
                             tile_slot, *, rows_per_page: int, r_block: int, block_m: int,
                             k_steps: int | None = None, active_tiles: int | None = None, num_warps: int = 4,
                             num_stages: int = 1, interpret: bool | None = None, mixed_index: bool | None = None,
-                            tile_programs: int = 0, used_tiles=None, k_loop: int = 1):
+                            tile_programs: int = 0, used_tiles=None, k_loop: int = 1, flat: bool = False):
     """Split-K shrink of G projections sharing x; returns `vpart [G, k_splits, T, r_block]` fp32 (module doc).
 
     `k_steps` K chunks per loop step, unrolled (None: `default_k_steps` over G x `active_tiles`,
@@ -383,6 +416,7 @@ def sgmv_shrink_paged_group(x_TxI, rows_NxC, pages_SxP, rank_GxS, a_row_GxS, per
     `tile_programs` > 0: at most that many programs along the tile axis, each looping over the
     used tiles (`used_tiles`, a scalar int32: the metadata's count; None: all NT) with that
     stride, so padding tiles launch no program. 0: one program per tile of the bound NT.
+    `flat`: `tile_programs` programs in all, looping over (split x projection, used tile) items.
     """
     T, H_in = x_TxI.shape
     G, S = rank_GxS.shape
@@ -394,14 +428,14 @@ def sgmv_shrink_paged_group(x_TxI, rows_NxC, pages_SxP, rank_GxS, a_row_GxS, per
     k_steps, k_loop, k_splits = _k_split(n_in, k_steps, k_loop)
     interpret, mixed = _modes(interpret, mixed_index)
     NT = tile_slot.shape[0]
-    P, loop_args = _tile_programs(tile_programs, used_tiles, NT)
+    grid, loop, loop_args = _tile_programs(tile_programs, used_tiles, NT, k_splits * G, flat)
     kernel = functools.partial(_shrink_kernel, block_m=block_m, block_r=r_block, chunk=C, n_in=n_in,
                                k_steps=k_steps, k_loop=k_loop, n_groups=G, n_adapters=S, rows_per_page=rows_per_page,
-                               n_tokens=T, mixed=mixed, tile_programs=P if tile_programs else 0)
+                               n_tokens=T, mixed=mixed, **loop)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((G, k_splits, T, r_block), jnp.float32),
-        grid=(k_splits * G, P),
+        grid=grid,
         compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"sgmv_shrink_paged_x{G}",
@@ -413,11 +447,11 @@ def sgmv_expand_paged_group(ys_TxO, vpart_GxKxTxR, rows_NxC, pages_SxP, rank_GxS
                             tile_end, tile_slot, *, rows_per_page: int, block_m: int, n_steps: int = 2,
                             num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None,
                             mixed_index: bool | None = None, tile_programs: int = 0,
-                            used_tiles=None) -> tuple[jax.Array, ...]:
+                            used_tiles=None, flat: bool = False) -> tuple[jax.Array, ...]:
     """Expand G projections into their outputs `ys_TxO` (a sequence, each aliased in place); returns them.
 
     `n_steps` N chunks per program (fewer for an output narrower than that). `tile_programs`,
-    `used_tiles`: as `sgmv_shrink_paged_group`.
+    `used_tiles`, `flat`: as `sgmv_shrink_paged_group` (items: N block, used tile).
     """
     ys_TxO = tuple(ys_TxO)
     G, k_splits, T, R = vpart_GxKxTxR.shape
@@ -429,16 +463,17 @@ def sgmv_expand_paged_group(ys_TxO, vpart_GxKxTxR, rows_NxC, pages_SxP, rank_GxS
     n_out = tuple(y.shape[1] // C for y in ys_TxO)
     steps = tuple(max(1, min(n_steps, n)) for n in n_out)
     interpret, mixed = _modes(interpret, mixed_index)
-    P, loop_args = _tile_programs(tile_programs, used_tiles, tile_slot.shape[0])
+    n_blocks = sum(-(-n // s) for n, s in zip(n_out, steps))
+    grid, loop, loop_args = _tile_programs(tile_programs, used_tiles, tile_slot.shape[0], n_blocks, flat)
     kernel = functools.partial(_expand_kernel, n_out=n_out, n_steps=steps, block_m=block_m, block_r=R, chunk=C,
                                k_splits=k_splits, n_adapters=rank_GxS.shape[1], rows_per_page=rows_per_page,
-                               n_tokens=T, mixed=mixed, tile_programs=P if tile_programs else 0)
+                               n_tokens=T, mixed=mixed, **loop)
     args = (perm_T, tile_start, tile_end, tile_slot, rank_GxS.reshape(-1), pages_SxP.reshape(-1),
             b_row_GxS.reshape(-1), rows_NxC, vpart_GxKxTxR, *loop_args, *ys_TxO)
     return pl.pallas_call(
         kernel,
         out_shape=tuple(jax.ShapeDtypeStruct(y.shape, y.dtype) for y in ys_TxO),
-        grid=(sum(-(-n // s) for n, s in zip(n_out, steps)), P),
+        grid=grid,
         input_output_aliases={len(args) - G + g: g for g in range(G)},
         compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,

@@ -194,13 +194,17 @@ def test_paged_group_matches_reference(T, layout, dtype, block_m, rows_per_page,
 LOOP = dataclasses.replace(SPLIT, paged_tile_programs=3)  # 3 programs along the tiles, each looping (stride 3)
 
 
-@pytest.mark.parametrize("T,layout,block_m,programs", [(37, "mixed_none", 16, 3), (64, "identical", 16, 3),
-                                                        (37, "mixed_none", 16, 0)])
-def test_paged_tile_loop_matches_reference(T, layout, block_m, programs):
+@pytest.mark.parametrize("T,layout,block_m,programs,flat", [
+    (37, "mixed_none", 16, 3, 0), (64, "identical", 16, 3, 0), (37, "mixed_none", 16, 0, 0),
+    (37, "mixed_none", 16, 0, 5), (64, "identical", 16, 0, 7), (37, "distinct", 16, 0, 1), (37, "skewed", 32, 0, 4096),
+])
+def test_paged_tile_loop_matches_reference(T, layout, block_m, programs, flat):
     """`paged_tile_programs`: fewer programs than tiles, each looping over the used ones (7 of 37 tiles, or 4
     of 64), give the reference's results: grouped, and one projection alone; and so does 0, one program per
-    bound tile (the default, 128, loops: these tiny cases have fewer tiles than that)."""
-    cfg = dataclasses.replace(LOOP, paged_tile_programs=programs)
+    bound tile (the default, 128, loops: these tiny cases have fewer tiles than that). `paged_flat_programs`
+    (the loop flattened over splits or N blocks and used tiles) too: fewer programs than items, one program
+    for all of them, and more programs than items."""
+    cfg = dataclasses.replace(LOOP, paged_tile_programs=programs, paged_flat_programs=flat)
     assert run_group_case(T, layout, GROUP_RANKS, jnp.float32, seed=T, block_m=block_m, cfg=cfg) < 1e-5
     rng = np.random.default_rng(T)
     w = random_slot_weights(jax.random.key(T), GROUP_RANKS[0], H_IN, H_OUT, dtype=jnp.float32, max_rank=128)
@@ -294,6 +298,10 @@ def test_paged_tile_loop_lowers_for_the_gpu():
     text = _add_group.trace(ys, x, pws, meta, config=cfg).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 2
     assert meta.tile_slot.shape[0] > 4  # the bound the default would launch a program for each of
+    flat = dataclasses.replace(cfg, paged_flat_programs=6)  # the flattened loop: grids (1, 6)
+    text = _add_group.trace(ys, x, pws, meta, config=flat).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 2
+    assert text.count("grid_x = 1") == 2 and text.count("grid_y = 6") == 2, re.findall(r"grid_\w = \d+", text)
 
 
 @pytest.mark.parametrize("block_m,want", [(16, 2), (32, 4)])

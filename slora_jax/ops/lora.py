@@ -394,6 +394,14 @@ class KernelConfig:
     # 4096 tokens (one adapter or 32-64 adapters, ranks 16 and 128: 1024 tokens rank 16 identical 22.9 vs
     # 39.0 us) and 0.94-1.03x at 64 tokens; 512 was between the two.
     paged_tile_programs: int = 128
+    # split pair, pages: N > 0 flattens that tile loop: N programs in all, each looping with stride N over
+    # the run-time items (K split x projection, or N block; used tile), so a call with many used tiles is
+    # not held to `paged_tile_programs` programs per split and one with few launches no more programs than
+    # N; 0: off (the grid `paged_tile_programs` x splits). H200 (session 21, 256-4096 tokens): one program
+    # per bound tile took 0.73-0.87x the time of 128 with one token per adapter and 1.13-2.16x with one
+    # adapter (`benchmarks/results/kernels_s21_h200/tile_programs.json`), which this is meant to reconcile;
+    # not yet measured.
+    paged_flat_programs: int = 0
     # Ablation, off: N > 0 computes each LoRA delta (zeros + the op) as a call annotated for GPU stream N
     # (`compat.on_gpu_stream`), added to the base output after, so XLA may run the latency-bound LoRA
     # kernels beside the base matmul that reads the same x. 0: the op accumulates into the base output on
@@ -589,6 +597,8 @@ def _add_fused(y_TxO, x_TxI, w: Weights, meta: LoraMeta, cfg: KernelConfig):
 
 def _tile_loop(meta: LoraMeta, cfg: KernelConfig) -> dict:
     """The split pair's tile-loop arguments (`KernelConfig.paged_tile_programs`)."""
+    if cfg.paged_flat_programs:
+        return dict(tile_programs=cfg.paged_flat_programs, used_tiles=meta.used_tiles, flat=True)
     return dict(tile_programs=cfg.paged_tile_programs, used_tiles=meta.used_tiles) if cfg.paged_tile_programs else {}
 
 
