@@ -50,7 +50,8 @@ and appends to its rows and a new `runs` entry, so the grid can be finished over
 several runs; `--resume FILE --retime` instead times `--impls` again on the cases FILE holds (those the
 grid options select), puts the new rows in place of those impls' old ones (kept in `replaced_rows`) and
 recomputes every row's `vs` of the case (for a default that changed; floor ratios are each row's own run's);
-`--summarize FILE` only prints the summary.
+`--summarize FILE` only prints the summary; `--against IMPL` adds every impl's time over IMPL's, case by
+case (median and range, optionally `--by` tokens, proj, rank or popularity: the probes' variant tables).
 Where the wall time goes: each `runs` entry has `phase_s`, the main thread's wall
 seconds by phase (setup, ceilings, prepare: host data and compile submission,
 compile_wait: waiting on the compile threads, which lower (serially, `lower_s`) and
@@ -69,6 +70,8 @@ adapters that join); it takes decode-sized calls only (<= 256 tokens; the others
     python scripts/bench_kernels.py --tokens 64,256 --ranks 16 --impls pallas_paged,onehot
     python scripts/bench_kernels.py --smoke                      # CPU: tiny shapes, whole flow
     python scripts/bench_kernels.py --summarize benchmarks/results/lora_kernels.json
+    python scripts/bench_kernels.py --summarize benchmarks/results/kernels_s21_h200/tile_programs.json \
+        --against pallas_paged --by popularity
 """
 
 from __future__ import annotations
@@ -871,6 +874,37 @@ def by_tokens_table(by_case: dict, engine_impl: str, min_tokens: int) -> list[st
     return out
 
 
+CASE_FIELDS = ("tokens", "proj", "rank", "popularity")  # the parts of `case_key`, for `--by`
+
+
+def ratio_table(by_case: dict, ref_impl: str, by: str | None = None) -> list[str]:
+    """Markdown lines: each other impl's time over `ref_impl`'s in the same case (median, range, cases, and
+    cases more than 5% slower), over all cases both timed or per value of `by` (a `CASE_FIELDS` name). The
+    probe tables of `benchmarks/results/*/README.md` ("time of each variant over the default")."""
+    if by is not None and by not in CASE_FIELDS:
+        raise ValueError(f"--by must be one of {CASE_FIELDS}, got {by!r}")
+    groups = collections.defaultdict(list)  # (impl, group) -> ratios, in first-seen order
+    for (T, hi, ho, rc, pop), d in by_case.items():
+        ref = d.get(ref_impl)
+        if ref is None or "median_us" not in ref:
+            continue
+        key = dict(tokens=T, proj=f"{hi}x{ho}", rank=rc, popularity=pop).get(by, "all")
+        for impl, r in d.items():
+            if impl != ref_impl and "median_us" in r:
+                groups[(impl, key)].append(r["median_us"] / ref["median_us"])
+    if not groups:
+        return []
+    out = [f"\ntime over {ref_impl}'s in the same case" + (f", by {by}:" if by else ":"),
+           f"| impl | {by or 'cases'} | n | median | range | > 5% slower |", "| --- | --- | --- | --- | --- | --- |"]
+    impls = list(dict.fromkeys(impl for impl, _ in groups))
+    keys = list(dict.fromkeys(key for _, key in groups))
+    for (impl, key), rs in sorted(groups.items(), key=lambda kv: (impls.index(kv[0][0]), keys.index(kv[0][1]))):
+        a = np.array(rs)
+        out.append(f"| {impl} | {key} | {len(a)} | {np.median(a):.2f}x | {a.min():.2f}-{a.max():.2f}x | "
+                   f"{int((a > 1.05).sum())} |")
+    return out
+
+
 def summarize(result, engine_impl=ENGINE_IMPL, min_tokens=64, table=False, out=None):
     """Per impl: median floor ratio (cases with >= min_tokens), cases timed, cases fastest; the cases where
     the engine's impl is slower than the best baseline (a baseline: an impl not named pallas*)."""
@@ -989,6 +1023,8 @@ def main(argv=None):
     p.add_argument("--table", action="store_true", help="summary: also one line per case")
     p.add_argument("--engine-impl", default=ENGINE_IMPL, help="summary: the impl compared with the baselines")
     p.add_argument("--min-tokens", type=int, default=64, help="summary: floor ratios over cases with >= this")
+    p.add_argument("--against", help="with --summarize: also every impl's time over this impl's, case by case")
+    p.add_argument("--by", choices=CASE_FIELDS, help="with --against: one line per impl and value of this field")
     p.add_argument("--compile-threads", type=int, default=12)
     p.add_argument("--ahead", type=int, default=24, help="cases compiled ahead of the one being timed")
     p.add_argument("--overlap-compile", action="store_true",
@@ -1017,7 +1053,14 @@ def main(argv=None):
 
     if args.summarize:
         with open(args.summarize) as f:
-            summarize(json.load(f), args.engine_impl, args.min_tokens, table=args.table)
+            result = json.load(f)
+        summarize(result, args.engine_impl, args.min_tokens, table=args.table)
+        if args.against:
+            by_case = {}
+            for r in result["rows"]:
+                by_case.setdefault(case_key(r["case"]), {})[r["case"]["impl"]] = r
+            lines = ratio_table(by_case, args.against, args.by)
+            print("\n".join(lines) if lines else f"\nno case has a timed {args.against} row")
         return
 
     base = SMOKE if args.smoke else QUICK if args.quick else dict(tokens=TOKENS, projs=PROJS, ranks=RANK_CASES,

@@ -194,3 +194,33 @@ def test_by_tokens_table(bk):
     assert lines[-2:] == ["| 64 | 3 | 0.40 (0.60) | 1 | 2.00x | 1 |", "| >= 64 | 3 | 0.40 (0.60) | 1 | 2.00x | 1 |"]
     assert not any(line.startswith("| 8 ") for line in lines)
     assert bk.by_tokens_table({}, "pallas_paged", 64) == []
+
+
+def test_ratio_table(bk, capsys, tmp_path):
+    """`--against`: each other impl's time over the reference impl's, case by case (median, range, cases
+    more than 5% slower), over all cases or per value of `--by`; cases without a timed reference row and
+    untimed rows are left out."""
+    def row(impl, T, pop, us=None):
+        r = {"case": {"impl": impl, "tokens": T, "h_in": 4096, "h_out": 4096, "rank": 16, "popularity": pop}}
+        return r if us is None else {**r, "median_us": us, "floor_us": 1.0, "floor_ratio": 1.0 / us}
+
+    rows = [row("ref", 64, "distinct", 10.0), row("a", 64, "distinct", 5.0), row("b", 64, "distinct", 30.0),
+            row("ref", 64, "identical", 10.0), row("a", 64, "identical", 20.0), row("b", 64, "identical"),
+            row("ref", 256, "identical", 4.0), row("a", 256, "identical", 4.1),
+            row("a", 1024, "identical", 1.0)]  # no reference row: left out
+    by_case = {}
+    for r in rows:
+        by_case.setdefault(bk.case_key(r["case"]), {})[r["case"]["impl"]] = r
+    lines = bk.ratio_table(by_case, "ref")
+    assert lines[-2:] == ["| a | all | 3 | 1.02x | 0.50-2.00x | 1 |", "| b | all | 1 | 3.00x | 3.00-3.00x | 1 |"]
+    lines = bk.ratio_table(by_case, "ref", by="popularity")
+    assert lines[-3:] == ["| a | distinct | 1 | 0.50x | 0.50-0.50x | 0 |", "| a | identical | 2 | 1.51x | 1.02-2.00x | 1 |",
+                          "| b | distinct | 1 | 3.00x | 3.00-3.00x | 1 |"]
+    assert bk.ratio_table(by_case, "missing") == []
+    with pytest.raises(ValueError):
+        bk.ratio_table(by_case, "ref", by="impl")
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"rows": rows, "device": "test"}))
+    bk.main(["--summarize", str(path), "--engine-impl", "ref", "--against", "ref", "--by", "tokens"])
+    out = capsys.readouterr().out
+    assert "| a | 64 | 2 | 1.25x | 0.50-2.00x | 1 |" in out and "| a | 256 | 1 | 1.02x | 1.02-1.02x | 0 |" in out
