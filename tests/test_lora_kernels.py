@@ -302,6 +302,8 @@ def test_paged_tile_loop_lowers_for_the_gpu():
     text = _add_group.trace(ys, x, pws, meta, config=flat).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 2
     assert text.count("grid_x = 1") == 2 and text.count("grid_y = 6") == 2, re.findall(r"grid_\w = \d+", text)
+    with pytest.raises(ValueError, match="paged_flat_programs"):
+        _add_group(ys, x, pws, meta, config=dataclasses.replace(cfg, paged_flat_programs=-1))
 
 
 @pytest.mark.parametrize("block_m,want", [(16, 2), (32, 4)])

@@ -597,6 +597,8 @@ def _add_fused(y_TxO, x_TxI, w: Weights, meta: LoraMeta, cfg: KernelConfig):
 
 def _tile_loop(meta: LoraMeta, cfg: KernelConfig) -> dict:
     """The split pair's tile-loop arguments (`KernelConfig.paged_tile_programs`)."""
+    if cfg.paged_flat_programs < 0:
+        raise ValueError(f"paged_flat_programs must be >= 0 (0: off), got {cfg.paged_flat_programs}")
     if cfg.paged_flat_programs:
         return dict(tile_programs=cfg.paged_flat_programs, used_tiles=meta.used_tiles, flat=True)
     return dict(tile_programs=cfg.paged_tile_programs, used_tiles=meta.used_tiles) if cfg.paged_tile_programs else {}
