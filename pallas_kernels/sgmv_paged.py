@@ -48,7 +48,10 @@ is this function's default; `ops.lora` launches 128 (`KernelConfig.paged_tile_pr
 in session 19). `flat=True` (with N > 0) flattens the loop instead: N programs in all, on a
 grid `(1, N)`, each looping with stride N over the run-time items (first-axis program, used
 tile), the first axis fastest as in the grid: every item of a used tile gets a program, and no
-program waits on a padding tile, whatever the split of work between the two axes.
+program waits on a padding tile, whatever the split of work between the two axes. With it the
+shrink can also take its K splits at run time (`max_splits`, `split_counts`:
+`run_time_split_counts` of the used tiles): few used tiles get many splits, many get few; the
+partials past the call's count are left unwritten for the caller to mask.
 
 `sgmv_paged_group_one_launch` runs the same shrink and expand programs in one launch: the
 expand's programs load their B and y blocks, then wait on per-(projection, tile) counters
@@ -129,7 +132,8 @@ def _shrink_program(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_
                     done=None):
     """Split `split` of projection `g`'s shrink for `tile`; `done(g, tile)` runs after its partial is stored.
 
-    The split covers `k_loop * k_steps` K chunks: `k_loop` steps of a loop, each `k_steps` unrolled chunks."""
+    The split covers `k_loop * k_steps` K chunks: `k_loop` steps of a loop (a static int, or a traced one
+    read at run time), each `k_steps` unrolled chunks."""
     safe, rank = _tile_adapter(tile_slot_ref, rank_ref, tile, g, n_adapters)
     max_pages = pages_ref.shape[0] // n_adapters
 
@@ -157,7 +161,8 @@ def _shrink_program(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_
             return acc_MxR
 
         acc_MxR = jnp.zeros((block_m, block_r), jnp.float32)
-        acc_MxR = chunks(0, acc_MxR) if k_loop == 1 else lax.fori_loop(0, k_loop, chunks, acc_MxR)
+        static_one = isinstance(k_loop, int) and k_loop == 1  # a traced k_loop: run-time splits (`split_counts`)
+        acc_MxR = chunks(0, acc_MxR) if static_one else lax.fori_loop(0, k_loop, chunks, acc_MxR)
         plgpu.store(rows_at(vpart_ref, (g, split), rows_M, 0, block_r, mixed=mixed), acc_MxR,
                     mask=jnp.broadcast_to(row_ok_M[:, None], (block_m, block_r)))
         if done is not None:
@@ -176,9 +181,10 @@ def _tile_loop(program, p, used_ref, tile_programs: int) -> None:
     lax.fori_loop(0, n_iter, body, 0)
 
 
-def _flat_loop(program, q, used_ref, n_first: int, n_programs: int) -> None:
+def _flat_loop(program, q, used_ref, n_first, n_programs: int) -> None:
     """`program(first, tile)` for the items `q, q + n_programs, ...` of the `used_ref[0] x n_first` items
-    (first-axis program fastest): the tile loop flattened over both grid axes (`flat=True`)."""
+    (first-axis program fastest): the tile loop flattened over both grid axes (`flat=True`). `n_first` may
+    be traced (run-time splits)."""
     n_items = used_ref[0] * n_first
     n_iter = jnp.maximum((n_items - q + n_programs - 1) // n_programs, 0)
 
@@ -190,11 +196,19 @@ def _flat_loop(program, q, used_ref, n_first: int, n_programs: int) -> None:
     lax.fori_loop(0, n_iter, body, 0)
 
 
-def _shrink_kernel(*refs, n_groups: int, tile_programs: int = 0, flat_first: int = 0, **static):
+def _shrink_kernel(*refs, n_groups: int, tile_programs: int = 0, flat_first: int = 0, run_time_splits: bool = False,
+                   **static):
     a, p = pl.program_id(0), pl.program_id(1)  # read here: interpret mode cannot discharge one in a loop
     split, g = a // n_groups, a % n_groups
     if not tile_programs:
         _shrink_program(*refs, split, g, p, **static)
+        return
+    if run_time_splits:  # flattened loop over (split x projection, used tile), splits and steps read here
+        prog_refs, used_ref, counts_ref = refs[:9] + refs[11:], refs[9], refs[10]
+        n_splits, steps = counts_ref[0], counts_ref[1]
+        static = {**static, "k_loop": steps}
+        _flat_loop(lambda a, tile: _shrink_program(*prog_refs, a // n_groups, a % n_groups, tile, **static), p,
+                   used_ref, n_splits * n_groups, tile_programs)
         return
     prog_refs, used_ref = refs[:9] + refs[10:], refs[9]
     if flat_first:
@@ -398,6 +412,29 @@ def _k_split(n_in: int, k_steps: int, k_loop: int) -> tuple[int, int, int]:
     return k_steps, k_loop, -(-n_in // (k_steps * k_loop))
 
 
+def run_time_split_plan(H_in: int, chunk: int, k_steps: int | None, max_splits: int) -> tuple[int, int, int]:
+    """Static part of run-time K splits: (K chunks per loop step, loop steps over all of K, the most splits
+    the partials buffer holds). `k_steps` None: `MIN_K_STEPS`, short steps, so that few used tiles can
+    take many splits."""
+    if max_splits < 1:
+        raise ValueError(f"max_splits must be >= 1, got {max_splits}")
+    n_in = H_in // chunk
+    k_steps = max(1, min(MIN_K_STEPS if k_steps is None else k_steps, n_in))
+    n_steps = -(-n_in // k_steps)
+    return k_steps, n_steps, min(max_splits, n_steps)
+
+
+def run_time_split_counts(used_tiles, n_groups: int, n_steps: int, max_splits: int, target: int) -> jax.Array:
+    """int32 `[2]`: the K splits of this call and the loop steps of each, from the metadata's used tiles:
+    about `target / (used tiles x G)` splits, 1 to `max_splits`, each a whole number of the `n_steps` loop
+    steps (the last split may have fewer), so that few used tiles still give about `target` programs'
+    work and many get few splits (fewer partials)."""
+    used = jnp.maximum(jnp.reshape(jnp.asarray(used_tiles, jnp.int32), ()), 1)
+    want = jnp.clip(-(-target // (used * n_groups)), 1, max_splits)
+    steps = -(-n_steps // want)
+    return jnp.stack([-(-n_steps // steps), steps]).astype(jnp.int32)
+
+
 def _modes(interpret: bool | None, mixed_index: bool | None) -> tuple[bool, bool]:
     interpret = default_interpret() if interpret is None else interpret
     return interpret, (not interpret) if mixed_index is None else mixed_index
@@ -407,7 +444,8 @@ def sgmv_shrink_paged_group(x_TxI, rows_NxC, pages_SxP, rank_GxS, a_row_GxS, per
                             tile_slot, *, rows_per_page: int, r_block: int, block_m: int,
                             k_steps: int | None = None, active_tiles: int | None = None, num_warps: int = 4,
                             num_stages: int = 1, interpret: bool | None = None, mixed_index: bool | None = None,
-                            tile_programs: int = 0, used_tiles=None, k_loop: int = 1, flat: bool = False):
+                            tile_programs: int = 0, used_tiles=None, k_loop: int = 1, flat: bool = False,
+                            max_splits: int = 0, split_counts=None):
     """Split-K shrink of G projections sharing x; returns `vpart [G, k_splits, T, r_block]` fp32 (module doc).
 
     `k_steps` K chunks per loop step, unrolled (None: `default_k_steps` over G x `active_tiles`,
@@ -417,23 +455,37 @@ def sgmv_shrink_paged_group(x_TxI, rows_NxC, pages_SxP, rank_GxS, a_row_GxS, per
     used tiles (`used_tiles`, a scalar int32: the metadata's count; None: all NT) with that
     stride, so padding tiles launch no program. 0: one program per tile of the bound NT.
     `flat`: `tile_programs` programs in all, looping over (split x projection, used tile) items.
+    `max_splits` > 0 (with `flat`): run-time K splits. `split_counts` (`run_time_split_counts`: this call's
+    splits and loop steps per split, of `k_steps` chunks each) picks them; the result has `max_splits`
+    splits, and those past `split_counts[0]` are not written (the caller masks them; `k_loop` is unused).
     """
     T, H_in = x_TxI.shape
     G, S = rank_GxS.shape
     C = rows_NxC.shape[1]
     _check(block_m, r_block, C, H_in, "H_in")
     n_in = H_in // C
-    if k_steps is None:
-        k_steps = default_k_steps(n_in, G * (active_tiles or tile_slot.shape[0]))
-    k_steps, k_loop, k_splits = _k_split(n_in, k_steps, k_loop)
-    interpret, mixed = _modes(interpret, mixed_index)
     NT = tile_slot.shape[0]
-    grid, loop, loop_args = _tile_programs(tile_programs, used_tiles, NT, k_splits * G, flat)
-    kernel = functools.partial(_shrink_kernel, block_m=block_m, block_r=r_block, chunk=C, n_in=n_in,
-                               k_steps=k_steps, k_loop=k_loop, n_groups=G, n_adapters=S, rows_per_page=rows_per_page,
-                               n_tokens=T, mixed=mixed, **loop)
+    interpret, mixed = _modes(interpret, mixed_index)
+    statics = dict(block_m=block_m, block_r=r_block, chunk=C, n_in=n_in, n_groups=G, n_adapters=S,
+                   rows_per_page=rows_per_page, n_tokens=T, mixed=mixed)
+    if max_splits:
+        if not (flat and tile_programs > 0) or split_counts is None:
+            raise ValueError("max_splits (run-time splits) needs flat=True, tile_programs > 0 and split_counts")
+        k_steps, n_steps, most = run_time_split_plan(H_in, C, k_steps, max_splits)
+        if most != max_splits:
+            raise ValueError(f"max_splits={max_splits}: K has only {n_steps} loop steps of {k_steps} chunks")
+        k_splits = max_splits
+        grid, loop, loop_args = _tile_programs(tile_programs, used_tiles, NT, k_splits * G, flat)
+        statics.update(k_steps=k_steps, run_time_splits=True)
+        loop_args = (*loop_args, jnp.reshape(jnp.asarray(split_counts, jnp.int32), (2,)))
+    else:
+        if k_steps is None:
+            k_steps = default_k_steps(n_in, G * (active_tiles or tile_slot.shape[0]))
+        k_steps, k_loop, k_splits = _k_split(n_in, k_steps, k_loop)
+        grid, loop, loop_args = _tile_programs(tile_programs, used_tiles, NT, k_splits * G, flat)
+        statics.update(k_steps=k_steps, k_loop=k_loop)
     return pl.pallas_call(
-        kernel,
+        functools.partial(_shrink_kernel, **statics, **loop),
         out_shape=jax.ShapeDtypeStruct((G, k_splits, T, r_block), jnp.float32),
         grid=grid,
         compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),

@@ -28,6 +28,7 @@ def rel_err(got, want) -> float:
     dict(lora_stream=1),                          # deltas annotated for GPU stream 1
     dict(group_projections=False, paged_one_launch_max_tokens=0),
     dict(paged_one_launch_max_tokens=0, paged_flat_programs=5),  # the split pair's tile loop flattened
+    dict(paged_one_launch_max_tokens=0, paged_flat_programs=5, paged_run_time_splits=4),  # splits at run time
     dict(linear_max_tokens=256, linear_block_n=16, linear_block_k=16),  # base matmul and LoRA in one launch
     dict(linear_max_tokens=256, linear_block_n=16, linear_block_k=16, linear_shrink_launch=True),
 ])

@@ -285,6 +285,55 @@ def test_paged_k_loop_checks_its_value():
                  config=dataclasses.replace(SPLIT, paged_k_loop=0))
 
 
+@pytest.mark.parametrize("flat,splits,k_steps,T,layout", [
+    (7, 3, 1, 37, "mixed_none"),   # few programs for the used tiles: 1 split of all 4 loop steps
+    (1000, 16, 1, 64, "identical"),  # many programs, 4 tiles: the most splits, 4 of one step
+    (6, 4, 1, 37, "distinct"),     # 1 split
+    (64, 4, 3, 37, "skewed"),      # steps of 3 chunks: 2 of them, the second a masked tail
+])
+def test_paged_run_time_splits_match_reference(flat, splits, k_steps, T, layout):
+    """`paged_run_time_splits` (K splits picked at run time from the used tiles, the partials past them
+    unwritten and masked out of the sum; interpret mode fills unwritten outputs with NaN, so an unmasked sum
+    fails) gives the reference's results, grouped and one projection alone."""
+    cfg = dataclasses.replace(LOOP, paged_flat_programs=flat, paged_run_time_splits=splits, paged_k_steps=k_steps)
+    assert run_group_case(T, layout, GROUP_RANKS, jnp.float32, seed=T, block_m=16, cfg=cfg) < 1e-5
+    rng = np.random.default_rng(T)
+    w = random_slot_weights(jax.random.key(T), GROUP_RANKS[2], H_IN, H_OUT, dtype=jnp.float32, max_rank=128)
+    (pw,) = paged_group_from_slots([w], 16, 128, rng)
+    slot_T = make_slots(layout, T, S, rng)
+    meta = build_lora_meta(slot_T, block_m=16)
+    x = jnp.asarray(rng.standard_normal((T, H_IN)), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((T, H_OUT)), jnp.float32)
+    assert rel_err(_add(y, x, pw, meta, config=cfg), lora_reference(y, x, w, jnp.asarray(slot_T)), y) < 1e-5
+
+
+def test_run_time_split_counts_and_errors():
+    """About target / (used tiles x G) splits, 1 to the most, of whole loop steps (the last one shorter);
+    no used tile counts as one. Run-time splits need the flattened loop."""
+    from pallas_kernels.sgmv_paged import run_time_split_counts, run_time_split_plan, sgmv_shrink_paged_group
+
+    def counts(*a):
+        return tuple(int(c) for c in run_time_split_counts(*a))
+
+    assert counts(4, 3, 16, 16, 1000) == (16, 1)
+    assert counts(7, 3, 16, 3, 7) == (1, 16)
+    assert counts(2, 1, 16, 16, 6) == (3, 6)  # steps of 6, 6 and 4
+    assert counts(0, 1, 16, 16, 6) == (6, 3)  # 6 wanted: steps of 3, so 6 splits (the last of one step)
+    assert run_time_split_plan(64 * 11, 64, None, 64) == (4, 3, 3)  # 11 chunks in steps of 4: 3 at most
+    with pytest.raises(ValueError, match="max_splits"):
+        run_time_split_plan(256, 64, None, 0)
+    w = random_slot_weights(jax.random.key(0), GROUP_RANKS[2], H_IN, H_OUT, dtype=jnp.float32, max_rank=128)
+    (pw,) = paged_group_from_slots([w], 16, 128, np.random.default_rng(0))
+    meta = build_lora_meta(np.arange(16) % 3 - 1, block_m=16)
+    x, y = jnp.zeros((16, H_IN)), jnp.zeros((16, H_OUT))
+    with pytest.raises(ValueError, match="paged_flat_programs"):
+        _add(y, x, pw, meta, config=dataclasses.replace(LOOP, paged_run_time_splits=2))
+    with pytest.raises(ValueError, match="flat=True"):
+        sgmv_shrink_paged_group(x, pw.rows, pw.pages, pw.rank[None], pw.a_row[None], meta.perm, meta.tile_start,
+                                meta.tile_end, meta.tile_slot, rows_per_page=pw.rows_per_page, r_block=128,
+                                block_m=16, tile_programs=4, max_splits=2, split_counts=jnp.array([1, 4]))
+
+
 def test_paged_tile_loop_lowers_for_the_gpu():
     """The loop's bound is read at run time (`used_tiles`): it must lower to Triton, with the tile axis
     of both launches cut to `paged_tile_programs`."""
@@ -304,6 +353,9 @@ def test_paged_tile_loop_lowers_for_the_gpu():
     assert text.count("grid_x = 1") == 2 and text.count("grid_y = 6") == 2, re.findall(r"grid_\w = \d+", text)
     with pytest.raises(ValueError, match="paged_flat_programs"):
         _add_group(ys, x, pws, meta, config=dataclasses.replace(cfg, paged_flat_programs=-1))
+    dyn = dataclasses.replace(flat, paged_run_time_splits=4, paged_k_steps=1)  # run-time splits: same grids
+    text = _add_group.trace(ys, x, pws, meta, config=dyn).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 2 and text.count("grid_y = 6") == 2
 
 
 @pytest.mark.parametrize("block_m,want", [(16, 2), (32, 4)])

@@ -40,6 +40,8 @@ from pallas_kernels.sgmv_expand import expand_reference, sgmv_expand
 from pallas_kernels.sgmv_fused import sgmv_fused, sgmv_fused_paged
 from pallas_kernels.sgmv_paged import (
     read_paged,
+    run_time_split_counts,
+    run_time_split_plan,
     sgmv_expand_paged_group,
     sgmv_paged_group_one_launch,
     sgmv_shrink_paged_group,
@@ -402,6 +404,14 @@ class KernelConfig:
     # adapter (`benchmarks/results/kernels_s21_h200/tile_programs.json`), which this is meant to reconcile;
     # not yet measured.
     paged_flat_programs: int = 0
+    # split pair of `add_lora` / `add_lora_group`, pages, with `paged_flat_programs` N: S > 0 picks the
+    # shrink's K splits at run time, about N / (used tiles x projections), 1 to S, each of whole loop steps
+    # of `paged_k_steps` chunks (None: 4 here), and sums them (masked) before the expand whatever
+    # `paged_presum_min_tokens`; the partials buffer holds S splits ([G, S, T, r_block] fp32). 0: the static
+    # split count. Meant for calls with few used tiles (one adapter at 64 tokens, 11008->4096 rank 128: 14.7
+    # us with 86 static splits against 21.8 with the default 22; H200, session 21) without giving calls with
+    # many tiles more partials; not yet measured.
+    paged_run_time_splits: int = 0
     # Ablation, off: N > 0 computes each LoRA delta (zeros + the op) as a call annotated for GPU stream N
     # (`compat.on_gpu_stream`), added to the base output after, so XLA may run the latency-bound LoRA
     # kernels beside the base matmul that reads the same x. 0: the op accumulates into the base output on
@@ -626,12 +636,22 @@ def _add_paged_group(ys_TxO, x_TxI, ws: tuple[PagedWeights, ...], meta: LoraMeta
             jnp.stack([w.b_row for w in ws]), *tiles, r_block=r_block, k_steps=cfg.paged_k_steps,
             k_loop=cfg.paged_k_loop, active_tiles=meta.active_tiles, n_steps=cfg.paged_n_steps, num_warps=warps,
             wait_loads=cfg.paged_wait_loads, **common)
-    vpart = sgmv_shrink_paged_group(x_TxI, w0.rows, w0.pages, rank_GxS, jnp.stack([w.a_row for w in ws]), *tiles,
-                                    r_block=r_block, k_steps=cfg.paged_k_steps, k_loop=cfg.paged_k_loop,
-                                    active_tiles=meta.active_tiles, num_warps=warps, **common,
-                                    **_tile_loop(meta, cfg))
-    if cfg.paged_presum_min_tokens and x_TxI.shape[0] >= cfg.paged_presum_min_tokens and vpart.shape[1] > 1:
-        vpart = vpart.sum(1, keepdims=True)  # rows outside tiles are undefined, as before: never read
+    shrink = functools.partial(sgmv_shrink_paged_group, x_TxI, w0.rows, w0.pages, rank_GxS,
+                               jnp.stack([w.a_row for w in ws]), *tiles, r_block=r_block,
+                               active_tiles=meta.active_tiles, num_warps=warps, **common, **_tile_loop(meta, cfg))
+    if cfg.paged_run_time_splits:
+        if not cfg.paged_flat_programs:
+            raise ValueError("paged_run_time_splits needs paged_flat_programs > 0 (the programs it aims to fill)")
+        k_steps, n_steps, most = run_time_split_plan(x_TxI.shape[1], w0.rows.shape[1], cfg.paged_k_steps,
+                                                     cfg.paged_run_time_splits)
+        counts = run_time_split_counts(meta.used_tiles, len(ws), n_steps, most, cfg.paged_flat_programs)
+        vpart = shrink(k_steps=k_steps, max_splits=most, split_counts=counts)
+        # splits past this call's count were not written: masked, not summed
+        vpart = jnp.where(jnp.arange(most)[None, :, None, None] < counts[0], vpart, 0.0).sum(1, keepdims=True)
+    else:
+        vpart = shrink(k_steps=cfg.paged_k_steps, k_loop=cfg.paged_k_loop)
+        if cfg.paged_presum_min_tokens and x_TxI.shape[0] >= cfg.paged_presum_min_tokens and vpart.shape[1] > 1:
+            vpart = vpart.sum(1, keepdims=True)  # rows outside tiles are undefined, as before: never read
     return sgmv_expand_paged_group(ys_TxO, vpart, w0.rows, w0.pages, rank_GxS, jnp.stack([w.b_row for w in ws]),
                                    *tiles, n_steps=cfg.paged_n_steps, num_warps=warps, **common,
                                    **_tile_loop(meta, cfg))
