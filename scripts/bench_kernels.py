@@ -51,7 +51,8 @@ several runs; `--resume FILE --retime` instead times `--impls` again on the case
 grid options select), puts the new rows in place of those impls' old ones (kept in `replaced_rows`) and
 recomputes every row's `vs` of the case (for a default that changed; floor ratios are each row's own run's);
 `--summarize FILE` only prints the summary; `--against IMPL` adds every impl's time over IMPL's, case by
-case (median and range, optionally `--by` tokens, proj, rank or popularity: the probes' variant tables).
+case (median and range, optionally `--by` tokens, proj, rank or popularity: the probes' variant tables);
+`--plot PNG` draws the engine impl's speedup over the best baseline and its floor ratio by tokens.
 Where the wall time goes: each `runs` entry has `phase_s`, the main thread's wall
 seconds by phase (setup, ceilings, prepare: host data and compile submission,
 compile_wait: waiting on the compile threads, which lower (serially, `lower_s`) and
@@ -72,6 +73,8 @@ adapters that join); it takes decode-sized calls only (<= 256 tokens; the others
     python scripts/bench_kernels.py --summarize benchmarks/results/lora_kernels.json
     python scripts/bench_kernels.py --summarize benchmarks/results/kernels_s21_h200/tile_programs.json \
         --against pallas_paged --by popularity
+    python scripts/bench_kernels.py --summarize benchmarks/results/lora_kernels_grid_h200.json \
+        --plot benchmarks/results/lora_kernels_grid_h200.png
 """
 
 from __future__ import annotations
@@ -905,6 +908,52 @@ def ratio_table(by_case: dict, ref_impl: str, by: str | None = None) -> list[str
     return out
 
 
+def grid_series(by_case: dict, engine_impl: str) -> dict:
+    """`{popularity: {tokens: (speedups, floor ratios)}}` of `engine_impl` over the cases with a timed row
+    and a timed baseline (an impl not named pallas*): the data `plot_grid` draws."""
+    series = collections.defaultdict(lambda: collections.defaultdict(lambda: ([], [])))
+    for (T, _hi, _ho, _rc, pop), d in by_case.items():
+        e = d.get(engine_impl)
+        base = [r["median_us"] for b, r in d.items() if not b.startswith("pallas") and "median_us" in r]
+        if e is not None and "median_us" in e and base:
+            series[pop][T][0].append(min(base) / e["median_us"])
+            series[pop][T][1].append(e["floor_ratio"])
+    return {pop: dict(by_T) for pop, by_T in series.items()}
+
+
+def plot_grid(by_case: dict, engine_impl: str, path: str, title: str = "") -> dict:
+    """PNG of the grid: `engine_impl`'s speedup over the best baseline (left) and its floor ratio (right)
+    against tokens, one line per popularity (median over projections and ranks, the band min to max),
+    with the targets (1x, 50% of the floor) dashed. Returns `grid_series`."""
+    from slora_jax.experiment.plots import _pyplot
+
+    series = grid_series(by_case, engine_impl)
+    if not series:
+        raise ValueError(f"no case has a timed {engine_impl} row and a timed baseline")
+    plt = _pyplot()
+    fig, (ax_s, ax_f) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for pop, by_T in series.items():
+        Ts = sorted(by_T)
+        for ax, k in ((ax_s, 0), (ax_f, 1)):
+            vals = [np.array(by_T[T][k]) for T in Ts]
+            line, = ax.plot(Ts, [np.median(v) for v in vals], marker="o", label=pop)
+            ax.fill_between(Ts, [v.min() for v in vals], [v.max() for v in vals], color=line.get_color(), alpha=0.12)
+    ax_s.axhline(1.0, color="k", ls="--", lw=0.8)
+    ax_f.axhline(0.5, color="k", ls="--", lw=0.8)
+    ax_s.set(xscale="log", yscale="log", xlabel="tokens", ylabel="speedup over the best baseline",
+             title=f"{engine_impl} vs best baseline")
+    ax_f.set(xscale="log", xlabel="tokens", ylabel="fraction of the HBM floor", ylim=(0, 1), title="floor ratio")
+    for ax in (ax_s, ax_f):
+        ax.grid(True, which="both", alpha=0.3)
+    ax_s.legend(title="popularity")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return series
+
+
 def summarize(result, engine_impl=ENGINE_IMPL, min_tokens=64, table=False, out=None):
     """Per impl: median floor ratio (cases with >= min_tokens), cases timed, cases fastest; the cases where
     the engine's impl is slower than the best baseline (a baseline: an impl not named pallas*)."""
@@ -1025,6 +1074,8 @@ def main(argv=None):
     p.add_argument("--min-tokens", type=int, default=64, help="summary: floor ratios over cases with >= this")
     p.add_argument("--against", help="with --summarize: also every impl's time over this impl's, case by case")
     p.add_argument("--by", choices=CASE_FIELDS, help="with --against: one line per impl and value of this field")
+    p.add_argument("--plot", help="with --summarize: write a PNG of --engine-impl's speedup and floor ratio by "
+                   "tokens and popularity here")
     p.add_argument("--compile-threads", type=int, default=12)
     p.add_argument("--ahead", type=int, default=24, help="cases compiled ahead of the one being timed")
     p.add_argument("--overlap-compile", action="store_true",
@@ -1055,12 +1106,16 @@ def main(argv=None):
         with open(args.summarize) as f:
             result = json.load(f)
         summarize(result, args.engine_impl, args.min_tokens, table=args.table)
+        by_case = {}
+        for r in result["rows"]:
+            by_case.setdefault(case_key(r["case"]), {})[r["case"]["impl"]] = r
         if args.against:
-            by_case = {}
-            for r in result["rows"]:
-                by_case.setdefault(case_key(r["case"]), {})[r["case"]["impl"]] = r
             lines = ratio_table(by_case, args.against, args.by)
             print("\n".join(lines) if lines else f"\nno case has a timed {args.against} row")
+        if args.plot:
+            plot_grid(by_case, args.engine_impl, args.plot,
+                      title=f"{os.path.basename(args.summarize)} ({result.get('device', '')}, {len(by_case)} cases)")
+            print(f"wrote {args.plot}")
         return
 
     base = SMOKE if args.smoke else QUICK if args.quick else dict(tokens=TOKENS, projs=PROJS, ranks=RANK_CASES,

@@ -224,3 +224,25 @@ def test_ratio_table(bk, capsys, tmp_path):
     bk.main(["--summarize", str(path), "--engine-impl", "ref", "--against", "ref", "--by", "tokens"])
     out = capsys.readouterr().out
     assert "| a | 64 | 2 | 1.25x | 0.50-2.00x | 1 |" in out and "| a | 256 | 1 | 1.02x | 1.02-1.02x | 0 |" in out
+
+
+def test_plot_grid(bk, tmp_path):
+    """`--plot`: the engine impl's speedup over the best baseline and its floor ratio, by popularity and
+    tokens, drawn to a PNG; the series it draws are returned (cases without a baseline left out)."""
+    def row(impl, T, pop, us, floor_ratio=0.1):
+        return {"case": {"impl": impl, "tokens": T, "h_in": 4096, "h_out": 4096, "rank": 16, "popularity": pop},
+                "median_us": us, "floor_us": us * floor_ratio, "floor_ratio": floor_ratio}
+
+    rows = [row("pallas_paged", 64, "distinct", 10.0, 0.4), row("loop", 64, "distinct", 30.0),
+            row("onehot", 64, "distinct", 20.0), row("pallas_paged", 256, "distinct", 10.0, 0.6),
+            row("padded_bmm", 256, "distinct", 5.0), row("pallas_paged", 64, "identical", 10.0, 0.2),
+            row("pallas_slab", 64, "identical", 1.0)]  # not a baseline: no identical point
+    by_case = {}
+    for r in rows:
+        by_case.setdefault(bk.case_key(r["case"]), {})[r["case"]["impl"]] = r
+    path = tmp_path / "grid.png"
+    series = bk.plot_grid(by_case, "pallas_paged", str(path), title="test")
+    assert series == {"distinct": {64: ([2.0], [0.4]), 256: ([0.5], [0.6])}}
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no case"):
+        bk.plot_grid(by_case, "missing", str(tmp_path / "none.png"))
