@@ -925,7 +925,7 @@ def plot_grid(by_case: dict, engine_impl: str, path: str, title: str = "") -> di
     """PNG of the grid: `engine_impl`'s speedup over the best baseline (left) and its floor ratio (right)
     against tokens, one line per popularity (median over projections and ranks, the band min to max),
     with the targets (1x, 50% of the floor) dashed. Returns `grid_series`."""
-    from slora_jax.experiment.plots import _pyplot
+    from slora_jax.experiment.plots import _pyplot, save_figure
 
     series = grid_series(by_case, engine_impl)
     if not series:
@@ -946,11 +946,7 @@ def plot_grid(by_case: dict, engine_impl: str, path: str, title: str = "") -> di
     for ax in (ax_s, ax_f):
         ax.grid(True, which="both", alpha=0.3)
     ax_s.legend(title="popularity")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, title)
     return series
 
 

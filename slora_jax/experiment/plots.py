@@ -43,6 +43,16 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: str, title: str = "", dpi: int = 120) -> str:
+    """Title (if any), tight layout, PNG at `path`, figure closed; returns `path`."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+    return path
+
+
 def run_label(summary: dict[str, Any]) -> str:
     point = summary.get("point") or {}
     return ",".join(f"{k}={v}" for k, v in point.items()) or f"{summary['name']} ({summary['system']})"
@@ -78,9 +88,7 @@ def _cdf_figure(path: str, series: dict[str, Sequence[float]], xlabel: str, slo_
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _latencies(records: Sequence[RequestRecord]) -> tuple[list[float], list[float]]:
@@ -156,10 +164,7 @@ def plot_sweep(out_dir: str, summaries: Sequence[dict[str, Any]], metric: str = 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     _draw(ax, summaries, metric)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_throughput(path: str, summaries: Sequence[dict[str, Any]], title: str = "") -> str:
@@ -168,12 +173,7 @@ def plot_throughput(path: str, summaries: Sequence[dict[str, Any]], title: str =
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric in zip(axes, ("throughput_req_s", "throughput_tok_s")):
         _draw(ax, summaries, metric)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title, dpi=110)
 
 
 def load_results(path: str) -> list[tuple[dict[str, Any], list[RequestRecord]]]:
