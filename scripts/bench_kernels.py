@@ -53,6 +53,10 @@ recomputes every row's `vs` of the case (for a default that changed; floor ratio
 `--summarize FILE` only prints the summary; `--against IMPL` adds every impl's time over IMPL's, case by
 case (median and range, optionally `--by` tokens, proj, rank or popularity: the probes' variant tables);
 `--plot PNG` draws the engine impl's speedup over the best baseline and its floor ratio by tokens.
+`--profile` also runs each timed chain once under the profiler: each row's `profile` has the device time a
+call (its kernels summed), the span a call (first kernel's start to last one's end: the device time plus the
+gaps where the GPU waited), kernels a call and the top kernels. Wall slope near the span and well above the
+device time: the call is bound by launching its kernels, not by running them.
 Where the wall time goes: each `runs` entry has `phase_s`, the main thread's wall
 seconds by phase (setup, ceilings, prepare: host data and compile submission,
 compile_wait: waiting on the compile threads, which lower (serially, `lower_s`) and
@@ -99,7 +103,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # profiling.py, also when imported by a test
 
+import profiling  # noqa: E402 - scripts/profiling.py
 from pallas_kernels.lora_slab import MAX_TOKENS as SLAB_MAX_TOKENS  # noqa: E402
 from slora_jax.ops import (  # noqa: E402
     IMPLS,
@@ -744,11 +750,27 @@ class DeviceData:
         return self.paged[chunk]
 
 
+def profile_chain(exe, y, args, n_rot) -> dict | None:
+    """Device time of one chain from a profiler trace, per call: the kernels' summed time (`device_us`), the
+    span from the first kernel's start to the last one's end (`span_us`: the device time plus the gaps where
+    the GPU waited for the host), kernels a call and the top kernels. None without a trace (a CPU).
+
+    Against the wall slope (`median_us`) it says whether a call is bound by its kernels or by launching them."""
+    kernels = profiling.gpu_kernels(lambda: exe(y, *args).block_until_ready())
+    if not kernels:
+        return None
+    s = profiling.summarize(kernels, top=4)
+    return {"device_us": s["device_us_total"] / n_rot, "span_us": s["span_us"] / n_rot,
+            "kernels_a_call": s["kernels"] / n_rot,
+            "top_kernels": [dict(k, us=k["us"] / n_rot, calls=k["calls"] / n_rot) for k in s["top"]]}
+
+
 def run_case(c: Case, data: DeviceData, labels, impls, floor_s, gate: TraceGate, tm: Timing, run_id: int,
-             phases: Phases):
+             phases: Phases, profile: bool = False):
     """Check every impl against the reference, then time it; returns the rows (in `labels` order).
 
-    Each row's `phase_s`: the wall seconds of its own impl by phase (`Phases`)."""
+    Each row's `phase_s`: the wall seconds of its own impl by phase (`Phases`). With `profile`, each timed
+    row also gets `profile_chain`'s fields (`profile` phase)."""
     with phases("data"):
         data.for_case(c)
         xs, y0, w = data.xs, data.y0, data.w
@@ -807,6 +829,11 @@ def run_case(c: Case, data: DeviceData, labels, impls, floor_s, gate: TraceGate,
             with phases("timing"):
                 sec, fields = time_chain(exe, y1, args, c.n_rot, best, tm, gate)
             del y1
+            if profile and fields["timing"] != "capped":
+                with phases("profile"):
+                    prof = profile_chain(exe, jnp.copy(y0).block_until_ready(), args, c.n_rot)
+                if prof:
+                    row["profile"] = prof
             row.update(median_us=sec * 1e6, floor_ratio=floor_s / sec, **fields)
             best = sec if best is None else min(best, sec)
         except Exception as e:  # noqa: BLE001 - a failing impl is a result, not a crash
@@ -1092,6 +1119,9 @@ def main(argv=None):
     p.add_argument("--block-m", type=int, default=None,
                    help="rows per tile of every case's metadata (a power of two >= 16; default: by token count, "
                         "`ops.lora.default_block_m`)")
+    p.add_argument("--profile", action="store_true",
+                   help="also run each timed chain once under the profiler: device us a call (kernels summed), "
+                        "the span (with the gaps where the GPU waited for the host), kernels a call")
     p.add_argument("--plan-only", action="store_true", help="print the case and compile counts; no device work")
     p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     p.add_argument("--name", default="lora_kernels")
@@ -1244,7 +1274,7 @@ def main(argv=None):
                 break
         c = pending.popleft()
         floor_s = max(c.bytes_ / bw, c.flops / rate)
-        rows = run_case(c, data, labels, impls, floor_s, gate, tm, run_id, phases)
+        rows = run_case(c, data, labels, impls, floor_s, gate, tm, run_id, phases, profile=args.profile)
         changed = []
         if args.retime:
             changed = replace_rows(result, rows)
@@ -1252,6 +1282,8 @@ def main(argv=None):
             result["rows"].extend(rows)
         done += 1
         line = "  ".join(f"{r['case']['impl']}={r['median_us']:.1f}" + ("*" if r.get("timing") == "capped" else "")
+                         + (f"(dev {r['profile']['device_us']:.1f} span {r['profile']['span_us']:.1f} "
+                            f"k {r['profile']['kernels_a_call']:.1f})" if "profile" in r else "")
                          if "median_us" in r else f"{r['case']['impl']}=skip" for r in rows)
         print(f"{c.label()} floor={floor_s * 1e6:8.1f}us  {line}", flush=True)
         record()

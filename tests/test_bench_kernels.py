@@ -246,3 +246,28 @@ def test_plot_grid(bk, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no case"):
         bk.plot_grid(by_case, "missing", str(tmp_path / "none.png"))
+
+
+def test_profile_chain_reports_per_call_device_time(bk, monkeypatch):
+    """`--profile`'s row fields: a trace of 2 calls of 3 kernels each, with host gaps, divided per call."""
+    events = [("/device:GPU:0", "shrink", 0.0, 2.0), ("/device:GPU:0", "expand", 5.0, 1.0),
+              ("/device:GPU:0", "reduce", 6.0, 1.0), ("/device:GPU:0", "shrink", 10.0, 2.0),
+              ("/device:GPU:0", "expand", 15.0, 1.0), ("/device:GPU:0", "reduce", 16.0, 4.0)]
+    ran = []
+
+    class Done:
+        def block_until_ready(self):
+            ran.append(True)
+
+    def fake_trace(run):
+        run()
+        return events
+
+    monkeypatch.setattr(bk.profiling, "gpu_kernels", fake_trace)
+    prof = bk.profile_chain(lambda y, *a: Done(), None, (), n_rot=2)
+    assert ran == [True]
+    assert prof["device_us"] == pytest.approx(11.0 / 2) and prof["span_us"] == pytest.approx(20.0 / 2)
+    assert prof["kernels_a_call"] == 3
+    assert prof["top_kernels"][0] == {"name": "reduce", "us": 2.5, "calls": 1.0}
+    monkeypatch.setattr(bk.profiling, "gpu_kernels", lambda run: None)  # no trace (a CPU): no fields
+    assert bk.profile_chain(lambda y, *a: Done(), None, (), n_rot=2) is None
