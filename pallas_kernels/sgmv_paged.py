@@ -129,35 +129,57 @@ def _tile_adapter(tile_slot_ref, rank_ref, tile, g, n_adapters: int):
 def _shrink_program(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_ref, pages_ref, a_row_ref,
                     rows_ref, x_ref, vpart_ref, split, g, tile, *, block_m: int, block_r: int, chunk: int, n_in: int,
                     k_steps: int, n_adapters: int, rows_per_page: int, n_tokens: int, mixed: bool, k_loop: int = 1,
-                    done=None):
+                    done=None, phased: bool = False):
     """Split `split` of projection `g`'s shrink for `tile`; `done(g, tile)` runs after its partial is stored.
 
     The split covers `k_loop * k_steps` K chunks: `k_loop` steps of a loop (a static int, or a traced one
-    read at run time), each `k_steps` unrolled chunks."""
+    read at run time), each `k_steps` unrolled chunks. `phased`: the tile's rows and the adapter's first row
+    are read beside its rank (not after the rank test), and each loop step reads every chunk's page-table
+    entries, then issues every chunk's x and A loads, then does the dots, so no chunk's loads wait on an
+    earlier chunk's dot (the default interleaves page read, loads and dot chunk by chunk)."""
     safe, rank = _tile_adapter(tile_slot_ref, rank_ref, tile, g, n_adapters)
     max_pages = pages_ref.shape[0] // n_adapters
 
-    @pl.when(rank > 0)
-    def _():
+    def metadata():
         rows_M, row_ok_M = tile_rows(perm_ref, tile_start_ref, tile_end_ref, tile, block_m=block_m,
                                      n_tokens=n_tokens)
+        return rows_M, row_ok_M, a_row_ref[g * n_adapters + safe]
+
+    early = metadata() if phased else None
+
+    @pl.when(rank > 0)
+    def _():
+        rows_M, row_ok_M, a_first = early if phased else metadata()
         rank_ok_R = _iota(block_r) < rank
         precision = lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None  # fp32: no TF32
-        a_first = a_row_ref[g * n_adapters + safe]
+
+        def chunk_rows(i, u):
+            j_raw = (split * k_loop + i) * k_steps + u
+            ok = j_raw < n_in
+            j = jnp.minimum(j_raw, n_in - 1)
+            phys_R = paged_row_ids(pages_ref, safe, max_pages, a_first + j * rank, rank_ok_R,
+                                   rows_per_page=rows_per_page, block_r=block_r)
+            return j, ok, phys_R
+
+        def chunk_loads(j, ok, phys_R):
+            at_RxC = plgpu.load(rows_at(rows_ref, (), phys_R, 0, chunk, mixed=mixed),
+                                mask=jnp.broadcast_to((rank_ok_R & ok)[:, None], (block_r, chunk)), other=0)
+            x_MxC = plgpu.load(rows_at(x_ref, (), rows_M, j * chunk, chunk, mixed=mixed),
+                               mask=jnp.broadcast_to((row_ok_M & ok)[:, None], (block_m, chunk)), other=0)
+            return x_MxC, at_RxC
+
+        def dot(acc_MxR, x_MxC, at_RxC):
+            return acc_MxR + lax.dot_general(x_MxC, at_RxC, (((1,), (1,)), ((), ())), precision=precision,
+                                             preferred_element_type=jnp.float32)
 
         def chunks(i, acc_MxR):
+            if phased:
+                ids = [chunk_rows(i, u) for u in range(k_steps)]
+                for loads in [chunk_loads(*c) for c in ids]:
+                    acc_MxR = dot(acc_MxR, *loads)
+                return acc_MxR
             for u in range(k_steps):  # unrolled: every chunk's loads issue together
-                j_raw = (split * k_loop + i) * k_steps + u
-                ok = j_raw < n_in
-                j = jnp.minimum(j_raw, n_in - 1)
-                phys_R = paged_row_ids(pages_ref, safe, max_pages, a_first + j * rank, rank_ok_R,
-                                       rows_per_page=rows_per_page, block_r=block_r)
-                at_RxC = plgpu.load(rows_at(rows_ref, (), phys_R, 0, chunk, mixed=mixed),
-                                    mask=jnp.broadcast_to((rank_ok_R & ok)[:, None], (block_r, chunk)), other=0)
-                x_MxC = plgpu.load(rows_at(x_ref, (), rows_M, j * chunk, chunk, mixed=mixed),
-                                   mask=jnp.broadcast_to((row_ok_M & ok)[:, None], (block_m, chunk)), other=0)
-                acc_MxR += lax.dot_general(x_MxC, at_RxC, (((1,), (1,)), ((), ())), precision=precision,
-                                           preferred_element_type=jnp.float32)
+                acc_MxR = dot(acc_MxR, *chunk_loads(*chunk_rows(i, u)))
             return acc_MxR
 
         acc_MxR = jnp.zeros((block_m, block_r), jnp.float32)
@@ -221,20 +243,26 @@ def _shrink_kernel(*refs, n_groups: int, tile_programs: int = 0, flat_first: int
 def _expand_block(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_ref, pages_ref, b_row_ref,
                   rows_ref, vpart_ref, y_ref, o_ref, nblk, tile, *, g: int, block_m: int, block_r: int, chunk: int,
                   n_out: int, n_steps: int, k_splits: int, n_adapters: int, rows_per_page: int, n_tokens: int,
-                  mixed: bool, wait=None, wait_loads: str = "volatile"):
+                  mixed: bool, wait=None, wait_loads: str = "volatile", phased: bool = False):
     """Program `(nblk, tile)` of projection `g` (static): `n_steps` chunks of `y_g += v_g @ B_g`.
 
     `wait` (the one-launch kernel: returns once the tile's shrink is done): B and y are
     loaded before it, the partials after, as `wait_loads` says: "volatile" loads, or "cg"
     loads (cached in L2 only, which other SMs' stores reach; never a stale L1 line either).
+    `phased` (the split pair): the tile's rows and the adapter's first B row are read beside its rank, and
+    every chunk's B and y loads issue before the partials are summed and the dots done (as after a wait).
     """
     safe, rank = _tile_adapter(tile_slot_ref, rank_ref, tile, g, n_adapters)
     max_pages = pages_ref.shape[0] // n_adapters
 
+    def metadata():
+        return tile_rows(perm_ref, tile_start_ref, tile_end_ref, tile, block_m=block_m, n_tokens=n_tokens)
+
+    early = (*metadata(), b_row_ref[g * n_adapters + safe]) if phased else None
+
     @pl.when(rank > 0)
     def _():
-        rows_M, row_ok_M = tile_rows(perm_ref, tile_start_ref, tile_end_ref, tile, block_m=block_m,
-                                     n_tokens=n_tokens)
+        rows_M, row_ok_M = early[:2] if phased else metadata()
         rank_ok_R = _iota(block_r) < rank
         precision = lax.Precision.HIGHEST if y_ref.dtype == jnp.float32 else None
 
@@ -249,12 +277,18 @@ def _expand_block(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_re
                                     other=0.0, **fresh)
             return v_MxR.astype(rows_ref.dtype)
 
-        def load_b(b_first, u):
+        def b_rows(b_first, u):
             j_raw = nblk * n_steps + u
             ok = j_raw < n_out
             j = jnp.minimum(j_raw, n_out - 1)
             phys_R = paged_row_ids(pages_ref, safe, max_pages, b_first + j * rank, rank_ok_R,
                                    rows_per_page=rows_per_page, block_r=block_r)
+            return j, ok, phys_R
+
+        def load_b(b_first, u):
+            return b_load(*b_rows(b_first, u))
+
+        def b_load(j, ok, phys_R):
             b_RxC = plgpu.load(rows_at(rows_ref, (), phys_R, 0, chunk, mixed=mixed),
                                mask=jnp.broadcast_to((rank_ok_R & ok)[:, None], (block_r, chunk)), other=0)
             return j, b_RxC, jnp.broadcast_to((row_ok_M & ok)[:, None], (block_m, chunk))
@@ -269,16 +303,20 @@ def _expand_block(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_re
             plgpu.store(rows_at(o_ref, (), rows_M, j * chunk, chunk, mixed=mixed),
                         (y_MxC.astype(jnp.float32) + d_MxC).astype(y_MxC.dtype), mask=ymask_MxC)
 
-        if wait is None:  # the split pair: the partials are ready
+        if wait is None and not phased:  # the split pair: the partials are ready
             v_MxR = v_sum()
             b_first = b_row_ref[g * n_adapters + safe]
             for u in range(n_steps):
                 add(v_MxR, *load_b(b_first, u))
-        else:  # one launch: this program's B and y loads overlap the shrink still running
-            b_first = b_row_ref[g * n_adapters + safe]
-            chunks = [load_b(b_first, u) for u in range(n_steps)]
+        else:  # one launch: this program's B and y loads overlap the shrink still running (or `phased`)
+            b_first = early[2] if phased else b_row_ref[g * n_adapters + safe]
+            if phased:  # every chunk's page-table entries, then every chunk's loads
+                chunks = [b_load(*ids) for ids in [b_rows(b_first, u) for u in range(n_steps)]]
+            else:
+                chunks = [load_b(b_first, u) for u in range(n_steps)]
             chunks = [(j, b_RxC, ymask_MxC, load_y(j, ymask_MxC)) for j, b_RxC, ymask_MxC in chunks]
-            wait(g, tile)
+            if wait is not None:
+                wait(g, tile)
             v_MxR = v_sum()
             for chunk_args in chunks:
                 add(v_MxR, *chunk_args)
@@ -445,7 +483,7 @@ def sgmv_shrink_paged_group(x_TxI, rows_NxC, pages_SxP, rank_GxS, a_row_GxS, per
                             k_steps: int | None = None, active_tiles: int | None = None, num_warps: int = 4,
                             num_stages: int = 1, interpret: bool | None = None, mixed_index: bool | None = None,
                             tile_programs: int = 0, used_tiles=None, k_loop: int = 1, flat: bool = False,
-                            max_splits: int = 0, split_counts=None):
+                            max_splits: int = 0, split_counts=None, phased: bool = False):
     """Split-K shrink of G projections sharing x; returns `vpart [G, k_splits, T, r_block]` fp32 (module doc).
 
     `k_steps` K chunks per loop step, unrolled (None: `default_k_steps` over G x `active_tiles`,
@@ -458,6 +496,8 @@ def sgmv_shrink_paged_group(x_TxI, rows_NxC, pages_SxP, rank_GxS, a_row_GxS, per
     `max_splits` > 0 (with `flat`): run-time K splits. `split_counts` (`run_time_split_counts`: this call's
     splits and loop steps per split, of `k_steps` chunks each) picks them; the result has `max_splits`
     splits, and those past `split_counts[0]` are not written (the caller masks them; `k_loop` is unused).
+    `phased`: each program reads its metadata and page-table entries before any weight load, and issues
+    every chunk's loads before its dots (`_shrink_program`); the same result.
     """
     T, H_in = x_TxI.shape
     G, S = rank_GxS.shape
@@ -467,7 +507,7 @@ def sgmv_shrink_paged_group(x_TxI, rows_NxC, pages_SxP, rank_GxS, a_row_GxS, per
     NT = tile_slot.shape[0]
     interpret, mixed = _modes(interpret, mixed_index)
     statics = dict(block_m=block_m, block_r=r_block, chunk=C, n_in=n_in, n_groups=G, n_adapters=S,
-                   rows_per_page=rows_per_page, n_tokens=T, mixed=mixed)
+                   rows_per_page=rows_per_page, n_tokens=T, mixed=mixed, phased=phased)
     if max_splits:
         if not (flat and tile_programs > 0) or split_counts is None:
             raise ValueError("max_splits (run-time splits) needs flat=True, tile_programs > 0 and split_counts")
@@ -499,11 +539,12 @@ def sgmv_expand_paged_group(ys_TxO, vpart_GxKxTxR, rows_NxC, pages_SxP, rank_GxS
                             tile_end, tile_slot, *, rows_per_page: int, block_m: int, n_steps: int = 2,
                             num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None,
                             mixed_index: bool | None = None, tile_programs: int = 0,
-                            used_tiles=None, flat: bool = False) -> tuple[jax.Array, ...]:
+                            used_tiles=None, flat: bool = False, phased: bool = False) -> tuple[jax.Array, ...]:
     """Expand G projections into their outputs `ys_TxO` (a sequence, each aliased in place); returns them.
 
     `n_steps` N chunks per program (fewer for an output narrower than that). `tile_programs`,
-    `used_tiles`, `flat`: as `sgmv_shrink_paged_group` (items: N block, used tile).
+    `used_tiles`, `flat`, `phased`: as `sgmv_shrink_paged_group` (items: N block, used tile; `phased`: every
+    B and y load before the partials and the dots, `_expand_block`).
     """
     ys_TxO = tuple(ys_TxO)
     G, k_splits, T, R = vpart_GxKxTxR.shape
@@ -519,7 +560,7 @@ def sgmv_expand_paged_group(ys_TxO, vpart_GxKxTxR, rows_NxC, pages_SxP, rank_GxS
     grid, loop, loop_args = _tile_programs(tile_programs, used_tiles, tile_slot.shape[0], n_blocks, flat)
     kernel = functools.partial(_expand_kernel, n_out=n_out, n_steps=steps, block_m=block_m, block_r=R, chunk=C,
                                k_splits=k_splits, n_adapters=rank_GxS.shape[1], rows_per_page=rows_per_page,
-                               n_tokens=T, mixed=mixed, **loop)
+                               n_tokens=T, mixed=mixed, phased=phased, **loop)
     args = (perm_T, tile_start, tile_end, tile_slot, rank_GxS.reshape(-1), pages_SxP.reshape(-1),
             b_row_GxS.reshape(-1), rows_NxC, vpart_GxKxTxR, *loop_args, *ys_TxO)
     return pl.pallas_call(
@@ -538,7 +579,7 @@ def sgmv_paged_group_one_launch(ys_TxO, x_TxI, rows_NxC, pages_SxP, rank_GxS, a_
                                 k_steps: int | None = None, active_tiles: int | None = None, n_steps: int = 2,
                                 num_warps: int = 4, num_stages: int = 1, interpret: bool | None = None,
                                 mixed_index: bool | None = None, k_loop: int = 1,
-                                wait_loads: str = "volatile") -> tuple[jax.Array, ...]:
+                                wait_loads: str = "volatile", phased: bool = False) -> tuple[jax.Array, ...]:
     """The split pair's shrink and expand as one launch; returns the outputs `ys_TxO`.
 
     Same programs and results as `sgmv_shrink_paged_group` then `sgmv_expand_paged_group`
@@ -546,7 +587,7 @@ def sgmv_paged_group_one_launch(ys_TxO, x_TxI, rows_NxC, pages_SxP, rank_GxS, a_
     then the expand's, which wait on a per-(projection, tile) counter of finished
     splits (`_one_launch_kernel`). One launch fewer, and each expand program's B and y
     loads overlap the shrink instead of following it. `wait_loads`: how the expand reads the
-    partials after its wait, "volatile" or "cg" (`_expand_block`).
+    partials after its wait, "volatile" or "cg" (`_expand_block`). `phased`: as `sgmv_shrink_paged_group`.
     """
     if wait_loads not in ("volatile", "cg"):
         raise ValueError(f"wait_loads must be 'volatile' or 'cg', got {wait_loads!r}")
@@ -569,7 +610,7 @@ def sgmv_paged_group_one_launch(ys_TxO, x_TxI, rows_NxC, pages_SxP, rank_GxS, a_
     n_blocks = sum(-(-n // st) for n, st in zip(n_out, steps))
     interpret, mixed = _modes(interpret, mixed_index)
     common = dict(block_m=block_m, block_r=r_block, chunk=C, n_adapters=S, rows_per_page=rows_per_page, n_tokens=T,
-                  mixed=mixed)
+                  mixed=mixed, phased=phased)
     kernel = functools.partial(_one_launch_kernel, n_out=n_out, n_steps=steps, n_groups=G, n_tiles=NT,
                                k_splits=k_splits, n_shrink=k_splits * G * NT, n_blocks=n_blocks,
                                shrink=dict(n_in=n_in, k_steps=k_steps, k_loop=k_loop, **common),

@@ -358,6 +358,49 @@ def test_paged_tile_loop_lowers_for_the_gpu():
     assert text.count("xla.gpu.triton") == 2 and text.count("grid_y = 6") == 2
 
 
+@pytest.mark.parametrize("base", [SPLIT, ONE, LOOP, dataclasses.replace(LOOP, paged_flat_programs=5,
+                                                                         paged_run_time_splits=2, paged_k_steps=1)],
+                         ids=["pair", "one_launch", "tile_loop", "run_time_splits"])
+@pytest.mark.parametrize("T,layout,k_steps,n_steps", [(1, "distinct", 3, 1), (37, "mixed_none", 4, 2),
+                                                      (64, "identical", 2, 2)])
+def test_paged_phased_loads_match_reference(base, T, layout, k_steps, n_steps):
+    """`paged_phased_loads` (metadata read beside the rank, every chunk's page entries then loads then dots)
+    gives the reference's results: several unrolled shrink chunks (4 of 4, 2 of 4, 3 with a masked tail)
+    and expand chunks, pages smaller than a rank block, on every path that runs the programs."""
+    rt = base.paged_run_time_splits
+    cfg = dataclasses.replace(base, paged_phased_loads=True, paged_n_steps=n_steps,
+                              paged_k_steps=1 if rt else k_steps)
+    assert run_group_case(T, layout, GROUP_RANKS, jnp.float32, seed=T, cfg=cfg) < 1e-5
+    assert run_group_case(T, layout, GROUP_RANKS, jnp.float32, seed=T + 1, cfg=cfg, rows_per_page=24) < 1e-5
+
+
+def test_paged_phased_loads_issue_every_load_before_a_dot(monkeypatch, capsys):
+    """In the Triton module of the phased shrink, every load of a loop step (page entries, x and A) comes
+    before its first dot; the default interleaves them (a load after the first dot)."""
+    import pallas_kernels.sgmv_paged as sp
+
+    monkeypatch.setattr(sp.pl, "pallas_call", functools.partial(sp.pl.pallas_call, debug=True))
+    w = random_slot_weights(jax.random.key(0), [8, 16, 64, 24], 256, 128)
+    ws = paged_group_from_slots((w,), 64, 96, np.random.default_rng(0))
+    meta = build_lora_meta(np.arange(16) % 5 - 1)
+    x, y = jnp.zeros((16, 256), jnp.bfloat16), jnp.zeros((16, 128), jnp.bfloat16)
+
+    def shrink_ir(phased):
+        cfg = dataclasses.replace(SPLIT, interpret=False, paged_k_steps=4, paged_phased_loads=phased)
+        f = jax.jit(lambda y, x, ws, m: add_lora_group((y,), x, ws, m, config=cfg))
+        f.trace(y, x, ws, meta).lower(lowering_platforms=("cuda",))
+        out = capsys.readouterr().out
+        mod = out.split("The Triton module for pallas_call sgmv_shrink_paged")[1].split("The Triton module")[0]
+        # the partial's store is a masked swap, which reads too: not a load of the loop
+        return [op for op in mod.splitlines() if ("tt.load" in op and "masked_swap" not in op) or "tt.dot" in op]
+
+    for phased in (True, False):
+        ops = shrink_ir(phased)
+        dots = [i for i, op in enumerate(ops) if "tt.dot" in op]
+        assert len(dots) == 4
+        assert any("tt.load" in op for op in ops[dots[0]:]) != phased
+
+
 @pytest.mark.parametrize("block_m,want", [(16, 2), (32, 4)])
 def test_paged_warps_by_tile(block_m, want):
     """`paged_warps=None` picks the launch's warps by tile (`paged_warps_for`): 2 for 16-row tiles at rank

@@ -412,6 +412,11 @@ class KernelConfig:
     # us with 86 static splits against 21.8 with the default 22; H200, session 21) without giving calls with
     # many tiles more partials; not yet measured.
     paged_run_time_splits: int = 0
+    # pages (split pair and one launch): True reads each program's metadata and page-table entries before any
+    # weight load and issues every unrolled chunk's loads before its dots (`sgmv_paged` `phased`). H200
+    # decode profile (session 22): the shrink's device time grew ~1.2 us per unrolled chunk (1 token, 4096->4096,
+    # rank 128: 8.8 us at 4 chunks a program, 4.2 at 1), as if each chunk's loads waited on the one before.
+    paged_phased_loads: bool = False
     # Ablation, off: N > 0 computes each LoRA delta (zeros + the op) as a call annotated for GPU stream N
     # (`compat.on_gpu_stream`), added to the base output after, so XLA may run the latency-bound LoRA
     # kernels beside the base matmul that reads the same x. 0: the op accumulates into the base output on
@@ -626,7 +631,7 @@ def _add_paged_group(ys_TxO, x_TxI, ws: tuple[PagedWeights, ...], meta: LoraMeta
     w0 = ws[0]
     tiles = (meta.perm, meta.tile_start, meta.tile_end, meta.tile_slot)
     common = dict(rows_per_page=w0.rows_per_page, block_m=meta.block_m, interpret=cfg.interpret,
-                  mixed_index=cfg.mixed_index)
+                  mixed_index=cfg.mixed_index, phased=cfg.paged_phased_loads)
     rank_GxS = jnp.stack([w.rank for w in ws])
     r_block = _pow2_ceil(max(16, *(w.r_max for w in ws)))
     warps = paged_warps_for(cfg, meta.block_m, r_block)
