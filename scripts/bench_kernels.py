@@ -907,24 +907,35 @@ def by_tokens_table(by_case: dict, engine_impl: str, min_tokens: int) -> list[st
 CASE_FIELDS = ("tokens", "proj", "rank", "popularity")  # the parts of `case_key`, for `--by`
 
 
-def ratio_table(by_case: dict, ref_impl: str, by: str | None = None) -> list[str]:
+def row_time(r: dict, metric: str = "wall") -> float | None:
+    """A row's time: its wall slope (`median_us`), or with `metric="device"` its kernels' device time a call
+    (`--profile`'s `device_us`); None when the row has none."""
+    if metric == "device":
+        return r.get("profile", {}).get("device_us")
+    return r.get("median_us")
+
+
+def ratio_table(by_case: dict, ref_impl: str, by: str | None = None, metric: str = "wall") -> list[str]:
     """Markdown lines: each other impl's time over `ref_impl`'s in the same case (median, range, cases, and
     cases more than 5% slower), over all cases both timed or per value of `by` (a `CASE_FIELDS` name). The
-    probe tables of `benchmarks/results/*/README.md` ("time of each variant over the default")."""
+    probe tables of `benchmarks/results/*/README.md` ("time of each variant over the default"). `metric`:
+    "wall" (the wall slopes) or "device" (the profiled device times, `row_time`)."""
     if by is not None and by not in CASE_FIELDS:
         raise ValueError(f"--by must be one of {CASE_FIELDS}, got {by!r}")
     groups = collections.defaultdict(list)  # (impl, group) -> ratios, in first-seen order
     for (T, hi, ho, rc, pop), d in by_case.items():
         ref = d.get(ref_impl)
-        if ref is None or "median_us" not in ref:
+        t_ref = None if ref is None else row_time(ref, metric)
+        if t_ref is None:
             continue
         key = dict(tokens=T, proj=f"{hi}x{ho}", rank=rc, popularity=pop).get(by, "all")
         for impl, r in d.items():
-            if impl != ref_impl and "median_us" in r:
-                groups[(impl, key)].append(r["median_us"] / ref["median_us"])
+            if impl != ref_impl and row_time(r, metric) is not None:
+                groups[(impl, key)].append(row_time(r, metric) / t_ref)
     if not groups:
         return []
-    out = [f"\ntime over {ref_impl}'s in the same case" + (f", by {by}:" if by else ":"),
+    what = "device time" if metric == "device" else "time"
+    out = [f"\n{what} over {ref_impl}'s in the same case" + (f", by {by}:" if by else ":"),
            f"| impl | {by or 'cases'} | n | median | range | > 5% slower |", "| --- | --- | --- | --- | --- | --- |"]
     impls = list(dict.fromkeys(impl for impl, _ in groups))
     keys = list(dict.fromkeys(key for _, key in groups))
@@ -1096,6 +1107,8 @@ def main(argv=None):
     p.add_argument("--engine-impl", default=ENGINE_IMPL, help="summary: the impl compared with the baselines")
     p.add_argument("--min-tokens", type=int, default=64, help="summary: floor ratios over cases with >= this")
     p.add_argument("--against", help="with --summarize: also every impl's time over this impl's, case by case")
+    p.add_argument("--metric", choices=("wall", "device"), default="wall",
+                   help="with --against: compare wall slopes, or the device times of --profile runs")
     p.add_argument("--by", choices=CASE_FIELDS, help="with --against: one line per impl and value of this field")
     p.add_argument("--plot", help="with --summarize: write a PNG of --engine-impl's speedup and floor ratio by "
                    "tokens and popularity here")
@@ -1136,7 +1149,7 @@ def main(argv=None):
         for r in result["rows"]:
             by_case.setdefault(case_key(r["case"]), {})[r["case"]["impl"]] = r
         if args.against:
-            lines = ratio_table(by_case, args.against, args.by)
+            lines = ratio_table(by_case, args.against, args.by, args.metric)
             print("\n".join(lines) if lines else f"\nno case has a timed {args.against} row")
         if args.plot:
             plot_grid(by_case, args.engine_impl, args.plot,

@@ -224,6 +224,10 @@ def test_ratio_table(bk, capsys, tmp_path):
     bk.main(["--summarize", str(path), "--engine-impl", "ref", "--against", "ref", "--by", "tokens"])
     out = capsys.readouterr().out
     assert "| a | 64 | 2 | 1.25x | 0.50-2.00x | 1 |" in out and "| a | 256 | 1 | 1.02x | 1.02-1.02x | 0 |" in out
+    # --metric device: the profiled device times instead; rows without a profile are left out
+    by_case[bk.case_key(rows[0]["case"])]["ref"]["profile"] = {"device_us": 8.0}
+    by_case[bk.case_key(rows[0]["case"])]["a"]["profile"] = {"device_us": 2.0}
+    assert bk.ratio_table(by_case, "ref", metric="device")[-1:] == ["| a | all | 1 | 0.25x | 0.25-0.25x | 0 |"]
 
 
 def test_plot_grid(bk, tmp_path):
