@@ -584,6 +584,44 @@ def test_default_one_launch_for_small_calls(T, ranks, launches):
     assert ("stablehlo.reduce" in text) == (launches == 2)
 
 
+@pytest.mark.parametrize("T,ranks,splits,warps", [(1, [8, 64], 16, 4), (16, [8, 128], 16, 4), (17, [8, 64], 4, 2),
+                                                  (64, [8, 64], 4, 2)])
+def test_default_small_pair_calls_take_short_programs(T, ranks, splits, warps):
+    """Calls of <= 16 tokens that the rank rule sends to the split pair take 1 K chunk per shrink program
+    (16 chunks: 16 splits) and 4 warps (`paged_small_k_steps`, `paged_small_warps`); larger calls keep
+    `default_k_steps` (4 splits here) and `paged_warps_for`; set `paged_k_steps` / `paged_warps` win."""
+    w = random_slot_weights(jax.random.key(0), ranks, 1024, 128)
+    ws = paged_group_from_slots((w,), 64, 96, np.random.default_rng(0))
+    meta = build_lora_meta(np.arange(T) % 3 - 1)
+    x, y = jnp.zeros((T, 1024), jnp.bfloat16), jnp.zeros((T, 128), jnp.bfloat16)
+
+    def lowered(cfg):
+        f = jax.jit(lambda y, x, ws, m: add_lora_group((y,), x, ws, m, config=cfg))
+        return f.trace(y, x, ws, meta).lower(lowering_platforms=("cuda",)).as_text()
+
+    text = lowered(KernelConfig(interpret=False))
+    assert re.findall(r"num_warps = (\d+)", text) == [str(warps)] * 2
+    assert f"tensor<1x{splits}x{T}x" in text  # the partials: [G, splits, T, R]
+    if T <= 16:
+        text = lowered(KernelConfig(interpret=False, paged_k_steps=4, paged_warps=2))
+        assert re.findall(r"num_warps = (\d+)", text) == ["2"] * 2 and f"tensor<1x4x{T}x" in text
+        text = lowered(KernelConfig(interpret=False, paged_small_k_steps=0, paged_small_warps=0))
+        assert f"tensor<1x16x{T}x" not in text
+
+
+@pytest.mark.parametrize("setting,want", [(None, True), (True, True), (False, False)])
+def test_one_launch_takes_phased_loads_by_default(monkeypatch, setting, want):
+    """`paged_phased_loads=None` (the default) phases the one launch's loads; True and False force it."""
+    import slora_jax.ops.lora as ops_lora
+
+    seen = []
+    real = ops_lora.sgmv_paged_group_one_launch
+    monkeypatch.setattr(ops_lora, "sgmv_paged_group_one_launch", lambda *a, **k: seen.append(k["phased"]) or real(*a, **k))
+    cfg = dataclasses.replace(ONE, paged_phased_loads=setting)
+    assert run_group_case(5, "mixed_none", GROUP_RANKS, jnp.float32, seed=3, cfg=cfg) < 1e-5
+    assert seen == [want]
+
+
 @pytest.mark.parametrize("mixed_index", [True, False])
 @pytest.mark.parametrize("weights,launches", [("dense", 1), ("paged", 1), ("dense_split", 2), ("paged_split", 2),
                                                ("paged_group", 2)])

@@ -413,10 +413,23 @@ class KernelConfig:
     # many tiles more partials; not yet measured.
     paged_run_time_splits: int = 0
     # pages (split pair and one launch): True reads each program's metadata and page-table entries before any
-    # weight load and issues every unrolled chunk's loads before its dots (`sgmv_paged` `phased`). H200
-    # decode profile (session 22): the shrink's device time grew ~1.2 us per unrolled chunk (1 token, 4096->4096,
-    # rank 128: 8.8 us at 4 chunks a program, 4.2 at 1), as if each chunk's loads waited on the one before.
-    paged_phased_loads: bool = False
+    # weight load and issues every unrolled chunk's loads before its dots (`sgmv_paged` `phased`); False
+    # interleaves them chunk by chunk; None: True for the one launch only. H200 (session 22, 1 and 8 tokens,
+    # 4096->4096 and 11008->4096, ranks 16/128, distinct and identical; `decode_phased.json`): device time
+    # 0.91x (0.86-0.94x) of interleaved at rank 16 (the one launch) and 0.93x (0.89-1.02x) at rank 128 (the
+    # pair); at 64-256 tokens the pair took 0.76-1.91x (distinct median 1.08x, up to 1.91x at 64 tokens
+    # rank 128: more tiles, bigger blocks in flight), so the pair keeps the interleaved order.
+    paged_phased_loads: bool | None = None
+    # split pair, pages, calls of at most `paged_one_launch_max_tokens` tokens (the decode calls whose rank
+    # block the one launch leaves to the pair): K chunks per shrink program and warps per program where
+    # `paged_k_steps` / `paged_warps` are None; 0: no override (`default_k_steps`, `paged_warps_for`). The
+    # profile showed each program's unrolled chunks costing ~1.2 us apiece at one token (the loads do not
+    # overlap), so decode calls want short programs. H200 (session 22, 1 and 8 tokens, 4096->4096 and
+    # 11008->4096, ranks 64 and 128, distinct and identical; `decode_warps.json`): device time of 1 chunk and
+    # 4 warps over the old defaults (4 chunks, 2 warps) 0.73x (0.71-0.94x) at rank 64 and 0.71x (0.65-0.99x)
+    # at rank 128; 2 chunks and 4 warps 0.81x and 0.78x.
+    paged_small_k_steps: int = 1
+    paged_small_warps: int = 4
     # Ablation, off: N > 0 computes each LoRA delta (zeros + the op) as a call annotated for GPU stream N
     # (`compat.on_gpu_stream`), added to the base output after, so XLA may run the latency-bound LoRA
     # kernels beside the base matmul that reads the same x. 0: the op accumulates into the base output on
@@ -631,30 +644,37 @@ def _add_paged_group(ys_TxO, x_TxI, ws: tuple[PagedWeights, ...], meta: LoraMeta
     w0 = ws[0]
     tiles = (meta.perm, meta.tile_start, meta.tile_end, meta.tile_slot)
     common = dict(rows_per_page=w0.rows_per_page, block_m=meta.block_m, interpret=cfg.interpret,
-                  mixed_index=cfg.mixed_index, phased=cfg.paged_phased_loads)
+                  mixed_index=cfg.mixed_index, phased=bool(cfg.paged_phased_loads))
     rank_GxS = jnp.stack([w.rank for w in ws])
     r_block = _pow2_ceil(max(16, *(w.r_max for w in ws)))
     warps = paged_warps_for(cfg, meta.block_m, r_block)
-    if x_TxI.shape[0] <= cfg.paged_one_launch_max_tokens and r_block <= cfg.paged_one_launch_max_rank:
+    small = x_TxI.shape[0] <= cfg.paged_one_launch_max_tokens
+    if small and r_block <= cfg.paged_one_launch_max_rank:
+        common["phased"] = cfg.paged_phased_loads is not False
         return sgmv_paged_group_one_launch(
             ys_TxO, x_TxI, w0.rows, w0.pages, rank_GxS, jnp.stack([w.a_row for w in ws]),
             jnp.stack([w.b_row for w in ws]), *tiles, r_block=r_block, k_steps=cfg.paged_k_steps,
             k_loop=cfg.paged_k_loop, active_tiles=meta.active_tiles, n_steps=cfg.paged_n_steps, num_warps=warps,
             wait_loads=cfg.paged_wait_loads, **common)
+    k_steps = cfg.paged_k_steps
+    if small and cfg.paged_small_k_steps and k_steps is None:
+        k_steps = cfg.paged_small_k_steps
+    if small and cfg.paged_small_warps and cfg.paged_warps is None:
+        warps = cfg.paged_small_warps
     shrink = functools.partial(sgmv_shrink_paged_group, x_TxI, w0.rows, w0.pages, rank_GxS,
                                jnp.stack([w.a_row for w in ws]), *tiles, r_block=r_block,
                                active_tiles=meta.active_tiles, num_warps=warps, **common, **_tile_loop(meta, cfg))
     if cfg.paged_run_time_splits:
         if not cfg.paged_flat_programs:
             raise ValueError("paged_run_time_splits needs paged_flat_programs > 0 (the programs it aims to fill)")
-        k_steps, n_steps, most = run_time_split_plan(x_TxI.shape[1], w0.rows.shape[1], cfg.paged_k_steps,
+        k_steps, n_steps, most = run_time_split_plan(x_TxI.shape[1], w0.rows.shape[1], k_steps,
                                                      cfg.paged_run_time_splits)
         counts = run_time_split_counts(meta.used_tiles, len(ws), n_steps, most, cfg.paged_flat_programs)
         vpart = shrink(k_steps=k_steps, max_splits=most, split_counts=counts)
         # splits past this call's count were not written: masked, not summed
         vpart = jnp.where(jnp.arange(most)[None, :, None, None] < counts[0], vpart, 0.0).sum(1, keepdims=True)
     else:
-        vpart = shrink(k_steps=cfg.paged_k_steps, k_loop=cfg.paged_k_loop)
+        vpart = shrink(k_steps=k_steps, k_loop=cfg.paged_k_loop)
         if cfg.paged_presum_min_tokens and x_TxI.shape[0] >= cfg.paged_presum_min_tokens and vpart.shape[1] > 1:
             vpart = vpart.sum(1, keepdims=True)  # rows outside tiles are undefined, as before: never read
     return sgmv_expand_paged_group(ys_TxO, vpart, w0.rows, w0.pages, rank_GxS, jnp.stack([w.b_row for w in ws]),
