@@ -23,6 +23,8 @@ def rel_err(got, want) -> float:
 
 
 @pytest.mark.parametrize("kernel", [
+    dict(),  # the defaults: <= 16 tokens at these ranks (<= 16) take the one launch, phased
+    dict(paged_one_launch_max_rank=0),  # <= 16 tokens on the pair: 1 K chunk a shrink program, 4 warps
     dict(paged_one_launch_max_tokens=0),          # the split pair
     dict(paged_one_launch_max_tokens=1 << 30, paged_one_launch_max_rank=1 << 30),  # one launch
     dict(lora_stream=1),                          # deltas annotated for GPU stream 1
@@ -33,7 +35,7 @@ def rel_err(got, want) -> float:
     dict(paged_one_launch_max_tokens=1 << 30, paged_one_launch_max_rank=1 << 30, paged_phased_loads=True),
     dict(linear_max_tokens=256, linear_block_n=16, linear_block_k=16),  # base matmul and LoRA in one launch
     dict(linear_max_tokens=256, linear_block_n=16, linear_block_k=16, linear_shrink_launch=True),
-])
+], ids=lambda kernel: ",".join(f"{k}={v}" for k, v in kernel.items()) or "defaults")  # -k "phased" selects by field
 @pytest.mark.parametrize("T", [1, 4, 24])
 def test_model_lora_kernels_on_gpu_equal_reference(kernel, T):
     """Mixed adapters and no-adapter rows, in pages: the compiled kernels give the jnp logits."""
