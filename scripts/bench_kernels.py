@@ -53,9 +53,10 @@ recomputes every row's `vs` of the case (for a default that changed; floor ratio
 `--summarize FILE` only prints the summary; `--against IMPL` adds every impl's time over IMPL's, case by
 case (median and range, optionally `--by` tokens, proj, rank or popularity: the probes' variant tables);
 `--plot PNG` draws the engine impl's speedup over the best baseline and its floor ratio by tokens.
-`--profile` also runs each timed chain once under the profiler: each row's `profile` has the device time a
-call (its kernels summed), the span a call (first kernel's start to last one's end: the device time plus the
-gaps where the GPU waited), kernels a call and the top kernels. Wall slope near the span and well above the
+`--profile` also runs each timed chain once under the profiler (one trace a case, the chains cut apart at
+the idle gaps left between them; one trace a chain if that cut fails): each row's `profile` has the device
+time a call (its kernels summed), the span a call (first kernel's start to last one's end: the device time
+plus the gaps where the GPU waited), kernels a call and the top kernels. Wall slope near the span and well above the
 device time: the call is bound by launching its kernels, not by running them.
 Where the wall time goes: each `runs` entry has `phase_s`, the main thread's wall
 seconds by phase (setup, ceilings, prepare: host data and compile submission,
@@ -750,6 +751,14 @@ class DeviceData:
         return self.paged[chunk]
 
 
+def chain_profile(kernels, n_rot) -> dict:
+    """`profile_chain`'s fields from one chain's kernel events `(device, name, start_us, dur_us)`."""
+    s = profiling.summarize(kernels, top=4)
+    return {"device_us": s["device_us_total"] / n_rot, "span_us": s["span_us"] / n_rot,
+            "kernels_a_call": s["kernels"] / n_rot,
+            "top_kernels": [dict(k, us=k["us"] / n_rot, calls=k["calls"] / n_rot) for k in s["top"]]}
+
+
 def profile_chain(exe, y, args, n_rot) -> dict | None:
     """Device time of one chain from a profiler trace, per call: the kernels' summed time (`device_us`), the
     span from the first kernel's start to the last one's end (`span_us`: the device time plus the gaps where
@@ -757,12 +766,39 @@ def profile_chain(exe, y, args, n_rot) -> dict | None:
 
     Against the wall slope (`median_us`) it says whether a call is bound by its kernels or by launching them."""
     kernels = profiling.gpu_kernels(lambda: exe(y, *args).block_until_ready())
+    return chain_profile(kernels, n_rot) if kernels else None
+
+
+def split_at_gaps(kernels, gap_us: float) -> list[list]:
+    """Kernel events cut where the device sat idle for more than `gap_us` (start order)."""
+    out, end = [], None
+    for k in sorted(kernels, key=lambda k: k[2]):
+        if end is None or k[2] - end > gap_us:
+            out.append([])
+        out[-1].append(k)
+        end = k[2] + k[3] if end is None else max(end, k[2] + k[3])
+    return out
+
+
+def profile_chains(chains, gap_s: float = 5e-3) -> dict | None:
+    """`profile_chain` for several chains in one trace: `chains` is a list of `(label, exe, y, args, n_rot)`.
+
+    The chains run one after another, each waited for and followed by `gap_s` of host sleep, so the device
+    timeline falls into one run of kernels per chain, cut at idle gaps over `gap_s / 2`. One trace a case
+    instead of one a row (a trace costs about a second). Returns `{label: fields}` ({} without a trace, a
+    CPU), or None when the cut does not give one run per chain (then profile them one by one)."""
+    def run():
+        for _, exe, y, args, _ in chains:
+            exe(y, *args).block_until_ready()
+            time.sleep(gap_s)
+
+    kernels = profiling.gpu_kernels(run)
     if not kernels:
+        return {}
+    runs = split_at_gaps(kernels, gap_s * 1e6 / 2)
+    if len(runs) != len(chains):
         return None
-    s = profiling.summarize(kernels, top=4)
-    return {"device_us": s["device_us_total"] / n_rot, "span_us": s["span_us"] / n_rot,
-            "kernels_a_call": s["kernels"] / n_rot,
-            "top_kernels": [dict(k, us=k["us"] / n_rot, calls=k["calls"] / n_rot) for k in s["top"]]}
+    return {label: chain_profile(ks, n_rot) for (label, *_, n_rot), ks in zip(chains, runs)}
 
 
 def run_case(c: Case, data: DeviceData, labels, impls, floor_s, gate: TraceGate, tm: Timing, run_id: int,
@@ -770,7 +806,8 @@ def run_case(c: Case, data: DeviceData, labels, impls, floor_s, gate: TraceGate,
     """Check every impl against the reference, then time it; returns the rows (in `labels` order).
 
     Each row's `phase_s`: the wall seconds of its own impl by phase (`Phases`). With `profile`, each timed
-    row also gets `profile_chain`'s fields (`profile` phase)."""
+    row also gets `profile_chain`'s fields, from one trace of all the case's timed chains (`profile_chains`;
+    the case's `profile` phase, in no row's `phase_s`)."""
     with phases("data"):
         data.for_case(c)
         xs, y0, w = data.xs, data.y0, data.w
@@ -791,6 +828,7 @@ def run_case(c: Case, data: DeviceData, labels, impls, floor_s, gate: TraceGate,
     else:
         ref_error = None
     best = None
+    to_profile = []  # (label, compiled chain, args) of the timed rows, profiled after the case's timings
     # the Pallas impls first: a fast time early makes the cap for slow baselines useful
     order = sorted(range(len(labels)), key=lambda i: not labels[i].startswith("pallas"))
     for i in order:
@@ -830,16 +868,23 @@ def run_case(c: Case, data: DeviceData, labels, impls, floor_s, gate: TraceGate,
                 sec, fields = time_chain(exe, y1, args, c.n_rot, best, tm, gate)
             del y1
             if profile and fields["timing"] != "capped":
-                with phases("profile"):
-                    prof = profile_chain(exe, jnp.copy(y0).block_until_ready(), args, c.n_rot)
-                if prof:
-                    row["profile"] = prof
+                to_profile.append((label, exe, args))
             row.update(median_us=sec * 1e6, floor_ratio=floor_s / sec, **fields)
             best = sec if best is None else min(best, sec)
         except Exception as e:  # noqa: BLE001 - a failing impl is a result, not a crash
             row["skipped"] = f"error: {type(e).__name__}: {str(e)[:300]}"
         finally:
             row["phase_s"] = phases.since(before)
+    if to_profile:
+        with phases("profile"):
+            chains = [(label, exe, jnp.copy(y0).block_until_ready(), args, c.n_rot) for label, exe, args in to_profile]
+            profs = profile_chains(chains)
+            if profs is None:  # no trace, or the runs did not separate: one trace a chain
+                profs = {label: profile_chain(exe, y, args, n) for label, exe, y, args, n in chains}
+            del chains
+        for label, prof in profs.items():
+            if prof:
+                rows[label]["profile"] = prof
     rows = [rows[label] for label in labels]
     timed = {r["case"]["impl"]: r["median_us"] for r in rows if "median_us" in r}
     for r in rows:

@@ -275,3 +275,36 @@ def test_profile_chain_reports_per_call_device_time(bk, monkeypatch):
     assert prof["top_kernels"][0] == {"name": "reduce", "us": 2.5, "calls": 1.0}
     monkeypatch.setattr(bk.profiling, "gpu_kernels", lambda run: None)  # no trace (a CPU): no fields
     assert bk.profile_chain(lambda y, *a: Done(), None, (), n_rot=2) is None
+
+
+def test_profile_chains_cut_one_trace_at_idle_gaps(bk, monkeypatch):
+    """One trace for a case's chains: the kernel events are cut where the device idled (the host sleeps
+    between chains), one run per chain; a cut that does not match the chains gives None (profile one by
+    one), no trace gives {}."""
+    ran = []
+
+    class Done:
+        def block_until_ready(self):
+            return self
+
+    def exe(name):
+        return lambda y, *a: ran.append(name) or Done()
+
+    trace = [("gpu", "k1", 0.0, 3.0), ("gpu", "k2", 3.5, 1.0), ("gpu", "k1", 5.0, 3.0), ("gpu", "k2", 8.2, 1.0),
+             ("gpu", "pallas", 9000.0, 4.0), ("gpu", "pallas", 9004.5, 4.0)]  # chain 2 starts 9 ms later
+
+    def fake(run):
+        run()
+        return trace
+
+    monkeypatch.setattr(bk.profiling, "gpu_kernels", fake)
+    chains = [("loop", exe("loop"), None, (), 2), ("pallas_paged", exe("pp"), None, (), 2)]
+    got = bk.profile_chains(chains, gap_s=1e-3)
+    assert ran == ["loop", "pp"]
+    assert got["loop"]["device_us"] == pytest.approx(4.0) and got["loop"]["kernels_a_call"] == 2
+    assert got["loop"]["span_us"] == pytest.approx(9.2 / 2)
+    assert got["pallas_paged"]["device_us"] == pytest.approx(4.0) and got["pallas_paged"]["kernels_a_call"] == 1
+    assert [len(r) for r in bk.split_at_gaps(trace, 500.0)] == [4, 2]
+    assert bk.profile_chains(chains[:1], gap_s=1e-3) is None  # two runs for one chain: do not guess
+    monkeypatch.setattr(bk.profiling, "gpu_kernels", lambda run: None)
+    assert bk.profile_chains(chains, gap_s=1e-3) == {}
