@@ -79,6 +79,7 @@ from pallas_kernels.sgmv_shrink import _iota, rows_at, tile_rows
 TARGET_PROGRAMS = 512
 MIN_K_STEPS = 4
 MAX_K_STEPS = 8
+COUNTERS_MIN = 32  # entries of the one launch's counter buffer, at least (`sgmv_paged_group_one_launch`)
 
 
 def default_k_steps(n_in: int, programs_per_split: int) -> int:
@@ -616,12 +617,18 @@ def sgmv_paged_group_one_launch(ys_TxO, x_TxI, rows_NxC, pages_SxP, rank_GxS, a_
                                shrink=dict(n_in=n_in, k_steps=k_steps, k_loop=k_loop, **common),
                                expand=dict(wait_loads=wait_loads, **common),
                                gpu_sync=not interpret)
+    # At least COUNTERS_MIN entries (only the first G x NT are used). H200 profile (session 22): one-token calls
+    # with one projection (a 1-entry buffer) each paid a 0.9 us `memcpy32_post`, 8-token calls (8 entries) a
+    # zero-fill shared by the whole chain (0.03 us a call), as if XLA copies a 1-element zero constant into the
+    # aliased buffer but broadcasts larger ones. The padding is meant to give every call the broadcast; not yet
+    # re-profiled.
+    n_counters = max(G * NT, COUNTERS_MIN)
     args = (perm_T, tile_start, tile_end, tile_slot, rank_GxS.reshape(-1), pages_SxP.reshape(-1),
-            a_row_GxS.reshape(-1), b_row_GxS.reshape(-1), rows_NxC, x_TxI, jnp.zeros((G * NT,), jnp.int32), *ys_TxO)
+            a_row_GxS.reshape(-1), b_row_GxS.reshape(-1), rows_NxC, x_TxI, jnp.zeros((n_counters,), jnp.int32), *ys_TxO)
     out = pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((G, k_splits, T, r_block), jnp.float32),
-                   jax.ShapeDtypeStruct((G * NT,), jnp.int32),
+                   jax.ShapeDtypeStruct((n_counters,), jnp.int32),
                    *(jax.ShapeDtypeStruct(y.shape, y.dtype) for y in ys_TxO)),
         grid=((k_splits * G + n_blocks) * NT,),
         input_output_aliases={10: 1, **{11 + g: 2 + g for g in range(G)}},

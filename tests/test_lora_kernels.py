@@ -645,3 +645,20 @@ def test_lowers_to_triton_for_gpu(mixed_index, weights, launches):
     f = jax.jit(lambda y, x, w, m: add_lora(y, x, w, m, config=cfg))
     text = f.trace(y, x, w, meta).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == launches
+
+
+def test_one_launch_counters_are_never_a_one_element_buffer():
+    """The one launch's counter buffer has at least `COUNTERS_MIN` entries, also for one token and one
+    projection (one tile): a 1-element zero buffer was the 0.9 us copy in session 22's profile."""
+    from pallas_kernels.sgmv_paged import COUNTERS_MIN
+
+    w = random_slot_weights(jax.random.key(0), [8, 16], 256, 128)
+    ws = paged_group_from_slots((w,), 64, 96, np.random.default_rng(0))
+    meta = build_lora_meta(np.array([1], np.int32))
+    f = jax.jit(lambda y, x, ws, m: add_lora_group((y,), x, ws, m, config=dataclasses.replace(ONE, interpret=False)))
+    text = f.trace(jnp.zeros((1, 128), jnp.bfloat16), jnp.zeros((1, 256), jnp.bfloat16), ws, meta).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 1
+    call = text.split("xla.gpu.triton")[1].split("\n")[0]
+    n = re.search(r"-> \(tensor<[0-9x]+xf32>, tensor<(\d+)xi32>", call)
+    assert n and int(n.group(1)) == COUNTERS_MIN > 1, call[-200:]
