@@ -1,0 +1,320 @@
+"""What the Pallas LoRA kernels cost an SM, without a GPU: registers, spills, shared memory, occupancy, SASS.
+
+Each case is lowered for CUDA on this machine (`.lower(lowering_platforms=("cuda",))`, Pallas'
+`debug=True` prints every kernel's Triton module), and each kernel's module is compiled for sm_90
+(H100/H200) by the `triton` package's own compiler with the launch's `num_warps` / `num_stages`
+(read from the lowered call). `cuobjdump` (shipped with `triton`) then gives the registers a thread,
+the stack (spill) bytes and the SASS. Needs `pip install triton` (the compiler only; no GPU, no
+CUDA driver). Rows (JSON under `--out`, and a table) per kernel:
+
+- `regs`, `stack_bytes` (local memory: spills), `spill_stores` / `spill_loads` (STL / LDL in the SASS);
+- `shared_bytes` (Triton's dynamic shared memory), `grid`, `programs`;
+- `occupancy`: programs an SM holds by registers, by shared memory and by the 32-block limit, and
+  the resulting warps of 64 (registers allocated per warp in units of 256; 1 KiB reserved a block);
+- `sass`: counts of global loads/stores, tensor-core MMAs, barriers, atomics.
+
+What it is not: XLA compiles the same module with its own pinned Triton and pass pipeline, and the
+GPU image's JAX may lower a kernel slightly differently from this machine's. So the numbers are
+those of the same kernel code under another Triton build. Checked against `ncu` (session 8's
+profile of the 7B decode step's kernels, `--step7b` at tree 68fe84a, recorded in
+benchmarks/results/kernel_resources_cpu/): see that folder's README for how close they came.
+Nothing here times anything; it says where to look, and a GPU run says what it costs.
+
+Cases: the kernel grid's (`bench_kernels.py`: `--tokens --projections --ranks --pops --impls`,
+1000 adapters resident in pool pages as there), or `--step7b`: the Llama-7B decode step's two
+LoRA calls as `scripts/ncu_lora.py` runs them (q/k/v grouped and o; 64 tokens, 47 distinct
+rank-16 adapters, pool rows of 128), which needs only `slora_jax.ops` and so also runs against
+an older checkout (`--tree DIR`).
+
+    python scripts/kernel_resources.py --tokens 1 --ranks 16,128 --projections 4096x4096 \\
+        --impls pallas_paged 'pallas_paged[paged_k_steps=4,paged_small_k_steps=0]'
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# sm_90 (H100 / H200) per-SM limits
+REGS_PER_SM = 65536
+REG_ALLOC_UNIT = 256  # registers are allocated per warp in units of 256
+MAX_WARPS_PER_SM = 64
+MAX_BLOCKS_PER_SM = 32
+SHARED_PER_SM = 228 * 1024
+SHARED_RESERVED_PER_BLOCK = 1024
+N_SMS = 132  # H100 SXM / H200
+
+SASS_OPS = {"LDG": r"\bLDG\b", "STG": r"\bSTG\b", "HMMA": r"\bHMMA\b", "BAR": r"\bBAR\b",
+            "ATOM": r"\b(?:ATOM|ATOMG|RED|REDG)\b", "STL": r"\bSTL\b", "LDL": r"\bLDL\b"}
+
+
+@dataclasses.dataclass
+class Kernel:
+    """One Triton launch of a lowered function: its module (text) and launch parameters."""
+    name: str
+    ttir: str
+    num_warps: int
+    num_stages: int
+    grid: tuple
+
+    @property
+    def programs(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+
+_CALL_RE = re.compile(r"grid_x = (\d+) : i32, grid_y = (\d+) : i32, grid_z = (\d+) : i32, ir = \"[^\"]*\", "
+                      r"name = \"([^\"]+)\", num_stages = (\d+) : i32, num_warps = (\d+) : i32")
+_MODULE_HEAD = "The Triton module for pallas_call "
+
+
+def lower_kernels(fn, *args) -> list[Kernel]:
+    """The Triton launches of `jax.jit(fn)(*args)` lowered for CUDA, in program order.
+
+    Pallas prints each kernel's module when `debug=True`; the launch parameters come from the
+    lowered custom calls, matched to the printed modules by kernel name and order."""
+    import jax
+    from jax.experimental import pallas as pl
+
+    orig = pl.pallas_call
+
+    def debug_call(*a, **kw):
+        kw["debug"] = True
+        return orig(*a, **kw)
+
+    out = io.StringIO()
+    pl.pallas_call = debug_call
+    try:
+        with contextlib.redirect_stdout(out):
+            text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    finally:
+        pl.pallas_call = orig
+    modules: dict[str, list[str]] = {}
+    for part in out.getvalue().split(_MODULE_HEAD)[1:]:
+        name = part.split()[0]
+        modules.setdefault(name, []).append(part[part.index("module"):])
+    kernels, seen = [], {}
+    for m in _CALL_RE.finditer(text):
+        gx, gy, gz, name, stages, warps = m.groups()
+        mods = modules.get(name)
+        if not mods:
+            raise RuntimeError(f"no printed Triton module for launch {name!r}")
+        i = seen.get(name, 0)
+        seen[name] = i + 1
+        # a lowering reused for an identical call prints once: later launches share the last module
+        kernels.append(Kernel(name, clean_ttir(mods[min(i, len(mods) - 1)]), int(warps), int(stages),
+                              (int(gx), int(gy), int(gz))))
+    if not kernels:
+        raise RuntimeError("the function lowered to no Triton launch (no Pallas kernel in it?)")
+    return kernels
+
+
+def clean_ttir(printed: str) -> str:
+    """A printed module (with Pallas' debug locations) as plain MLIR text that another Triton parses."""
+    text = re.sub(r" \[[^\]\n]*\]", "", printed)  # [unknown] and other inline locations
+    text = re.sub(r' "[^"\n]*"\(#loc\d*\)', "", text)  # "name:"(#locN)
+    text = re.sub(r" loc\([^\n]*\)$", "", text, flags=re.M)
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("#loc"))
+    end = re.search(r"^}$", text, flags=re.M)  # the module's closing brace; the print goes on after it
+    return text[:end.end()] + "\n" if end else text + "\n"
+
+
+def occupancy(regs: int, warps: int, shared_bytes: int) -> dict:
+    """Programs (blocks) an sm_90 SM holds, by each limit, and the warps that gives (of 64)."""
+    warp_regs = -(-regs * 32 // REG_ALLOC_UNIT) * REG_ALLOC_UNIT
+    by_regs = (REGS_PER_SM // warp_regs) // warps
+    by_shared = SHARED_PER_SM // (shared_bytes + SHARED_RESERVED_PER_BLOCK)
+    by_warps = MAX_WARPS_PER_SM // warps
+    blocks = min(by_regs, by_shared, by_warps, MAX_BLOCKS_PER_SM)
+    return {"blocks_by_regs": by_regs, "blocks_by_shared": by_shared, "blocks": blocks,
+            "warps": blocks * warps, "fraction": blocks * warps / MAX_WARPS_PER_SM}
+
+
+def triton_tools():
+    """(triton module, folder of its cuobjdump), or a clear error when the package is missing."""
+    try:
+        import triton
+    except ImportError as e:
+        raise SystemExit("kernel_resources.py needs the `triton` package (pip install triton): its compiler "
+                         "and cuobjdump run without a GPU") from e
+    return triton, os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def compile_kernel(k: Kernel, arch: int = 90, keep: str | None = None) -> dict:
+    """Compile one kernel's module for sm_`arch` with `triton`; registers, spills, shared memory, SASS counts."""
+    triton, bin_dir = triton_tools()
+    from triton.backends.compiler import GPUTarget
+
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default; set to silence its warning
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, f"{k.name}.ttir")
+        with open(src, "w") as f:
+            f.write(k.ttir)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                  options=dict(num_warps=k.num_warps, num_stages=k.num_stages))
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-res-usage", cubin], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-sass", cubin], capture_output=True,
+                              text=True, check=True).stdout
+    if keep:
+        os.makedirs(keep, exist_ok=True)
+        for ext, body in (("ttir", k.ttir), ("ptx", compiled.asm["ptx"]), ("sass", sass)):
+            with open(os.path.join(keep, f"{k.name}.w{k.num_warps}.{ext}"), "w") as f:
+                f.write(body)
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+    shared = int(compiled.metadata.shared)
+    instr = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
+    counts = {op: sum(1 for line in instr if re.search(pat, line)) for op, pat in SASS_OPS.items()}
+    return {"kernel": k.name, "grid": list(k.grid), "programs": k.programs, "num_warps": k.num_warps,
+            "num_stages": k.num_stages, "regs": regs, "stack_bytes": stack, "spill_stores": counts.pop("STL"),
+            "spill_loads": counts.pop("LDL"), "shared_bytes": shared, "sass": {"instructions": len(instr), **counts},
+            "occupancy": occupancy(regs, k.num_warps, shared), "waves": k.programs / N_SMS}
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+def grid_cases(args):
+    """(label, fn, args) for the kernel grid's cases (`bench_kernels.py`'s workload and page layout)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import bench_kernels as bk
+    from slora_jax.ops import add_lora, build_lora_meta
+
+    chunk = 64
+    for T in args.tokens:
+        for proj in args.projections:
+            h_in, h_out = (int(v) for v in proj.split("x"))
+            for rank in args.ranks:
+                ranks_S = bk.slot_ranks(rank)
+                w = bk.paged_abstract(ranks_S, h_in, h_out, chunk)
+                x = jax.ShapeDtypeStruct((T, h_in), jnp.bfloat16)
+                y = jax.ShapeDtypeStruct((T, h_out), jnp.bfloat16)
+                for pop in args.pops:
+                    slot_T = bk.slot_draw(pop, T, np.random.default_rng(0))
+                    meta = bk.static_tiles(build_lora_meta(slot_T))
+                    for spec in args.impls:
+                        name, cfg, paged = bk.parse_impl(spec)
+                        if name != "pallas" or not paged:
+                            raise SystemExit(f"{spec!r}: only pallas_paged[...] impls are reported")
+                        cfg = dataclasses.replace(cfg, interpret=False)
+                        case = dict(tokens=T, h_in=h_in, h_out=h_out, rank=rank, popularity=pop, impl=spec)
+                        yield case, (lambda y, x, w, m, cfg=cfg: add_lora(y, x, w, m, config=cfg)), (y, x, w, meta)
+
+
+def step7b_cases(args):
+    """The 7B decode step's LoRA calls as `ncu_lora.py` builds them: q/k/v grouped, then o."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from slora_jax.ops import KernelConfig, PagedWeights, add_lora, add_lora_group, build_lora_meta
+    from slora_jax.ops import random_slot_weights
+
+    H, r, T, C, S = 4096, 16, 64, 128, 256
+    rng = np.random.default_rng(0)
+    dense = [random_slot_weights(jax.random.key(g), np.full(S, r, np.int32), H, H) for g in range(4)]
+    paged = PagedWeights.group_from_slots(dense, chunk=C, rows_per_page=1024, page_ids=rng.permutation(4 * S))
+    ids = rng.choice(S, args.adapters, replace=False)
+    slot_T = rng.permutation(ids[np.arange(T) % args.adapters]).astype(np.int32)
+    meta = build_lora_meta(slot_T, max_segments=64, static_tiles=True)
+    x = jnp.zeros((T, H), jnp.bfloat16)
+    ys = tuple(jnp.zeros((T, H), jnp.bfloat16) for _ in range(3))
+    for spec in args.configs:
+        kw = dict(item.split("=") for item in filter(None, spec.split(",")))
+        cfg = KernelConfig(interpret=False, **{k: int(v) for k, v in kw.items()})
+        case = dict(step="7b_decode", tokens=T, adapters=args.adapters, rank=r, chunk=C, config=spec or "default")
+        yield ({**case, "call": "qkv"},
+               lambda ys, x, w, m, cfg=cfg: add_lora_group(ys, x, w, m, config=cfg), (ys, x, paged[:3], meta))
+        yield ({**case, "call": "o"},
+               lambda y, x, w, m, cfg=cfg: add_lora(y, x, w, m, config=cfg), (ys[0], x, paged[3], meta))
+
+
+def table(rows: list[dict]) -> str:
+    head = ("case", "kernel", "grid", "warps", "stages", "regs", "stack", "STL/LDL", "shared", "occ", "LDG", "HMMA")
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r in rows:
+        c = r["case"]
+        label = (f"{c['call']} {c['config']}" if "call" in c else
+                 f"{c['tokens']} tok {c['h_in']}x{c['h_out']} r{c['rank']} {c['popularity']} {c['impl']}")
+        lines.append(" | ".join(str(v) for v in (
+            label, r["kernel"], "x".join(map(str, r["grid"])), r["num_warps"], r["num_stages"], r["regs"],
+            r["stack_bytes"], f"{r['spill_stores']}/{r['spill_loads']}", r["shared_bytes"],
+            f"{r['occupancy']['fraction']:.0%}", r["sass"]["LDG"], r["sass"]["HMMA"])))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", nargs="*", default=["1"])
+    p.add_argument("--projections", nargs="*", default=["4096x4096"])
+    p.add_argument("--ranks", nargs="*", default=["16"], help="ranks, or 'mixed' (bench_kernels.py's)")
+    p.add_argument("--pops", nargs="*", default=["identical"])
+    p.add_argument("--impls", nargs="*", default=["pallas_paged"], help="pallas_paged[KernelConfig overrides]")
+    p.add_argument("--step7b", action="store_true", help="the 7B decode step's q/k/v and o calls instead")
+    p.add_argument("--configs", nargs="*", default=[""],
+                   help="--step7b: KernelConfig overrides, 'paged_warps=2,paged_k_steps=4' ('' = defaults)")
+    p.add_argument("--adapters", type=int, default=47, help="--step7b: distinct adapters of the 64 tokens")
+    p.add_argument("--tree", help="import slora_jax and pallas_kernels from this checkout (--step7b only)")
+    p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--keep", help="also write each kernel's TTIR, PTX and SASS under this folder")
+    p.add_argument("--out", default=None, help="JSON file for the rows")
+    args = p.parse_args(argv)
+    if args.tree and not args.step7b:
+        p.error("--tree goes with --step7b (the grid cases use this checkout's bench_kernels.py)")
+    sys.path.insert(0, os.path.abspath(args.tree) if args.tree else ROOT)
+    import numpy as np  # noqa: F401  (after the path: the tree's own modules import it)
+    if args.step7b:
+        cases = step7b_cases(args)
+    else:
+        sys.path.insert(0, os.path.join(ROOT, "scripts"))
+        from bench_kernels import split_list
+        args.tokens = [int(t) for t in split_list(args.tokens)]
+        args.projections, args.ranks, args.pops = (split_list(v) for v in (args.projections, args.ranks, args.pops))
+        args.impls = split_list(args.impls)
+        cases = grid_cases(args)
+    triton_tools()  # fail before any lowering when triton is missing
+    rows = []
+    for case, fn, fn_args in cases:
+        for i, k in enumerate(lower_kernels(fn, *fn_args)):
+            keep = os.path.join(args.keep, f"case{len(rows):03d}") if args.keep else None
+            rows.append({"case": case, "launch": i, **compile_kernel(k, args.arch, keep)})
+    print(table(rows))
+    if args.out:
+        import triton
+        import jax
+        result = {"benchmark": "kernel_resources", "arch": f"sm_{args.arch}", "triton_version": triton.__version__,
+                  "jax_version": jax.__version__, "tree": os.path.abspath(args.tree) if args.tree else ROOT,
+                  "git_commit": _git_commit(args.tree or ROOT), "rows": rows}
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.out}")
+    return rows
+
+
+def _git_commit(tree: str) -> str | None:
+    try:
+        return subprocess.run(["git", "-C", tree, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+if __name__ == "__main__":
+    main()

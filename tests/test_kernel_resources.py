@@ -1,0 +1,106 @@
+"""scripts/kernel_resources.py: the Triton launches of a lowered call, occupancy, and (with `triton`) a compile."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from slora_jax.ops import KernelConfig, PagedWeights, add_lora, build_lora_meta, random_slot_weights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def kr():
+    spec = importlib.util.spec_from_file_location("kernel_resources", os.path.join(ROOT, "scripts/kernel_resources.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def small_call(T=4, rank=16, h=256, **over):
+    w = random_slot_weights(jax.random.key(0), np.full(8, rank, np.int32), h, h, dtype=jnp.bfloat16)
+    pw = PagedWeights.from_slots(w, chunk=64, rows_per_page=256)
+    meta = build_lora_meta(np.arange(T) % 8, static_tiles=True)
+    x, y = jnp.zeros((T, h), jnp.bfloat16), jnp.zeros((T, h), jnp.bfloat16)
+    cfg = KernelConfig(interpret=False, **over)
+    return (lambda y, x, w, m: add_lora(y, x, w, m, config=cfg)), (y, x, pw, meta)
+
+
+@pytest.mark.parametrize("regs,warps,shared,fraction", [
+    (88, 4, 4096, 0.3125),  # session 8's ncu: sgmv_shrink_paged_x3, theoretical occupancy 31%
+    (48, 4, 6144, 0.625),  # sgmv_expand_paged_x3, 63%
+    (80, 4, 4096, 0.375),  # sgmv_shrink_paged_x1, 38%
+    (40, 4, 6144, 0.75),  # sgmv_expand_paged_x1, 75%
+    (255, 4, 32768, 0.125),  # the loads-first shrink: "2 programs fit an SM (12.5%)"
+])
+def test_occupancy_matches_ncu(kr, regs, warps, shared, fraction):
+    """The occupancy rule gives the theoretical occupancy `ncu` reported for these kernels
+    (benchmarks/results/kernels_s8_h200/ncu_run2.txt)."""
+    assert kr.occupancy(regs, warps, shared)["fraction"] == fraction
+
+
+def test_occupancy_limits(kr):
+    assert kr.occupancy(32, 1, 0)["blocks"] == 32  # the block limit, not registers (64 blocks' worth)
+    assert kr.occupancy(32, 4, 100 * 1024)["blocks"] == 2  # shared memory: 2 x (100 KiB + 1 KiB) <= 228 KiB
+
+
+def test_lower_kernels_pairs_modules_with_launches(kr):
+    """The split pair lowers to two launches whose warps, stages and grid are the call's, each with a module
+    cleaned of Pallas' debug locations; the one launch is one kernel."""
+    fn, args = small_call(paged_one_launch_max_rank=0, paged_warps=1, paged_k_steps=2)
+    ks = kr.lower_kernels(fn, *args)
+    assert [k.name for k in ks] == ["sgmv_shrink_paged_x1", "sgmv_expand_paged_x1"]
+    assert all(k.num_warps == 1 and k.num_stages == 1 for k in ks)
+    assert ks[0].grid == (2, 4, 1)  # 4 chunks of 64 in H_in = 256, 2 a program; 4 tiles (the bound)
+    for k in ks:
+        assert k.ttir.startswith("module @" + k.name) and k.ttir.rstrip().endswith("}")
+        assert "#loc" not in k.ttir and "[unknown]" not in k.ttir and "tt.dot" in k.ttir
+    fn, args = small_call(T=1)
+    one = kr.lower_kernels(fn, *args)
+    assert [k.name for k in one] == ["sgmv_paged_one_launch_x1"]
+
+
+def test_clean_ttir_cuts_after_the_module(kr):
+    printed = ('module @k {\n  tt.func @k() {\n    %0 = arith.constant 0 : i32 "c:"(#loc1) [unknown]\n'
+               '    tt.return\n  }\n}\n at #loc3\n#loc1 = loc("x")\n')
+    assert kr.clean_ttir(printed) == "module @k {\n  tt.func @k() {\n    %0 = arith.constant 0 : i32\n" \
+                                     "    tt.return\n  }\n}\n"
+
+
+def _have_triton():
+    return importlib.util.find_spec("triton") is not None
+
+
+@pytest.mark.skipif(not _have_triton(), reason="needs the triton package (the dev extra has it on Linux)")
+def test_compile_reports_spills_of_long_shrink_programs(kr):
+    """Compiled for sm_90: a rank-128 shrink of 8 unrolled K chunks at 2 warps (the 64-token default) holds
+    more than 255 registers' worth of loads and spills; 1 chunk at 4 warps does not."""
+    long_fn, long_args = small_call(T=64, rank=128, h=512, paged_k_steps=8, paged_warps=2)
+    short_fn, short_args = small_call(T=64, rank=128, h=512, paged_k_steps=1, paged_warps=4)
+    long_k = kr.lower_kernels(long_fn, *long_args)[0]
+    short_k = kr.lower_kernels(short_fn, *short_args)[0]
+    assert long_k.name == short_k.name == "sgmv_shrink_paged_x1"
+    spilled, clean = kr.compile_kernel(long_k), kr.compile_kernel(short_k)
+    assert spilled["regs"] == 255 and spilled["stack_bytes"] > 0 and spilled["spill_stores"] > 0
+    assert clean["stack_bytes"] == 0 and clean["spill_stores"] == clean["spill_loads"] == 0
+    assert clean["regs"] < 128 and clean["occupancy"]["fraction"] > spilled["occupancy"]["fraction"]
+    assert spilled["sass"]["HMMA"] > clean["sass"]["HMMA"] > 0 and clean["sass"]["LDG"] > 0
+
+
+@pytest.mark.skipif(not _have_triton(), reason="needs the triton package (the dev extra has it on Linux)")
+def test_main_writes_rows(kr, tmp_path):
+    out = tmp_path / "r.json"
+    rows = kr.main(["--tokens", "1", "--projections", "1024x1024", "--ranks", "16", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["arch"] == "sm_90" and len(result["rows"]) == len(rows) == 1
+    row = result["rows"][0]
+    assert row["kernel"] == "sgmv_paged_one_launch_x1" and row["case"]["tokens"] == 1 and row["regs"] > 0
