@@ -35,7 +35,6 @@ import gc
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -47,6 +46,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from pallas_kernels.paged_attention import default_decode_splits, paged_decode_attention  # noqa: E402
 from slora_jax.ops.attention import paged_attention, paged_attention_reference  # noqa: E402
+from slora_jax.provenance import git_commit  # noqa: E402
 
 MODELS = {"llama-7b": (32, 32), "llama-3-8b": (32, 8)}  # name -> (q heads, KV heads)
 HEAD_DIM = 128
@@ -235,14 +235,6 @@ def check_prefill(N, K, seed, S=128, start=1000, M=128):
     return {"n_heads": N, "n_kv_heads": K, "batch": B, "chunk": S, "rel_err": err,
             "median_us_untuned": t * 1e6}
 
-
-def git_commit():
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-        return out if len(out) == 40 else None  # the device's copy of the tree has no .git
-    except OSError:
-        return None
 
 
 def main(argv=None):

@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 
@@ -50,6 +49,7 @@ from bench_kernels import measure_ceilings  # same ceilings as the kernel benchm
 from slora_jax.adapters import random_adapter
 from slora_jax.config import EngineConfig, preset
 from slora_jax.engine import Engine, SamplingParams
+from slora_jax.provenance import git_commit
 from slora_jax.parallel import serving
 from slora_jax.model import init_random_params
 
@@ -308,7 +308,7 @@ def main():
                                                                             "tp", "strategy", "kernel") and v != "")
                       + (" --slots" if args.slots else ""),
            "xla_flags": os.environ.get("XLA_FLAGS", ""),
-           "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()}
+           "git_commit": git_commit()}
     res["measured_ceilings"] = measure_ceilings(small=jax.default_backend() == "cpu")
     bw = res["measured_ceilings"]["copy_GBps"]
     print("ceilings", res["measured_ceilings"], flush=True)

@@ -93,7 +93,6 @@ import functools
 import json
 import math
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -122,6 +121,7 @@ from slora_jax.ops import (  # noqa: E402
     slab_fits,
     slab_from_slots,
 )
+from slora_jax.provenance import git_commit  # noqa: E402
 
 N_SLOTS = 1000
 TOKENS = (1, 8, 32, 64, 256, 1024, 4096)
@@ -1125,14 +1125,6 @@ class ResultWriter:
         os.replace(self.path + ".tmp", self.path)
 
 
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small subset of the grid")
@@ -1269,7 +1261,7 @@ def main(argv=None):
     phases = Phases()
     sys.setswitchinterval(1e-4)  # a compile thread's Python never holds the dispatching thread long
     with phases("setup"):
-        commit = args.git_commit or git_commit()
+        commit = args.git_commit or git_commit(short=True)
         dev = jax.devices()[0]
     with phases("ceilings"):
         ceilings = measure_ceilings(small=jax.default_backend() == "cpu")

@@ -35,7 +35,6 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -55,6 +54,7 @@ from slora_jax.ops import (  # noqa: E402
     lora_reference,
     random_slot_weights,
 )
+from slora_jax.provenance import git_commit  # noqa: E402
 
 VARIANTS = {
     "per_proj_k4": dict(group_projections=False, paged_k_steps=4),
@@ -137,10 +137,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     st = SMOKE if args.smoke else FULL
     tokens = tuple(args.tokens or st.tokens)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = git_commit()
     dev = jax.devices()[0]
     ceilings = measure_ceilings(small=args.smoke)
     print(f"device {dev.device_kind}  jax {jax.__version__}  ceilings {ceilings}", flush=True)

@@ -67,7 +67,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import profiling  # noqa: E402
-from bench_kernels import git_commit, measure_ceilings, slope_time  # noqa: E402
+from bench_kernels import measure_ceilings, slope_time  # noqa: E402
 from pallas_kernels.lora_linear import lora_linear_paged_group, lora_linear_reference  # noqa: E402
 from pallas_kernels.lora_slab import linear_shrink_slab, linear_slab, slab_expand, slab_shrink  # noqa: E402
 from pallas_kernels.sgmv_paged import sgmv_shrink_paged_group  # noqa: E402
@@ -80,6 +80,7 @@ from slora_jax.ops import (  # noqa: E402
     random_slot_weights,
     slab_counters,
 )
+from slora_jax.provenance import git_commit  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

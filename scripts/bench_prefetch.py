@@ -42,7 +42,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_attention import git_commit  # noqa: E402
+from slora_jax.provenance import git_commit  # noqa: E402
 from slora_jax.adapters import random_adapter  # noqa: E402
 from slora_jax.config import EngineConfig, preset  # noqa: E402
 from slora_jax.engine import Engine, SamplingParams  # noqa: E402

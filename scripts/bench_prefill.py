@@ -46,10 +46,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_attention import git_commit, measure_ceilings, random_pool  # noqa: E402
+from bench_attention import measure_ceilings, random_pool  # noqa: E402
 from pallas_kernels.paged_attention import paged_decode_attention  # noqa: E402
 from slora_jax.config import preset  # noqa: E402
 from slora_jax.ops.attention import paged_attention_reference, paged_ragged_attention  # noqa: E402
+from slora_jax.provenance import git_commit  # noqa: E402
 
 MIN_ROT_BYTES = 150e6
 nan = float("nan")

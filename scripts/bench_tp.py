@@ -58,7 +58,6 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -73,6 +72,7 @@ from bench_kernels import measure_ceilings  # noqa: E402
 from slora_jax import parallel  # noqa: E402
 from slora_jax.compat import shard_map  # noqa: E402
 from slora_jax.config import preset  # noqa: E402
+from slora_jax.provenance import git_commit  # noqa: E402
 from slora_jax.memory.pool import PoolLayout  # noqa: E402
 from slora_jax.model import LoraInputs  # noqa: E402
 from slora_jax.parallel.sharding import COLUMN_PARALLEL  # noqa: E402
@@ -382,8 +382,7 @@ def main():
     run = Run({"benchmark": "tensor_parallel_decode", "models": {n: dataclasses.asdict(c) for n, c, _ in plan},
                "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
                "jax_version": jax.__version__, "command": "python scripts/bench_tp.py " + " ".join(sys.argv[1:]),
-               "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                                            text=True).stdout.strip(),
+               "git_commit": git_commit(),
                "lora_impl": args.lora_impl, "measured_ceilings": ceilings,
                "env": {k: v for k, v in os.environ.items() if k.startswith(("XLA_FLAGS", "NCCL_"))}},
               os.path.join(args.out, f"tp_decode_{jax.devices()[0].platform}{'_' + args.tag if args.tag else ''}.json"))

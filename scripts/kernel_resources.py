@@ -300,7 +300,7 @@ def main(argv=None):
         import jax
         result = {"benchmark": "kernel_resources", "arch": f"sm_{args.arch}", "triton_version": triton.__version__,
                   "jax_version": jax.__version__, "tree": os.path.abspath(args.tree) if args.tree else ROOT,
-                  "git_commit": _git_commit(args.tree or ROOT), "rows": rows}
+                  "git_commit": _git_commit(args.tree), "rows": rows}
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
@@ -308,12 +308,15 @@ def main(argv=None):
     return rows
 
 
-def _git_commit(tree: str) -> str | None:
-    try:
-        return subprocess.run(["git", "-C", tree, "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+def _git_commit(tree: str | None) -> str | None:
+    """`slora_jax.provenance.git_commit`, loaded from this checkout's file: importing the `slora_jax` package
+    here would shadow the one of `--tree`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_provenance", os.path.join(ROOT, "slora_jax", "provenance.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.git_commit(os.path.abspath(tree) if tree else None)
 
 
 if __name__ == "__main__":

@@ -57,11 +57,11 @@ from slora_jax.experiment.config_io import load_experiment, point_label, sweep_p
 from slora_jax.experiment.runner import (
     SystemFactory,
     adapters_used,
-    git_commit,
     preload_adapters,
     run_point,
     serve_requests,
 )
+from slora_jax.provenance import git_commit
 from slora_jax.workload import TraceRequest
 
 

@@ -22,7 +22,6 @@ import gc
 import hashlib
 import json
 import os
-import subprocess
 import time
 from typing import Any, Callable
 
@@ -49,6 +48,7 @@ from slora_jax.errors import ConfigError, RequestError
 from slora_jax.experiment import plots
 from slora_jax.experiment.config_io import dump, point_label, sweep_points
 from slora_jax.model import init_random_params, load_checkpoint, unstack_layers
+from slora_jax.provenance import git_commit
 from slora_jax.workload import (
     RequestRecord,
     TraceRequest,
@@ -336,14 +336,6 @@ def warmup(system, requests: list[TraceRequest], prompts: dict[int, list[int]], 
 
 
 # ------------------------------------------------------------------------------------------- one run
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=os.path.dirname(__file__)).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def _is_oom(e: BaseException) -> bool:
     return isinstance(e, (OutOfDeviceMemory, MemoryError)) or "RESOURCE_EXHAUSTED" in str(e)
 
