@@ -104,3 +104,16 @@ def test_main_writes_rows(kr, tmp_path):
     assert result["arch"] == "sm_90" and len(result["rows"]) == len(rows) == 1
     row = result["rows"][0]
     assert row["kernel"] == "sgmv_paged_one_launch_x1" and row["case"]["tokens"] == 1 and row["regs"] > 0
+
+
+@pytest.mark.skipif(not _have_triton(), reason="needs the triton package (the dev extra has it on Linux)")
+@pytest.mark.parametrize("rank,kernels", [(16, ["sgmv_paged_one_launch_x1"]),
+                                          (128, ["sgmv_shrink_paged_x1", "sgmv_expand_paged_x1"])])
+def test_decode_defaults_do_not_spill(kr, rank, kernels):
+    """The default launch shapes of a one-token call on the grid's 4096->4096 shapes compile without spills
+    (session 22's decode rules: 1 K chunk a shrink program at 4 warps over rank 32; session 23's table,
+    benchmarks/results/kernel_resources_cpu/). A change that makes decode kernels spill fails here."""
+    rows = kr.main(["--tokens", "1", "--projections", "4096x4096", "--ranks", str(rank)])
+    assert [r["kernel"] for r in rows] == kernels
+    for r in rows:
+        assert r["stack_bytes"] == 0 and r["spill_stores"] == r["spill_loads"] == 0, r
