@@ -39,7 +39,7 @@ def test_issue6_campaign_points(smoke):
     defer = {(p.exp.name, p.exp.engine.defer_unstaged_starts) for p in c.points if p.exp.system == "slora"
              and p.exp.name.startswith("slora_s")}
     assert defer == ({(f"slora_s{i}", True) for i in (1, 2)} | {(f"slora_s{i}_nodefer", False) for i in (1, 2)}
-                     | {(f"slora_s{i}_threads8", True) for i in (1, 2)} | {("slora_s2_nospare", True), ("slora_s1_slab", True)})
+                     | {(f"slora_s{i}_threads8", True) for i in (1, 2)} | {("slora_s2_nospare", True), ("slora_s1_slab", True), ("slora_s2_slab", True)})
     threads = {p.exp.name: p.exp.engine.adapter_stage_threads for p in c.points if p.exp.system == "slora"}
     assert threads["slora_s2_threads8"] == 8 and threads["slora_s2"] == 4
     spares = {p.exp.name: p.exp.engine.host_adapter_spare_bytes for p in c.points if p.exp.system == "slora"}
@@ -47,6 +47,10 @@ def test_issue6_campaign_points(smoke):
     slab = {p.exp.name: p.exp.engine.lora_slab_rows for p in c.points if p.exp.name.startswith("lora_vs_base")}
     assert slab == {"lora_vs_base": 0, "lora_vs_base_linear": 0, "lora_vs_base_slab": 1024, "lora_vs_base_slab64": 1024}
     assert {p.exp.engine.lora_slab_rows for p in c.points if p.exp.name == "slora_s1_slab"} == {1024}
+    s2_slab = [p.exp.engine for p in c.points if p.exp.name == "slora_s2_slab"]
+    assert len(s2_slab) == 2 and all(e.lora_slab_rows == 4096 and e.lora_kernel == {"slab_max_tokens": 64} for e in s2_slab)
+    # the slab runs only on the Pallas path: the slab experiments name it, so --smoke (CPU) runs them too
+    assert all(p.exp.engine.lora_impl == "pallas" for p in c.points if p.exp.engine.lora_slab_rows)
     slots = {p.exp.name: p.exp.engine.max_lora_rank for p in c.points if p.exp.system == "slora_no_unified"}
     assert slots == {"slora_s1": 8, "slora_s2": 64}
     for p in c.points:
@@ -151,3 +155,17 @@ def test_gpu_experiments_smoke(tmp_path, capsys):
                         "--out", str(tmp_path / "combined")]) == 0
     assert sorted(os.listdir(tmp_path / "combined")) == ["issue6_combined.json", "issue6_combined_slora_s1.png"]
     assert "s1_slora_n1000_over_n5" in capsys.readouterr().out
+
+
+def test_s2_on_the_slab_smoke(tmp_path):
+    """S2's churn (ranks 8-64, a new adapter with most requests) on the slab for full decode batches, the
+    campaign's s2_slora_slab in --smoke: both points finish, the steps ran on the slab (interpreted kernels),
+    and nothing compiled in the timed replay."""
+    c = cp.load_campaign(ISSUE6, smoke=True)
+    keep = [p for p in c.points if p.entry == "s2_slora_slab"]
+    summary = cp.run_campaign(cp.Campaign("issue6", c.path, keep, c.targets), str(tmp_path / "out"), budget_s=600,
+                              work_dir=str(tmp_path / "work"), facts={"smoke": True}, echo=lambda *a: None)
+    assert [(r["point"]["adapters.n"], r["status"]) for r in summary["points"]] == [(5, "ok"), (1000, "ok")]
+    for r in summary["points"]:
+        assert r["metrics"]["num_finished"] > 0 and r["compiles"]["replay"] == 0
+        assert r["memory"]["peak_slab_adapters"] >= 1 and r["memory"]["peak_slab_rows_used"] > 0
