@@ -609,15 +609,17 @@ def test_default_small_pair_calls_take_short_programs(T, ranks, splits, warps):
         assert f"tensor<1x16x{T}x" not in text
 
 
-@pytest.mark.parametrize("setting,want", [(None, True), (True, True), (False, False)])
+@pytest.mark.parametrize("setting,want", [(None, True), (True, True), (False, False), (0, False), (1, True)])
 def test_one_launch_takes_phased_loads_by_default(monkeypatch, setting, want):
-    """`paged_phased_loads=None` (the default) phases the one launch's loads; True and False force it."""
+    """`paged_phased_loads=None` (the default) phases the one launch's loads; True and False force it, and so
+    do 1 and 0 (as `bench_kernels.py`'s 'pallas_paged[paged_phased_loads=0]' passes them)."""
     import slora_jax.ops.lora as ops_lora
 
     seen = []
     real = ops_lora.sgmv_paged_group_one_launch
     monkeypatch.setattr(ops_lora, "sgmv_paged_group_one_launch", lambda *a, **k: seen.append(k["phased"]) or real(*a, **k))
     cfg = dataclasses.replace(ONE, paged_phased_loads=setting)
+    jax.clear_caches()  # 0 == False as a static argument: the call must trace, not reuse another setting's
     assert run_group_case(5, "mixed_none", GROUP_RANKS, jnp.float32, seed=3, cfg=cfg) < 1e-5
     assert seen == [want]
 

@@ -650,7 +650,7 @@ def _add_paged_group(ys_TxO, x_TxI, ws: tuple[PagedWeights, ...], meta: LoraMeta
     warps = paged_warps_for(cfg, meta.block_m, r_block)
     small = x_TxI.shape[0] <= cfg.paged_one_launch_max_tokens
     if small and r_block <= cfg.paged_one_launch_max_rank:
-        common["phased"] = cfg.paged_phased_loads is not False
+        common["phased"] = cfg.paged_phased_loads is None or bool(cfg.paged_phased_loads)
         return sgmv_paged_group_one_launch(
             ys_TxO, x_TxI, w0.rows, w0.pages, rank_GxS, jnp.stack([w.a_row for w in ws]),
             jnp.stack([w.b_row for w in ws]), *tiles, r_block=r_block, k_steps=cfg.paged_k_steps,
