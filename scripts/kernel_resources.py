@@ -11,7 +11,10 @@ CUDA driver). Rows (JSON under `--out`, and a table) per kernel:
 - `shared_bytes` (Triton's dynamic shared memory), `grid`, `programs`;
 - `occupancy`: programs an SM holds by registers, by shared memory and by the 32-block limit, and
   the resulting warps of 64 (registers allocated per warp in units of 256; 1 KiB reserved a block);
-- `sass`: counts of global loads/stores, tensor-core MMAs, barriers, atomics.
+- `sass`: counts of global loads/stores, tensor-core MMAs, barriers, atomics;
+- `round_trips` and `chain`: the longest chain of dependent global-memory accesses a program waits
+  through (`dependent_round_trips`, from the Triton module: no compile needed), and the kernel
+  arguments it reads on the way.
 
 What it is not: XLA compiles the same module with its own pinned Triton and pass pipeline, and the
 GPU image's JAX may lower a kernel slightly differently from this machine's. So the numbers are
@@ -33,6 +36,7 @@ an older checkout (`--tree DIR`).
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import io
@@ -126,6 +130,86 @@ def clean_ttir(printed: str) -> str:
     text = "\n".join(line for line in text.splitlines() if not line.startswith("#loc"))
     end = re.search(r"^}$", text, flags=re.M)  # the module's closing brace; the print goes on after it
     return text[:end.end()] + "\n" if end else text + "\n"
+
+
+_VALUE = re.compile(r"%[\w.]+(?:#\d+)?")
+_RESULTS = re.compile(r"((?:%[\w.]+(?::\d+)?(?:, )?)+) = (.*)")
+
+
+def dependent_round_trips(ttir: str) -> dict:
+    """The longest chain of dependent global-memory accesses in one kernel, read off its Triton module.
+
+    A load or atomic whose address, mask or enclosing `scf.if` / loop bound depends on an earlier load
+    must wait for that load's round trip; the count is the longest such chain that ends in a store or
+    atomic (the program's results), loop bodies counted once. Loads whose results are unused are not
+    counted (the compiler drops them: Pallas' masked store reads the old block). A release atomic comes
+    after the stores before it, and an acquire atomic before every later access on its path. An acquire
+    atomic in a wait loop returns after the release atomics before it in the module: in the one launch
+    the shrink's signal, so the expand's accesses after its wait count from the shrink's chain.
+    Returns `round_trips` and `chain`: the kernel arguments (`%argN`, in the pallas_call's operand order)
+    read along that chain.
+    """
+    lines = [line.strip() for line in ttir.splitlines()]
+    used = collections.Counter(t.split("#")[0] for line in lines
+                               for t in _VALUE.findall(line.split(" = ", 1)[-1] if " = " in line else line))
+    depth: dict[str, tuple[int, tuple]] = {}  # value -> (round trips before it is known, the chain's pointers)
+    base: dict[str, str] = {}  # pointer value -> the kernel argument it offsets
+    stack: list[dict] = []  # open regions: the op's results, its control dependence, its yields
+    # the latest acquire atomic and store on this path (a release atomic waits on the stores), and the
+    # latest release atomic anywhere before (what a wait loop's polls return on)
+    fence = writes = released = (0, ())
+    ends = [(0, ())]
+
+    def dep(tok):
+        return depth.get(tok, depth.get(tok.split("#")[0], (0, ())))
+
+    for line in lines:
+        if not line or line.startswith(("//", "^bb", "module", "tt.func", "tt.return")):
+            continue
+        if line.startswith("}"):
+            region = stack.pop() if stack else dict(op="", results=[], ctl=(0, ()), yields=[], saved=None)
+            if "{" in line:  # "} else {", "} do {": the same op's next region
+                if region["op"] == "scf.if":  # the other branch does not follow this one's accesses
+                    fence, writes = region["saved"]
+                stack.append(region)
+                continue
+            for r in region["results"]:
+                depth[r] = max([region["ctl"]] + region["yields"])
+            if region["op"] == "scf.if":
+                fence, writes = region["saved"]
+            continue
+        m = _RESULTS.match(line)
+        results, body = ([x.split(":")[0] for x in m.group(1).split(", ")], m.group(2)) if m else ([], line)
+        op = body.split()[0]
+        srcs = _VALUE.findall(body.split("{", 1)[0] if op.startswith("scf.") else body)
+        here = max([stack[-1]["ctl"] if stack else (0, ())] + [dep(t) for t in srcs])
+        if op in ("tt.addptr", "tt.splat", "tt.broadcast", "tt.expand_dims") and srcs:
+            base.update({r: base.get(srcs[0], srcs[0]) for r in results})
+        if op == "tt.load" and any(used[r] for r in results) or op.startswith("tt.atomic"):
+            start = max(here, fence, writes) if "rel" in body else max(here, fence)
+            if op.startswith("tt.atomic") and "acq" in body and any(r["op"] == "scf.while" for r in stack):
+                start = max(start, released)  # a wait loop: it returns once the signal it polls is raised
+            here = (start[0] + 1, start[1] + (base.get(srcs[0], srcs[0]),))
+            if op.startswith("tt.atomic"):
+                ends.append(here)
+                if "acq" in body:
+                    fence = max(fence, here)
+                if "rel" in body and not any(r["op"] == "scf.while" for r in stack):
+                    released = max(released, here)
+        elif op == "tt.store":
+            ends.append(max(here, fence))
+            writes = max(writes, ends[-1])
+        for r in results:
+            depth[r] = here
+        if op in ("scf.yield", "scf.condition") and stack:
+            stack[-1]["yields"].append(here)
+        if body.endswith("{"):
+            for arg, init in re.findall(r"(%[\w.]+) = (%[\w.#]+)", body):  # loop variables and carried values
+                depth[arg] = max(here, dep(init)) if op == "scf.for" else dep(init)
+            stack.append(dict(op=op, results=[r.split("#")[0] for r in results], ctl=here, yields=[],
+                              saved=(fence, writes)))
+    trips, chain = max(ends)
+    return {"round_trips": trips, "chain": list(chain)}
 
 
 def occupancy(regs: int, warps: int, shared_bytes: int) -> dict:
@@ -246,7 +330,8 @@ def step7b_cases(args):
 
 
 def table(rows: list[dict]) -> str:
-    head = ("case", "kernel", "grid", "warps", "stages", "regs", "stack", "STL/LDL", "shared", "occ", "LDG", "HMMA")
+    head = ("case", "kernel", "grid", "warps", "stages", "regs", "stack", "STL/LDL", "shared", "occ", "LDG", "HMMA",
+            "trips")
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
         c = r["case"]
@@ -255,7 +340,7 @@ def table(rows: list[dict]) -> str:
         lines.append(" | ".join(str(v) for v in (
             label, r["kernel"], "x".join(map(str, r["grid"])), r["num_warps"], r["num_stages"], r["regs"],
             r["stack_bytes"], f"{r['spill_stores']}/{r['spill_loads']}", r["shared_bytes"],
-            f"{r['occupancy']['fraction']:.0%}", r["sass"]["LDG"], r["sass"]["HMMA"])))
+            f"{r['occupancy']['fraction']:.0%}", r["sass"]["LDG"], r["sass"]["HMMA"], r["round_trips"])))
     return "\n".join(lines)
 
 
@@ -293,7 +378,8 @@ def main(argv=None):
     for case, fn, fn_args in cases:
         for i, k in enumerate(lower_kernels(fn, *fn_args)):
             keep = os.path.join(args.keep, f"case{len(rows):03d}") if args.keep else None
-            rows.append({"case": case, "launch": i, **compile_kernel(k, args.arch, keep)})
+            rows.append({"case": case, "launch": i, **compile_kernel(k, args.arch, keep),
+                         **dependent_round_trips(k.ttir)})
     print(table(rows))
     if args.out:
         import triton

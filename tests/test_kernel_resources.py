@@ -117,3 +117,54 @@ def test_decode_defaults_do_not_spill(kr, rank, kernels):
     assert [r["kernel"] for r in rows] == kernels
     for r in rows:
         assert r["stack_bytes"] == 0 and r["spill_stores"] == r["spill_loads"] == 0, r
+
+
+HAND_MODULE = """module @k {
+  tt.func public @k(%arg0: !tt.ptr<i32>, %arg1: !tt.ptr<i32>, %arg2: !tt.ptr<f32>, %arg3: !tt.ptr<i32>) {
+    %0 = tt.load %arg0 : !tt.ptr<i32>
+    %1 = tt.addptr %arg1, %0 : !tt.ptr<i32>, i32
+    %2 = tt.load %1 : !tt.ptr<i32>
+    %3 = tt.load %arg3 : !tt.ptr<i32>
+    %c0 = arith.constant 0 : i32
+    %4 = arith.cmpi sgt, %2, %c0 : i32
+    scf.if %4 {
+      %5 = tt.load %arg2 : !tt.ptr<f32>
+      tt.store %arg2, %5 : !tt.ptr<f32>
+    }
+    tt.return
+  }
+}
+"""
+
+
+def test_round_trips_of_a_hand_written_module(kr):
+    """arg0 -> arg1 (address from the first load) -> the if on it -> arg2, stored: 3 round trips; the load of
+    arg3 has no use and is not counted; a store-only module has 0."""
+    got = kr.dependent_round_trips(HAND_MODULE)
+    assert got == {"round_trips": 3, "chain": ["%arg0", "%arg1", "%arg2"]}
+    flat = HAND_MODULE.replace("scf.if %4 {", "scf.if %c0 {")  # the if no longer waits on a load
+    assert kr.dependent_round_trips(flat)["round_trips"] == 1
+    assert kr.dependent_round_trips("module @k {\n  tt.store %arg2, %c0 : !tt.ptr<f32>\n}\n")["round_trips"] == 0
+
+
+@pytest.mark.parametrize("over,trips", [
+    (dict(), 6),  # used tiles -> tile's adapter -> its rank -> (rank test) its first row -> page -> A rows
+    (dict(paged_tile_programs=0), 5),  # one program per tile: no used-tile count to read first
+    (dict(paged_tile_programs=0, paged_phased_loads=1), 4),  # the first row read beside the rank
+])
+def test_round_trips_of_the_paged_pair(kr, over, trips):
+    """The split pair's shrink at one token waits through these chains of dependent loads (session 23's
+    reading of the decode kernels); the expand's chain has the same length."""
+    fn, args = small_call(T=1, rank=64, paged_one_launch_max_rank=0, **over)
+    shrink, expand = kr.lower_kernels(fn, *args)
+    assert kr.dependent_round_trips(shrink.ttir)["round_trips"] == trips
+    assert kr.dependent_round_trips(expand.ttir)["round_trips"] == trips
+
+
+def test_round_trips_of_the_one_launch(kr):
+    """The one launch: the shrink's chain (adapter -> first row -> page -> A rows; phased, so the rank test
+    is beside it), its partial stored and signalled, the expand's poll, its partials read: 7."""
+    fn, args = small_call(T=1)
+    (k,) = kr.lower_kernels(fn, *args)
+    got = kr.dependent_round_trips(k.ttir)
+    assert got["round_trips"] == 7 and len(got["chain"]) == 7
