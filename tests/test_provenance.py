@@ -32,6 +32,14 @@ def test_commit_and_dirty_flag(repo):
     assert sha.startswith(git_commit(str(repo), short=True)) and len(git_commit(str(repo), short=True)) < 40
     (repo / "new.txt").write_text("untracked files do not make a tree dirty\n")
     assert git_commit(str(repo)) == sha
+    results = repo / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "r.json").write_text("{}\n")
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "a result")
+    sha = git(repo, "rev-parse", "HEAD")
+    (results / "r.json").write_text('{"rewritten": true}\n')
+    assert git_commit(str(repo)) == sha  # a run rewriting a recorded result is not uncommitted code
     (repo / "a.txt").write_text("two\n")
     assert git_commit(str(repo)) == sha + "-dirty"
 
