@@ -7,7 +7,7 @@ Result files (experiment runs, campaigns, every `scripts/bench_*.py`) record `gi
   runs there says it: `SLORA_GIT_COMMIT=$(git rev-parse HEAD)` written into it here.
 - Otherwise `git rev-parse HEAD` of the checkout this package lives in, with `-dirty` appended
   when tracked files differ from that commit (the result then came from uncommitted code; files
-  under `benchmarks/results/`, which runs rewrite, do not count).
+  under `benchmarks/results/`, which runs rewrite, and Markdown files do not count).
 - None when the package does not sit at the top of a git checkout. `git` looks for a repository
   in parent folders too, so a copy inside some other repository would otherwise report that
   repository's HEAD.
@@ -19,7 +19,7 @@ import os
 import subprocess
 
 ENV = "SLORA_GIT_COMMIT"
-RESULTS = "benchmarks/results"  # recorded results: rewriting them does not make the code dirty
+RESULTS = "benchmarks/results"  # recorded results and Markdown notes: editing them does not make the code dirty
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -38,7 +38,8 @@ def git_commit(path: str | None = None, *, short: bool = False) -> str | None:
         if os.path.realpath(_git(root, "rev-parse", "--show-toplevel")) != root:
             return None
         sha = _git(root, "rev-parse", "--short" if short else "--verify", "HEAD")
-        dirty = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", f":(exclude){RESULTS}")
+        dirty = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", f":(exclude){RESULTS}",
+                     ":(exclude,glob)**/*.md")
     except (OSError, subprocess.SubprocessError):
         return None
     return sha + ("-dirty" if dirty else "")

@@ -40,6 +40,12 @@ def test_commit_and_dirty_flag(repo):
     sha = git(repo, "rev-parse", "HEAD")
     (results / "r.json").write_text('{"rewritten": true}\n')
     assert git_commit(str(repo)) == sha  # a run rewriting a recorded result is not uncommitted code
+    (repo / "NOTES.md").write_text("notes\n")
+    git(repo, "add", "NOTES.md")
+    git(repo, "commit", "-q", "-m", "notes")
+    sha = git(repo, "rev-parse", "HEAD")
+    (repo / "NOTES.md").write_text("notes edited while a run goes\n")
+    assert git_commit(str(repo)) == sha
     (repo / "a.txt").write_text("two\n")
     assert git_commit(str(repo)) == sha + "-dirty"
 
