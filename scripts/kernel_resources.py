@@ -26,8 +26,9 @@ Nothing here times anything; it says where to look, and a GPU run says what it c
 Cases: the kernel grid's (`bench_kernels.py`: `--tokens --projections --ranks --pops --impls`,
 1000 adapters resident in pool pages as there), or `--step7b`: the Llama-7B decode step's two
 LoRA calls as `scripts/ncu_lora.py` runs them (q/k/v grouped and o; 64 tokens, 47 distinct
-rank-16 adapters, pool rows of 128), which needs only `slora_jax.ops` and so also runs against
-an older checkout (`--tree DIR`).
+rank-16 adapters, pool rows of 128). `--tree DIR` runs either against another checkout (its
+`slora_jax`, `pallas_kernels` and `scripts/bench_kernels.py`), e.g. the tree a recorded GPU profile
+was taken on.
 
     python scripts/kernel_resources.py --tokens 1 --ranks 16,128 --projections 4096x4096 \\
         --impls pallas_paged 'pallas_paged[paged_k_steps=4,paged_small_k_steps=0]'
@@ -212,6 +213,49 @@ def dependent_round_trips(ttir: str) -> dict:
     return {"round_trips": trips, "chain": list(chain)}
 
 
+_SASS_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;?\s+/\* (0x[0-9a-f]{16}) \*/")
+_SASS_HI = re.compile(r"^\s+/\* (0x[0-9a-f]{16}) \*/\s*$")
+_SASS_GLOBAL = re.compile(r"^(?:@!?U?P[T\d]+\s+)?(?:LDG|LD|ATOMG|ATOM)[.\s]")
+
+
+def sass_instructions(sass: str) -> list[tuple[int, str, int]]:
+    """(address, text, control bits) of each instruction in `cuobjdump -sass` output (Volta and later: the
+    second 64-bit word of an instruction holds its control bits, from bit 41: stall 4, yield 1, write
+    scoreboard 3, read scoreboard 3, wait mask 6, reuse 4; scoreboard 7 = none)."""
+    lines = sass.splitlines()
+    out = []
+    for i, line in enumerate(lines[:-1]):
+        m, hi = _SASS_LINE.match(line), _SASS_HI.match(lines[i + 1])
+        if m and hi:
+            out.append((int(m.group(1), 16), m.group(2).strip(), int(hi.group(1), 16) >> 41))
+    return out
+
+
+def sass_global_waits(sass: str) -> dict:
+    """How many global-memory latencies one warp waits through in turn, read off the machine code.
+
+    The GPU issues a warp's instructions in order. A load sets a scoreboard; an instruction that needs its
+    result names the scoreboard in its wait mask and stalls there. Walking the SASS in address order (a
+    loop body once, both sides of a branch), a wait is a new latency when it waits on a global load
+    (`LDG`, `LD`, `ATOMG`, `ATOM`) issued after the previous such wait: that load could not overlap the
+    earlier latency. `dependent_round_trips` counts what the program's data dependences force; this counts
+    what the compiled schedule does, where a load issued after an unrelated wait also pays its own latency.
+    Returns `sass_waits` and `sass_wait_at` (the waiting instructions' addresses)."""
+    rnd, at = 0, []
+    pending: dict[int, int] = {}  # scoreboard -> latest round a global load set it in
+    for addr, text, ctl in sass_instructions(sass):
+        write_sb, wait_mask = (ctl >> 5) & 7, (ctl >> 11) & 0x3F
+        waited = [sb for sb in range(6) if wait_mask >> sb & 1]
+        if any(pending.get(sb) == rnd for sb in waited):
+            rnd += 1
+            at.append(addr)
+        for sb in waited:
+            pending.pop(sb, None)
+        if write_sb != 7 and _SASS_GLOBAL.match(text):
+            pending[write_sb] = rnd
+    return {"sass_waits": rnd, "sass_wait_at": at}
+
+
 def occupancy(regs: int, warps: int, shared_bytes: int) -> dict:
     """Programs (blocks) an sm_90 SM holds, by each limit, and the warps that gives (of 64)."""
     warp_regs = -(-regs * 32 // REG_ALLOC_UNIT) * REG_ALLOC_UNIT
@@ -265,19 +309,19 @@ def compile_kernel(k: Kernel, arch: int = 90, keep: str | None = None) -> dict:
     return {"kernel": k.name, "grid": list(k.grid), "programs": k.programs, "num_warps": k.num_warps,
             "num_stages": k.num_stages, "regs": regs, "stack_bytes": stack, "spill_stores": counts.pop("STL"),
             "spill_loads": counts.pop("LDL"), "shared_bytes": shared, "sass": {"instructions": len(instr), **counts},
-            "occupancy": occupancy(regs, k.num_warps, shared), "waves": k.programs / N_SMS}
+            "occupancy": occupancy(regs, k.num_warps, shared), "waves": k.programs / N_SMS, **sass_global_waits(sass)}
 
 
 # ----------------------------------------------------------------------------- cases
 
 
 def grid_cases(args):
-    """(label, fn, args) for the kernel grid's cases (`bench_kernels.py`'s workload and page layout)."""
+    """(label, fn, args) for the kernel grid's cases (`bench_kernels.py`'s workload and page layout; with
+    `--tree`, that checkout's `bench_kernels.py`, on `sys.path` from `main`)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
     import bench_kernels as bk
     from slora_jax.ops import add_lora, build_lora_meta
 
@@ -355,19 +399,21 @@ def main(argv=None):
     p.add_argument("--configs", nargs="*", default=[""],
                    help="--step7b: KernelConfig overrides, 'paged_warps=2,paged_k_steps=4' ('' = defaults)")
     p.add_argument("--adapters", type=int, default=47, help="--step7b: distinct adapters of the 64 tokens")
-    p.add_argument("--tree", help="import slora_jax and pallas_kernels from this checkout (--step7b only)")
+    p.add_argument("--tree", help="import slora_jax, pallas_kernels and scripts/bench_kernels.py from this checkout")
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--keep", help="also write each kernel's TTIR, PTX and SASS under this folder")
     p.add_argument("--out", default=None, help="JSON file for the rows")
     args = p.parse_args(argv)
-    if args.tree and not args.step7b:
-        p.error("--tree goes with --step7b (the grid cases use this checkout's bench_kernels.py)")
-    sys.path.insert(0, os.path.abspath(args.tree) if args.tree else ROOT)
+    tree = os.path.abspath(args.tree) if args.tree else ROOT
+    if not os.path.isfile(os.path.join(tree, "slora_jax", "ops", "lora.py")):
+        p.error(f"--tree {args.tree}: not a slora-jax checkout (no slora_jax/ops/lora.py)")
+    # The tree's packages and its bench_kernels.py come first (a module imported once stays: nothing of this
+    # checkout's slora_jax or bench_kernels may be imported before).
+    sys.path[:0] = [tree, os.path.join(tree, "scripts")]
     import numpy as np  # noqa: F401  (after the path: the tree's own modules import it)
     if args.step7b:
         cases = step7b_cases(args)
     else:
-        sys.path.insert(0, os.path.join(ROOT, "scripts"))
         from bench_kernels import split_list
         args.tokens = [int(t) for t in split_list(args.tokens)]
         args.projections, args.ranks, args.pops = (split_list(v) for v in (args.projections, args.ranks, args.pops))
@@ -385,7 +431,7 @@ def main(argv=None):
         import triton
         import jax
         result = {"benchmark": "kernel_resources", "arch": f"sm_{args.arch}", "triton_version": triton.__version__,
-                  "jax_version": jax.__version__, "tree": os.path.abspath(args.tree) if args.tree else ROOT,
+                  "jax_version": jax.__version__, "tree": tree,
                   "git_commit": _git_commit(args.tree), "rows": rows}
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -168,3 +168,45 @@ def test_round_trips_of_the_one_launch(kr):
     (k,) = kr.lower_kernels(fn, *args)
     got = kr.dependent_round_trips(k.ttir)
     assert got["round_trips"] == 7 and len(got["chain"]) == 7
+
+
+def _sass(*instrs):
+    """`cuobjdump -sass` text for (opcode text, write scoreboard, wait mask) instructions (7: no scoreboard)."""
+    out = []
+    for i, (text, write_sb, wait_mask) in enumerate(instrs):
+        ctl = 1 | write_sb << 5 | 7 << 8 | wait_mask << 11  # stall 1, no read scoreboard
+        out.append(f"        /*{16 * i:04x}*/                   {text} ;        /* 0x{i:016x} */")
+        out.append(f"                                                          /* 0x{ctl << 41:016x} */")
+    return "\n".join(["        code for sm_90", *out])
+
+
+def test_sass_global_waits_follow_the_schedule(kr):
+    """Loads issued together pay one latency; a load issued after a wait pays its own, dependent or not;
+    waits on shared memory and loads already waited for add none."""
+    together = _sass(("LDG.E R2, desc[UR4][R2.64]", 0, 0), ("@P1 LDG.E.128 R4, desc[UR4][R6.64]", 1, 0),
+                     ("IADD3 R8, R2, R4, RZ", 7, 0b11), ("STG.E desc[UR4][R10.64], R8", 7, 0))
+    assert kr.sass_global_waits(together) == {"sass_waits": 1, "sass_wait_at": [0x20]}
+    in_turn = _sass(("LDG.E R2, desc[UR4][R2.64]", 0, 0), ("ISETP.GE.AND P0, PT, R2, 0x1, PT", 7, 0b1),
+                    ("LDG.E R4, desc[UR4][R6.64]", 1, 0),  # independent of R2, but issued after its wait
+                    ("LDS R9, [R3]", 2, 0), ("IADD3 R8, R9, RZ, RZ", 7, 0b100),  # shared memory: no latency
+                    ("IADD3 R8, R4, R8, RZ", 7, 0b10), ("IADD3 R8, R2, R8, RZ", 7, 0b1))
+    assert kr.sass_global_waits(in_turn) == {"sass_waits": 2, "sass_wait_at": [0x10, 0x50]}
+    early = _sass(("LDG.E R2, desc[UR4][R2.64]", 0, 0), ("LDG.E R4, desc[UR4][R6.64]", 1, 0),
+                  ("ISETP.GE.AND P0, PT, R2, 0x1, PT", 7, 0b1), ("IADD3 R8, R4, RZ, RZ", 7, 0b10))
+    assert kr.sass_global_waits(early)["sass_waits"] == 1  # R4 arrived during R2's latency
+
+
+@pytest.mark.skipif(not _have_triton(), reason="needs the triton package (the dev extra has it on Linux)")
+def test_compiled_kernels_report_their_waits(kr):
+    """On a real compile every kernel waits at least once per round trip its module forces (the schedule
+    can only add waits), and the count is in the row."""
+    fn, args = small_call(T=4, rank=16, paged_one_launch_max_rank=0, paged_k_steps=2)
+    for k in kr.lower_kernels(fn, *args):
+        row = {**kr.compile_kernel(k), **kr.dependent_round_trips(k.ttir)}
+        assert row["sass_waits"] >= row["round_trips"] >= 4, row
+        assert len(row["sass_wait_at"]) == row["sass_waits"]
+
+
+def test_tree_must_be_a_checkout(kr, tmp_path):
+    with pytest.raises(SystemExit):
+        kr.main(["--tree", str(tmp_path), "--tokens", "1"])
