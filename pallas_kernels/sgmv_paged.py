@@ -249,7 +249,8 @@ def _expand_block(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_re
 
     `wait` (the one-launch kernel: returns once the tile's shrink is done): B and y are
     loaded before it, the partials after, as `wait_loads` says: "volatile" loads, or "cg"
-    loads (cached in L2 only, which other SMs' stores reach; never a stale L1 line either).
+    loads (cached in L2 only, which other SMs' stores reach; never a stale L1 line either), one a split;
+    or "block": one volatile load of every split's partial, summed after (`_partials_block`).
     `phased` (the split pair): the tile's rows and the adapter's first B row are read beside its rank, and
     every chunk's B and y loads issue before the partials are summed and the dots done (as after a wait).
     """
@@ -272,7 +273,10 @@ def _expand_block(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_re
             v_MxR = jnp.zeros((block_m, block_r), jnp.float32)
             # After a wait the partials are other programs' stores of this launch: never read from a
             # stale L1 line.
-            fresh = {} if wait is None else dict(volatile=True) if wait_loads == "volatile" else dict(cache_modifier=".cg")
+            fresh = {} if wait is None else dict(volatile=True) if wait_loads != "cg" else dict(cache_modifier=".cg")
+            if wait is not None and wait_loads == "block" and k_splits > 1:
+                return _partials_block(vpart_ref, g, rows_M, vmask_MxR, k_splits, block_r, **fresh).astype(
+                    rows_ref.dtype)
             for s in range(k_splits):
                 v_MxR += plgpu.load(rows_at(vpart_ref, (g, s), rows_M, 0, block_r, mixed=mixed), mask=vmask_MxR,
                                     other=0.0, **fresh)
@@ -321,6 +325,34 @@ def _expand_block(perm_ref, tile_start_ref, tile_end_ref, tile_slot_ref, rank_re
             v_MxR = v_sum()
             for chunk_args in chunks:
                 add(v_MxR, *chunk_args)
+
+
+PARTIALS_BLOCK_ELEMS = 4096  # fp32 elements a program loads at once in `_partials_block` (16 KiB)
+
+
+def _partials_block(vpart_ref, g, rows_M, vmask_MxR, k_splits: int, block_r: int, **load_kw):
+    """`sum_s vpart[g, s, rows_M, :block_r]` in `[KG, M, R]` block loads of KG splits each, each summed over
+    its splits (KG: a power of two, at most `PARTIALS_BLOCK_ELEMS` elements a block).
+
+    Loaded one split at a time, each partial is converted to the accumulator's layout through shared memory
+    before the next load issues, so the loads wait one after another (session 24, `sass_global_waits`: 16 of
+    the one launch's 33 waits at 16 splits). A block load puts KG of them in flight at once."""
+    M = rows_M.shape[0]
+    KS = 1 << (k_splits - 1).bit_length()
+    KG = max(1, min(KS, PARTIALS_BLOCK_ELEMS // (M * block_r)))
+    KG = 1 << (KG.bit_length() - 1)  # a power of two (Triton block shapes)
+    shape = (KG, M, block_r)
+    r_KxMxR = jnp.broadcast_to(rows_M[None, :, None], shape)
+    c_KxMxR = jnp.broadcast_to(_iota(block_r)[None, None, :], shape)
+    v_MxR = jnp.zeros((M, block_r), jnp.float32)
+    for first in range(0, k_splits, KG):
+        s_K = first + _iota(KG)
+        s_KxMxR = jnp.broadcast_to(jnp.minimum(s_K, k_splits - 1)[:, None, None], shape)
+        mask_KxMxR = (s_K < k_splits)[:, None, None] & vmask_MxR[None]
+        part_KxMxR = plgpu.load(vpart_ref.at[(g, s_KxMxR, r_KxMxR, c_KxMxR)], mask=mask_KxMxR, other=0.0,
+                                **load_kw)
+        v_MxR += part_KxMxR.sum(axis=0)
+    return v_MxR
 
 
 def _expand_programs(meta_refs, y_refs, o_refs, n, tile, *, n_out: tuple[int, ...], n_steps: tuple[int, ...],
@@ -588,10 +620,10 @@ def sgmv_paged_group_one_launch(ys_TxO, x_TxI, rows_NxC, pages_SxP, rank_GxS, a_
     then the expand's, which wait on a per-(projection, tile) counter of finished
     splits (`_one_launch_kernel`). One launch fewer, and each expand program's B and y
     loads overlap the shrink instead of following it. `wait_loads`: how the expand reads the
-    partials after its wait, "volatile" or "cg" (`_expand_block`). `phased`: as `sgmv_shrink_paged_group`.
+    partials after its wait, "volatile", "cg" or "block" (`_expand_block`). `phased`: as `sgmv_shrink_paged_group`.
     """
-    if wait_loads not in ("volatile", "cg"):
-        raise ValueError(f"wait_loads must be 'volatile' or 'cg', got {wait_loads!r}")
+    if wait_loads not in ("volatile", "cg", "block"):
+        raise ValueError(f"wait_loads must be 'volatile', 'cg' or 'block', got {wait_loads!r}")
     ys_TxO = tuple(ys_TxO)
     T, H_in = x_TxI.shape
     G, S = rank_GxS.shape

@@ -257,11 +257,14 @@ def test_paged_k_loop_lowers_for_the_gpu():
     assert text.count("xla.gpu.triton") == 1
 
 
+@pytest.mark.parametrize("loads", ["cg", "block"])
 @pytest.mark.parametrize("T,layout", [(1, "distinct"), (37, "mixed_none")])
-def test_paged_one_launch_cg_loads_match_reference(T, layout):
-    """`paged_wait_loads="cg"`: the one-launch expand reads the partials as L2-only loads; same results
-    (interpret mode: the programs run in order, so this checks the kernel's arithmetic and masks), and it lowers."""
-    cfg = dataclasses.replace(ONE, paged_wait_loads="cg")
+def test_paged_one_launch_wait_loads_match_reference(T, layout, loads):
+    """`paged_wait_loads`: the one-launch expand reads the partials as L2-only loads ("cg"), or all K splits
+    in block loads of several splits each ("block"; 1 K chunk a program, so there are several splits, and
+    rank blocks up to 128, so several blocks); same results (interpret mode: the programs run in order, so
+    this checks the kernel's arithmetic and masks), and it lowers."""
+    cfg = dataclasses.replace(ONE, paged_wait_loads=loads, paged_k_steps=1 if loads == "block" else None)
     assert run_group_case(T, layout, GROUP_RANKS, jnp.float32, seed=T, cfg=cfg) < 1e-5
     ws = [random_slot_weights(jax.random.key(g), r, H_IN, o, dtype=jnp.bfloat16, max_rank=128)
           for g, (r, o) in enumerate(zip(GROUP_RANKS, GROUP_OUT))]
