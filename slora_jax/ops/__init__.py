@@ -1,4 +1,6 @@
-"""Public functional ops: gathered LoRA (and, later, paged attention)."""
+"""Public functional ops: gathered LoRA (`ops.lora`, exported here) and paged attention
+(`ops.attention`: `paged_attention`, `paged_ragged_attention`, `write_kv_pages` and their
+jnp references; import them from that module)."""
 
 from slora_jax.ops.lora import (
     IMPLS,

@@ -7,7 +7,7 @@ Adapters of rank `r < R` are zero-padded to `R`; `ranks[s]` is the true rank
 (0 where the adapter does not target this projection). The same arrays with a
 leading layer axis `[L, ...]` hold a whole model; the model slices one layer.
 
-A token whose slot is -1 uses no adapter and is left unchanged.
+A token whose slot is negative (-1 by convention) uses no adapter and is left unchanged.
 
 The batch metadata (`LoraMeta`: tokens grouped by slot into segments, segments cut
 into tiles of `block_m` rows) is built once per step, on host with
@@ -19,6 +19,18 @@ v, o, gate, up and down even when an adapter targets only some of them.
 `add_lora(y, x, w, meta, impl=...)` runs one of several implementations of the
 same function (`IMPLS`): the Pallas SGMV kernels and the baselines of the paper
 comparisons; `shrink` and `expand` expose the two halves.
+
+The ops check their inputs on entry: shapes and dtypes always (static, so free
+under jit), and the slot ids and ranks where those are concrete (numpy, or a jax
+Array outside any trace): an id at or past the weights' `S`, or a rank past `R`,
+raises instead of reading another adapter or garbage. Under jit, where the
+serving engine calls the ops every step, those values are tracers and their
+checks skip: no device op or host sync is added to the step.
+
+`impl="pallas"` is forward-only: the kernels have no derivative rule, and
+differentiating through them raises NotImplementedError. The jnp impls
+("reference", "gather_bmm", "onehot", "ragged_dot", "padded_bmm", "loop") are
+differentiable.
 """
 
 from __future__ import annotations
@@ -237,12 +249,21 @@ def _check_block_m(block_m: int) -> None:
         raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
 
 
+def _check_slot_ids(shape, dtype) -> None:
+    """Slot ids are a 1-D integer array: a float id would be truncated (-0.5 to slot 0) without a word."""
+    if len(shape) != 1:
+        raise ValueError(f"slot_T must be 1-D [T] (one slot id per token), got shape {tuple(shape)}")
+    if shape[0] and not jnp.issubdtype(dtype, jnp.integer):  # an empty list is float64 in numpy: no ids
+        raise TypeError(f"slot_T must hold integer slot ids (negative: no adapter), got dtype {dtype}")
+
+
 def build_lora_meta(slot_T, *, max_segments: int | None = None, block_m: int | None = None,
                     static_tiles: bool = False) -> LoraMeta:
     """Host (numpy) metadata builder; the engine calls this once per step.
 
     Args:
-      slot_T: int `[T]`, adapter slot per token, -1 for none.
+      slot_T: integer `[T]`, adapter slot per token, negative (-1) for none; a float
+        array raises TypeError (its ids would be truncated), other than 1-D ValueError.
       max_segments: static number of segment entries G (default T); raises if the
         batch has more distinct slots.
       block_m: rows per tile (default `default_block_m(T)`).
@@ -256,7 +277,9 @@ def build_lora_meta(slot_T, *, max_segments: int | None = None, block_m: int | N
     NT is 72, and 128 made the paged o shrink take 8 K chunks a program instead of 4,
     which the 7B decode step measured slower (benchmarks/NOTES_lora_kernels.md, session 9).
     """
-    slot_T = np.asarray(slot_T, np.int32)
+    slot_T = np.asarray(slot_T)
+    _check_slot_ids(slot_T.shape, slot_T.dtype)
+    slot_T = slot_T.astype(np.int32)
     (T,) = slot_T.shape
     G = T if max_segments is None else int(max_segments)
     key_T = np.where(slot_T >= 0, slot_T, np.iinfo(np.int32).max)
@@ -297,9 +320,15 @@ def build_lora_meta_jnp(slot_T: jax.Array, *, max_segments: int | None = None,
     Slots beyond `max_segments` distinct ones cannot raise under jit: they are
     dropped (their tokens get no LoRA); size `max_segments` so that cannot happen.
     The layout is unknown at trace time, so `active_tiles` is the static tile bound.
+    `slot_T` is checked as `build_lora_meta` checks it (dtype and shape: static).
     """
-    slot_T = jnp.asarray(slot_T, jnp.int32)
+    slot_T = jnp.asarray(slot_T)
+    _check_slot_ids(slot_T.shape, slot_T.dtype)
+    slot_T = slot_T.astype(jnp.int32)
     (T,) = slot_T.shape
+    if T == 0:  # no token: the host builder's empty layout (the sort and tiling below index a last element)
+        return jax.tree.map(jnp.asarray, build_lora_meta(np.zeros(0, np.int32), max_segments=max_segments,
+                                                         block_m=block_m, static_tiles=True))
     G = T if max_segments is None else int(max_segments)
     bm = default_block_m(T) if block_m is None else int(block_m)
     _check_block_m(bm)
@@ -387,8 +416,11 @@ class KernelConfig:
     # 0.53-1.25x (median 0.75x) of it on 4096->4096 and 4096->1024; at rank 16, 0.83-1.58x (median 1.13x).
     paged_one_launch_max_rank: int = 32
     # one launch: how the expand reads the shrink's partials after its wait: "volatile" loads, or "cg" (L2
-    # only). H200 (session 21, the 36 cases above): "cg" took 1.02x the time (median; 0.48-1.27x), so these
-    # loads are not why the one launch grows with K splits x rank.
+    # only), one a split; or "block": volatile block loads of several splits each. H200 (session 21, the 36
+    # cases above): "cg" took 1.02x the time (median; 0.48-1.27x). Session 24 (CPU compile, no GPU): one
+    # split at a time, each partial's layout conversion through shared memory comes before the next load, a
+    # wait each; "block" takes the one launch from 33 SASS waits to 17 (4096->4096; 60 -> 17 at 11008->4096),
+    # predicted 0.64x the device time (scripts/kernel_time_model.py). Untimed, so not the default.
     paged_wait_loads: str = "volatile"
     # split pair, pages: N > 0 launches at most N programs along the tile axis, each looping over the used tiles
     # (stride N), so the padding tiles of the metadata's bound launch none; 0: one program per bound tile.
@@ -495,6 +527,142 @@ class KernelConfig:
     expand_stages: int = 2
     interpret: bool | None = None  # None: interpret unless on a GPU backend
     mixed_index: bool | None = None  # None: row-array + slice indexing unless interpreting
+
+
+# ----------------------------------------------------------------------------- input checks
+# Shapes and dtypes are static: checking them is free under jit. Values (slot ids, ranks) are checked only
+# where concrete; under jit they are tracers and the checks skip, so the serving step gains no device op
+# and no host sync. The kernels read out-of-range ids and ranks without a bounds check (clamped or as
+# garbage), which is why these raise here.
+
+
+def _host_value(x) -> np.ndarray | None:
+    """`x` as numpy where it is concrete (numpy, or a jax Array outside any trace), else None."""
+    if isinstance(x, jax.core.Tracer) or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+        return None
+    return np.asarray(x)
+
+
+def _config(config) -> KernelConfig:
+    if config is None:
+        return KernelConfig()
+    if not isinstance(config, KernelConfig):
+        raise TypeError(f"config must be a KernelConfig (e.g. KernelConfig(fused=True)) or None, "
+                        f"got {type(config).__name__}: {config!r}")
+    return config
+
+
+def _check_ranks(ranks_S, R: int, name: str) -> None:
+    """Integer `[S]` ranks; where concrete, each in `0..R` (a rank past R reads past the weights)."""
+    if not jnp.issubdtype(ranks_S.dtype, jnp.integer):
+        raise TypeError(f"{name} must be integer, got dtype {ranks_S.dtype}")
+    r_S = _host_value(ranks_S)
+    if r_S is not None and r_S.size and (r_S.min() < 0 or r_S.max() > R):
+        bad = sorted({int(r) for r in r_S[(r_S < 0) | (r_S > R)]})
+        raise ValueError(f"{name} must be in 0..{R} (the weights' rank width), got {bad[:8]}")
+
+
+def _check_weights(w, *, a: bool = True, b: bool = True) -> tuple[int, int | None, int | None, int]:
+    """`w` is one layer's weights; returns `(S, H_in, H_out, R)`, H_in (H_out) None where its half is unused.
+
+    Only the halves the op reads are checked: a rank-split A under tensor parallelism has fewer rank columns
+    than its B (`parallel.lora`), and `shrink` and `expand` each see one half of it.
+    """
+    if isinstance(w, PagedWeights):
+        S = w.rank.shape[0] if w.rank.ndim == 1 else None
+        if S is None or w.pages.ndim != 2 or w.pages.shape[0] != S or w.a_row.shape != (S,) or w.b_row.shape != (S,):
+            raise ValueError(f"PagedWeights must hold S adapters: rank, a_row, b_row [S] and pages [S, max_pages]; "
+                             f"got rank {w.rank.shape}, a_row {w.a_row.shape}, b_row {w.b_row.shape}, "
+                             f"pages {w.pages.shape}")
+        _check_ranks(w.rank, w.r_max, "PagedWeights.rank")
+        return S, w.h_in if a else None, w.h_out if b else None, w.r_max
+    if not isinstance(w, SlotWeights):
+        raise TypeError(f"w must be SlotWeights or PagedWeights, got {type(w).__name__}")
+    if w.ranks.ndim != 1:
+        raise ValueError(f"SlotWeights.ranks must be [S] (one layer's weights), got shape {w.ranks.shape}")
+    S = w.ranks.shape[0]
+    for half, arr, axes in (("a", w.a, "[S, H_in, R]"), ("b", w.b, "[S, R, H_out]")):
+        if not (a if half == "a" else b):
+            continue
+        if arr.ndim != 3:
+            raise ValueError(f"SlotWeights.{half} must be one layer's {axes}, got shape {arr.shape}")
+        if arr.shape[0] != S:
+            raise ValueError(f"SlotWeights.ranks has {S} entries but {half} {axes} has S={arr.shape[0]} "
+                             f"(shape {arr.shape}): one rank per slot")
+    if a and b and w.a.shape[2] != w.b.shape[1]:
+        raise ValueError(f"SlotWeights.a [S, H_in, R] and .b [S, R, H_out] must have one R, got a {w.a.shape}, "
+                         f"b {w.b.shape}")
+    R = w.a.shape[2] if a else w.b.shape[1]
+    _check_ranks(w.ranks, R, "SlotWeights.ranks")
+    return S, w.a.shape[1] if a else None, w.b.shape[2] if b else None, R
+
+
+def _check_rows(z, name: str, T: int | None, width: int, what: str) -> int:
+    """`z` is a floating `[T, width]` (T None: any); returns its T."""
+    if z.ndim != 2 or z.shape[1] != width or (T is not None and z.shape[0] != T):
+        t = "T" if T is None else T
+        raise ValueError(f"{name} must be [{t}, {what}] = [{t}, {width}], got shape {z.shape}")
+    if not jnp.issubdtype(z.dtype, jnp.floating):
+        raise TypeError(f"{name} must be floating, got dtype {z.dtype}")
+    return z.shape[0]
+
+
+def _check_meta(meta, T: int, S: int) -> None:
+    """`meta` was built for these T tokens, and (where its ids are concrete) names slots below S."""
+    if not isinstance(meta, LoraMeta):
+        raise TypeError(f"meta must be a LoraMeta (build_lora_meta / build_lora_meta_jnp), got {type(meta).__name__}")
+    if meta.slot.shape != (T,):
+        raise ValueError(f"meta was built for {meta.slot.shape[0]} tokens, x and y have T={T} rows")
+    slot_T = _host_value(meta.slot)
+    if slot_T is not None and slot_T.size and slot_T.max() >= S:
+        bad = sorted({int(s) for s in slot_T[slot_T >= S]})
+        raise ValueError(f"meta's slot ids {bad[:8]} are out of range: the weights hold S={S} adapters "
+                         f"(ids 0..{S - 1}; negative: no adapter)")
+
+
+def _check_pallas_dtype(x_TxI, w) -> None:
+    """The kernels' dots take one element type (Triton rejects f32 x bf16); interpret mode would promote."""
+    dtype = w.rows.dtype if isinstance(w, PagedWeights) else w.a.dtype
+    if x_TxI.dtype != dtype:
+        raise TypeError(f"impl='pallas' needs x in the weights' dtype {dtype}, got x {x_TxI.dtype}; cast x, or use "
+                        f"a jnp impl, which promotes")
+
+
+def _check_call(y_TxO, x_TxI, w, meta) -> int:
+    """`add_lora`'s arguments agree with each other; returns T."""
+    S, H_in, H_out, _ = _check_weights(w)
+    T = _check_rows(x_TxI, "x", None, H_in, "H_in")
+    _check_rows(y_TxO, "y", T, H_out, "H_out")
+    _check_meta(meta, T, S)
+    return T
+
+
+@jax.custom_jvp
+def _forward_only(*trees):
+    """Identity on the floating inputs of a Pallas path, whose derivative rule raises a clear error (the
+    kernels have none: differentiating a `pallas_call` failed inside Pallas with an empty AssertionError).
+
+    It lowers to nothing (the compiled step is unchanged) and takes only arrays the kernels read anyway:
+    a `custom_jvp` keeps all its inputs alive, so given the metadata it would keep the fields no kernel
+    reads as arguments of the jitted step, passed (from the host: copied) every call.
+    """
+    return trees
+
+
+@_forward_only.defjvp
+def _forward_only_jvp(primals, tangents):
+    raise NotImplementedError(f"impl='pallas' is forward-only: the Pallas SGMV kernels have no derivative rule; "
+                              f"differentiate through a jnp impl, one of {tuple(_BASELINES)}")
+
+
+def _mark(w: Weights, arrays: tuple, *, a: bool = True, b: bool = True):
+    """`(w, arrays)` through `_forward_only`: the weight arrays the path reads (A and/or B, or the pool
+    rows) and the given activations."""
+    if isinstance(w, PagedWeights):
+        rows, arrays = _forward_only(w.rows, arrays)
+        return dataclasses.replace(w, rows=rows), arrays
+    a_SxIxR, b_SxRxO, arrays = _forward_only(w.a if a else None, w.b if b else None, arrays)
+    return w._replace(a=a_SxIxR if a else w.a, b=b_SxRxO if b else w.b), arrays
 
 
 def _pad_rank(w: SlotWeights, multiple: int) -> SlotWeights:
@@ -708,24 +876,37 @@ IMPLS = ("pallas", *_BASELINES)
 
 def add_lora(y_TxO: jax.Array, x_TxI: jax.Array, w: Weights, meta: LoraMeta, *, impl: str = "pallas",
              config: KernelConfig | None = None) -> jax.Array:
-    """`y + (x @ A[slot]) @ B[slot]` per token (rows with slot -1 unchanged), in y's dtype.
+    """`y + (x @ A[slot]) @ B[slot]` per token (rows with a negative slot unchanged), in y's dtype.
 
     Args:
-      y_TxO: base output `[T, H_out]`; with `impl="pallas"` its buffer is updated in
-        place when the caller donates it (or it is dead after this call under jit).
-      x_TxI: input `[T, H_in]`, same dtype as the weights.
+      y_TxO: base output `[T, H_out]`, floating; with `impl="pallas"` its buffer is updated
+        in place when the caller donates it (or it is dead after this call under jit).
+      x_TxI: input `[T, H_in]`, floating. "pallas" needs the weights' dtype (TypeError
+        otherwise: the GPU kernels' dots take one element type); the jnp impls promote x
+        and the weights to their common dtype (jnp rules) and accumulate in fp32.
       w: one layer's `SlotWeights` (dense slots) or `PagedWeights` (pool pages; "pallas"
         reads them in place, the other impls gather them to slots first); slot
         padding past each rank is ignored by "pallas", "loop", "gather_bmm", "onehot",
         "ragged_dot" and must be zero for "reference" and "padded_bmm" (which multiply it).
-      meta: `LoraMeta` of this step (from `build_lora_meta` or `build_lora_meta_jnp`).
-      impl: one of `IMPLS`.
-      config: `KernelConfig` for "pallas".
+      meta: `LoraMeta` of this step, built for these T tokens (`build_lora_meta` or
+        `build_lora_meta_jnp`); slot ids must be below S (the weights' adapter count;
+        checked where concrete), negative ids mean no adapter.
+      impl: one of `IMPLS`. "pallas" is forward-only (differentiating it raises
+        NotImplementedError); the others are differentiable.
+      config: `KernelConfig` for "pallas" (None: the defaults).
+    Returns:
+      `[T, H_out]` in y's dtype; T = 0 returns y unchanged. Bad shapes, dtypes or (concrete)
+      ids and ranks raise ValueError / TypeError before any work (see the module docstring).
     """
-    if impl == "pallas":
-        return _add_pallas(y_TxO, x_TxI, w, meta, config or KernelConfig())
-    if impl not in _BASELINES:
+    if impl != "pallas" and impl not in _BASELINES:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    cfg = _config(config)
+    if not _check_call(y_TxO, x_TxI, w, meta):
+        return jnp.asarray(y_TxO)  # no token: the kernels' gathers cannot index an empty axis
+    if impl == "pallas":
+        _check_pallas_dtype(x_TxI, w)
+        w, (y_TxO, x_TxI) = _mark(w, (y_TxO, x_TxI))
+        return _add_pallas(y_TxO, x_TxI, w, meta, cfg)
     return _BASELINES[impl](y_TxO, x_TxI, _as_slots(w), meta)
 
 
@@ -742,15 +923,21 @@ def add_lora_group(ys_TxO, x_TxI: jax.Array, ws, meta: LoraMeta, *, impl: str = 
     and the split pair (`config.fused` False, `config.group_projections` True), it is
     one shrink and one expand launch for the whole group instead of one pair each;
     otherwise one `add_lora` per projection. Outputs may differ in width (GQA).
-    Returns the updated outputs, a tuple in the order of `ys_TxO`.
+    Returns the updated outputs, a tuple in the order of `ys_TxO`; arguments are checked
+    as `add_lora` checks them.
     """
     ys_TxO, ws = tuple(ys_TxO), tuple(ws)
     if len(ys_TxO) != len(ws):
         raise ValueError(f"{len(ys_TxO)} outputs for {len(ws)} weights")
-    cfg = config or KernelConfig()
-    if impl == "pallas" and not cfg.fused and cfg.group_projections and _paged_group(ws, x_TxI):
-        return _add_paged_group(ys_TxO, x_TxI, ws, meta, cfg)
-    return tuple(add_lora(y, x_TxI, w, meta, impl=impl, config=config) for y, w in zip(ys_TxO, ws))
+    cfg = _config(config)
+    if impl == "pallas" and not cfg.fused and cfg.group_projections and _paged_group(ws):
+        if not min(_check_call(y, x_TxI, w, meta) for y, w in zip(ys_TxO, ws)):
+            return tuple(jnp.asarray(y) for y in ys_TxO)
+        for w in ws:
+            _check_pallas_dtype(x_TxI, w)
+        w0, (ys_TxO, x_TxI) = _mark(ws[0], (ys_TxO, x_TxI))  # the kernels read the pool through ws[0]
+        return _add_paged_group(ys_TxO, x_TxI, (w0, *ws[1:]), meta, cfg)
+    return tuple(add_lora(y, x_TxI, w, meta, impl=impl, config=cfg) for y, w in zip(ys_TxO, ws))
 
 
 def paged_row_tables(ws, r_block: int | None = None) -> tuple[jax.Array, jax.Array]:
@@ -785,7 +972,7 @@ def lora_linear_group(x_TxI: jax.Array, ws_IxO, ws, meta: LoraMeta, *, tables=No
     `pallas_kernels.lora_linear.MAX_TOKENS`) tokens are one launch
     (`lora_linear_paged_group`); longer ones are XLA's matmul then `add_lora_group`.
     """
-    cfg = config or KernelConfig()
+    cfg = _config(config)
     ws_IxO, ws = tuple(ws_IxO), tuple(ws)
     if len(ws_IxO) != len(ws):
         raise ValueError(f"{len(ws_IxO)} base weights for {len(ws)} LoRA weights")
@@ -845,7 +1032,7 @@ def lora_linear_slab(x_TxI: jax.Array, ws_IxO, a_slab, b_slab, lo_GxT, hi_GxT, n
     `config.slab_shrink_with_base` `linear_shrink_slab` (the GEMM and the shrink side by side) then
     `slab_expand`.
     """
-    cfg = config or KernelConfig()
+    cfg = _config(config)
     ws_IxO = tuple(ws_IxO)
     T, H_in = x_TxI.shape
     if not slab_fits(T, H_in, [w.shape[1] for w in ws_IxO], cfg):
@@ -877,7 +1064,7 @@ def add_lora_slab(ys_TxO, x_TxI: jax.Array, a_slab, b_slab, lo_GxT, hi_GxT, n_ro
     """`y_g + (x @ A) @ B` per token, for projections sharing x, with the adapters in a dense slab: the
     slab layout's `add_lora_group` (arguments as `lora_linear_slab`'s; `ys` the base outputs `[T, N_g]`).
     Two launches: `slab_shrink`, then `slab_expand` accumulating into the ys."""
-    cfg = config or KernelConfig()
+    cfg = _config(config)
     launch = dict(block_p=cfg.slab_block_p, num_warps=cfg.slab_warps, num_stages=cfg.slab_stages,
                   interpret=cfg.interpret, counters=counters)
     v_GxTxP = slab_shrink(x_TxI, a_slab, lo_GxT, hi_GxT, n_rows, offset, block_k=cfg.slab_block_k,
@@ -935,44 +1122,77 @@ def shrink(x_TxI: jax.Array, w: Weights, meta: LoraMeta, *, impl: str = "pallas"
 
     `impl` is "pallas" or "reference". `R` is `a`'s rank width (`r_max` of
     `PagedWeights`, which "pallas" reads in place with the paged split shrink; the
-    reference gathers them to slots first). Only the A half of `w` is read.
+    reference gathers them to slots first). Only the A half of `w` is read. Arguments
+    are checked as `add_lora` checks them (x in A's dtype for "pallas"); T = 0 gives `[0, R]`.
     """
-    slot_T = jnp.asarray(meta.slot)
     if impl not in ("pallas", "reference"):
         raise ValueError(f"shrink impl must be 'pallas' or 'reference', got {impl!r}")
-    if isinstance(w, PagedWeights):
-        if impl == "reference":
-            return shrink_reference(x_TxI, w.read_a(), w.rank, slot_T)
-        v_TxR = _paged_shrink(x_TxI, w, meta, config or KernelConfig())
-        return jnp.where(_paged_rank_mask(w.rank, w.r_max, slot_T), v_TxR, 0.0)
+    cfg = _config(config)
+    T, R = _check_shrink(x_TxI, w, meta)
+    if not T:
+        return jnp.zeros((0, R), jnp.float32)
     if impl == "reference":
-        return shrink_reference(x_TxI, w.a, w.ranks, slot_T)
-    cfg = config or KernelConfig()
+        a_SxIxR, ranks_S = (w.read_a(), w.rank) if isinstance(w, PagedWeights) else (w.a, w.ranks)
+        return shrink_reference(x_TxI, a_SxIxR, ranks_S, jnp.asarray(meta.slot))
+    _check_pallas_dtype(x_TxI, w)
+    w, (x_TxI,) = _mark(w, (x_TxI,), b=False)
+    return _shrink_pallas(x_TxI, w, meta, cfg)
+
+
+def _shrink_pallas(x_TxI, w: Weights, meta: LoraMeta, cfg: KernelConfig) -> jax.Array:
+    slot_T = jnp.asarray(meta.slot)
+    if isinstance(w, PagedWeights):
+        v_TxR = _paged_shrink(x_TxI, w, meta, cfg)
+        return jnp.where(_paged_rank_mask(w.rank, w.r_max, slot_T), v_TxR, 0.0)
     R = w.a.shape[-1]
     wp = _pad_rank(w, cfg.shrink_block_r)
     v_TxR = _pallas_vpart(x_TxI, wp, meta, cfg).sum(0)[:, :R]
     return jnp.where(_rank_mask(w, slot_T), v_TxR, 0.0)  # unwritten rows/blocks are undefined
 
 
+def _check_shrink(x_TxI, w: Weights, meta: LoraMeta) -> tuple[int, int]:
+    """`shrink`'s arguments agree with each other; returns `(T, R)`."""
+    S, H_in, _, R = _check_weights(w, b=False)
+    T = _check_rows(x_TxI, "x", None, H_in, "H_in")
+    _check_meta(meta, T, S)
+    return T, R
+
+
+def _check_expand(y_TxO, v_TxR, w: Weights, meta: LoraMeta) -> int:
+    """`expand`'s arguments agree with each other; returns T."""
+    S, _, H_out, R = _check_weights(w, a=False)
+    T = _check_rows(y_TxO, "y", None, H_out, "H_out")
+    if v_TxR.ndim != 2 or v_TxR.shape != (T, R):
+        what = "the paged weights' rank bound r_max" if isinstance(w, PagedWeights) else "B's rank width"
+        raise ValueError(f"v must be [T, R] = [{T}, {R}] (R: {what}), got shape {v_TxR.shape}")
+    _check_meta(meta, T, S)
+    return T
+
+
 def expand(y_TxO: jax.Array, v_TxR: jax.Array, w: Weights, meta: LoraMeta, *, impl: str = "pallas",
            config: KernelConfig | None = None) -> jax.Array:
     """`y[t] += v[t, :r] @ B[slot[t]][:r]` (v cast to B's dtype, fp32 accumulate); slot -1 rows unchanged.
 
-    `impl` is "pallas" or "reference". `PagedWeights`: "pallas" reads B in place (the
-    paged split expand), the reference gathers it; `v`'s width must be `r_max`. Only
-    the B half of `w` is read.
+    `impl` is "pallas" or "reference". `v` is `[T, R]`, R B's rank width (`r_max` of
+    `PagedWeights`, whose B "pallas" reads in place with the paged split expand; the
+    reference gathers it). Only the B half of `w` is read. Arguments are checked as
+    `add_lora` checks them; T = 0 returns y.
     """
     if impl not in ("pallas", "reference"):
         raise ValueError(f"expand impl must be 'pallas' or 'reference', got {impl!r}")
-    if isinstance(w, PagedWeights):
-        if v_TxR.shape[1] != w.r_max:
-            raise ValueError(f"v is {v_TxR.shape[1]} wide, the paged weights' rank bound r_max is {w.r_max}")
-        if impl == "reference":
-            return expand_reference(y_TxO, v_TxR, w.read_b(), w.rank, jnp.asarray(meta.slot))
-        return _paged_expand(y_TxO, v_TxR, w, meta, config or KernelConfig())
+    cfg = _config(config)
+    if not _check_expand(y_TxO, v_TxR, w, meta):
+        return jnp.asarray(y_TxO)
     if impl == "reference":
-        return expand_reference(y_TxO, v_TxR, w.b, w.ranks, jnp.asarray(meta.slot))
-    cfg = config or KernelConfig()
+        b_SxRxO, ranks_S = (w.read_b(), w.rank) if isinstance(w, PagedWeights) else (w.b, w.ranks)
+        return expand_reference(y_TxO, v_TxR, b_SxRxO, ranks_S, jnp.asarray(meta.slot))
+    w, (y_TxO, v_TxR) = _mark(w, (y_TxO, v_TxR), a=False)
+    return _expand_pallas(y_TxO, v_TxR, w, meta, cfg)
+
+
+def _expand_pallas(y_TxO, v_TxR, w: Weights, meta: LoraMeta, cfg: KernelConfig) -> jax.Array:
+    if isinstance(w, PagedWeights):
+        return _paged_expand(y_TxO, v_TxR, w, meta, cfg)
     pad = -w.b.shape[1] % cfg.expand_block_r  # B's R: A's may differ (a rank-split A under TP)
     wp = w._replace(b=jnp.pad(w.b, ((0, 0), (0, pad), (0, 0)))) if pad else w
     v_TxR = jnp.pad(v_TxR.astype(jnp.float32), ((0, 0), (0, wp.b.shape[1] - v_TxR.shape[1])))
@@ -999,9 +1219,18 @@ def shrink_group(x_TxI: jax.Array, ws, meta: LoraMeta, *, impl: str = "pallas",
     all-gather of a rank-split A under tensor parallelism).
     """
     ws = tuple(ws)
-    cfg = config or KernelConfig()
-    if impl != "pallas" or not cfg.group_projections or len(ws) < 2 or not _paged_group(ws, x_TxI):
-        return tuple(shrink(x_TxI, w, meta, impl=impl, config=config) for w in ws)
+    cfg = _config(config)
+    if impl != "pallas" or not cfg.group_projections or len(ws) < 2 or not _paged_group(ws):
+        return tuple(shrink(x_TxI, w, meta, impl=impl, config=cfg) for w in ws)
+    if not min(_check_shrink(x_TxI, w, meta)[0] for w in ws):
+        return tuple(jnp.zeros((0, w.r_max), jnp.float32) for w in ws)
+    for w in ws:
+        _check_pallas_dtype(x_TxI, w)
+    w0, (x_TxI,) = _mark(ws[0], (x_TxI,))  # the kernel reads the pool through ws[0]
+    return _shrink_paged_group(x_TxI, (w0, *ws[1:]), meta, cfg)
+
+
+def _shrink_paged_group(x_TxI, ws: tuple[PagedWeights, ...], meta: LoraMeta, cfg: KernelConfig):
     w0, slot_T = ws[0], jnp.asarray(meta.slot)
     r_block = _pow2_ceil(max(16, *(w.r_max for w in ws)))
     vpart = sgmv_shrink_paged_group(
@@ -1024,12 +1253,16 @@ def expand_group(ys_TxO, vs_TxR, ws, meta: LoraMeta, *, impl: str = "pallas",
     ys_TxO, vs_TxR, ws = tuple(ys_TxO), tuple(vs_TxR), tuple(ws)
     if not len(ys_TxO) == len(vs_TxR) == len(ws):
         raise ValueError(f"{len(ys_TxO)} outputs, {len(vs_TxR)} shrink results, {len(ws)} weights")
-    cfg = config or KernelConfig()
+    cfg = _config(config)
     if impl != "pallas" or not cfg.group_projections or len(ws) < 2 or not _paged_group(ws):
-        return tuple(expand(y, v, w, meta, impl=impl, config=config) for y, v, w in zip(ys_TxO, vs_TxR, ws))
-    for v, w in zip(vs_TxR, ws):
-        if v.shape[1] != w.r_max:
-            raise ValueError(f"v is {v.shape[1]} wide, the paged weights' rank bound r_max is {w.r_max}")
+        return tuple(expand(y, v, w, meta, impl=impl, config=cfg) for y, v, w in zip(ys_TxO, vs_TxR, ws))
+    if not min(_check_expand(y, v, w, meta) for y, v, w in zip(ys_TxO, vs_TxR, ws)):
+        return tuple(jnp.asarray(y) for y in ys_TxO)
+    w0, (ys_TxO, vs_TxR) = _mark(ws[0], (ys_TxO, vs_TxR))  # the kernel reads the pool through ws[0]
+    return _expand_paged_group(ys_TxO, vs_TxR, (w0, *ws[1:]), meta, cfg)
+
+
+def _expand_paged_group(ys_TxO, vs_TxR, ws: tuple[PagedWeights, ...], meta: LoraMeta, cfg: KernelConfig):
     w0 = ws[0]
     r_block = _pow2_ceil(max(16, *(w.r_max for w in ws)))
     v_Gx1xTxR = jnp.stack([jnp.pad(v.astype(jnp.float32), ((0, 0), (0, r_block - v.shape[1]))) for v in vs_TxR])[:, None]
