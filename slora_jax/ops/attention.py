@@ -1,7 +1,7 @@
 """Attention over a sequence's cached keys and values.
 
-`attention_reference` is the plain-jnp contract the paged kernels will be tested
-against: query `s` of sequence `b` sits at position `q_pos[b, s]` and attends
+`attention_reference` is the plain-jnp contract the paged kernels are tested
+against (tests/test_paged_attention.py): query `s` of sequence `b` sits at position `q_pos[b, s]` and attends
 causally to cached key slots `0 .. q_pos[b, s]` (its own K/V already written).
 A query with position -1 is padding: its output is zero.
 
