@@ -33,6 +33,8 @@ def rel_err(got, want) -> float:
     dict(paged_one_launch_max_tokens=0, paged_flat_programs=5, paged_run_time_splits=4),  # splits at run time
     dict(paged_one_launch_max_tokens=0, paged_phased_loads=True),  # every load before the dots
     dict(paged_one_launch_max_tokens=1 << 30, paged_one_launch_max_rank=1 << 30, paged_phased_loads=True),
+    dict(paged_wait_loads="block"),  # the one launch's partials read in [KG, M, R] blocks after the wait
+    dict(paged_one_launch_max_tokens=1 << 30, paged_one_launch_max_rank=1 << 30, paged_wait_loads="block"),
     dict(linear_max_tokens=256, linear_block_n=16, linear_block_k=16),  # base matmul and LoRA in one launch
     dict(linear_max_tokens=256, linear_block_n=16, linear_block_k=16, linear_shrink_launch=True),
 ], ids=lambda kernel: ",".join(f"{k}={v}" for k, v in kernel.items()) or "defaults")  # -k "phased" selects by field
