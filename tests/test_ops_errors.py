@@ -283,3 +283,65 @@ def test_value_checks_skip_on_tracers():
     f = jax.jit(lambda w, m: add_lora(y, x, w, m))
     f.trace(w._replace(ranks=jnp.array([4, 0, 40], jnp.int32)), with_slots(bad)).lower()
     jax.eval_shape(lambda s: add_lora(y, x, w, build_lora_meta_jnp(s), impl="reference"), jnp.asarray(bad))
+
+
+# 13. no segment for the jittable builder
+
+
+@pytest.mark.parametrize("max_segments", [0, -1])
+def test_jittable_builder_needs_one_segment(max_segments):
+    with pytest.raises(ValueError, match="max_segments"):
+        build_lora_meta_jnp(jnp.asarray(SLOT_T), max_segments=max_segments)
+    with pytest.raises(ValueError, match="max_segments"):
+        jax.jit(lambda s: build_lora_meta_jnp(s, max_segments=max_segments))(jnp.asarray(SLOT_T))
+    meta = build_lora_meta_jnp(jnp.full((T,), -1, jnp.int32), max_segments=1)  # one segment is enough
+    assert int(meta.num_segments) == 0
+
+
+# 14. the slab ops: operands that the kernels would read past or mix
+
+
+def test_slab_ops_check_their_operands():
+    from slora_jax.ops import add_lora_slab, lora_linear_slab, slab_from_slots
+
+    cfg = KernelConfig(interpret=True, slab_block_n=16, slab_block_k=32, slab_block_p=16)
+    w = random_slot_weights(jax.random.key(0), (4, 8, 16), 64, 32, dtype=jnp.float32)
+    x, y = jnp.ones((4, 64)), jnp.zeros((4, 32))
+    s = slab_from_slots(w, np.array([0, 2, -1, 1], np.int32), block=16)
+    args = (s.a, s.b, s.lo, s.hi, s.n_rows)
+    with pytest.raises(ValueError, match=r"ys\[0\]"):
+        add_lora_slab((jnp.zeros((3, 32)),), x, *args, config=cfg)
+    with pytest.raises(TypeError, match="one dtype"):
+        add_lora_slab((y,), x.astype(jnp.bfloat16), *args, config=cfg)
+    with pytest.raises(ValueError, match=r"x must be \[T, H_in\]"):
+        add_lora_slab((y,), x[None], *args, config=cfg)
+    for call in (lambda off: add_lora_slab((y,), x, *args, off, config=cfg),
+                 lambda off: lora_linear_slab(x, (jnp.ones((64, 32)),), *args, off, config=cfg)):
+        with pytest.raises(ValueError, match="offset=1"):  # the slabs hold one projection
+            call(1)
+        call(0)
+    with pytest.raises(ValueError, match="offset=0 with 2 projections"):
+        add_lora_slab((y, y), x, *args, config=cfg)
+    with pytest.raises(ValueError, match="out of range"):
+        slab_from_slots(w, np.array([5, 0], np.int32), block=16)
+    with pytest.raises(TypeError, match="integer"):
+        slab_from_slots(w, np.array([0.5, 0.0]), block=16)
+    # a traced offset skips the range check (no host sync in a jitted step)
+    got = jax.jit(lambda off: add_lora_slab((y,), x, *args, off, config=cfg)[0])(jnp.int32(0))
+    np.testing.assert_allclose(got, lora_reference(y, x, w, jnp.array([0, 2, -1, 1])), rtol=1e-4, atol=1e-4)
+
+
+def test_lora_linear_group_checks_the_base_weights():
+    from slora_jax.ops import lora_linear_group
+
+    y, x, w = case()
+    pw = paged(w)
+    meta = with_slots(SLOT_T)
+    cfg = KernelConfig(interpret=True, linear_max_tokens=64, linear_block_n=16, linear_block_k=16)
+    with pytest.raises(ValueError, match=r"ws_IxO\[0\]"):
+        lora_linear_group(x, (jnp.ones((H_IN, 2 * H_OUT)),), pw, meta, config=cfg)
+    with pytest.raises(ValueError, match="tokens"):
+        lora_linear_group(x[:5], (jnp.ones((H_IN, H_OUT)),), pw, meta, config=cfg)
+    (got,) = lora_linear_group(x, (jnp.ones((H_IN, H_OUT)),), pw, meta, config=cfg)
+    want = lora_reference(x @ jnp.ones((H_IN, H_OUT)), x, w, jnp.asarray(SLOT_T))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -330,6 +330,8 @@ def build_lora_meta_jnp(slot_T: jax.Array, *, max_segments: int | None = None,
         return jax.tree.map(jnp.asarray, build_lora_meta(np.zeros(0, np.int32), max_segments=max_segments,
                                                          block_m=block_m, static_tiles=True))
     G = T if max_segments is None else int(max_segments)
+    if G < 1:  # the layout is unknown at trace time, so even all-"-1" ids need one (empty) segment
+        raise ValueError(f"max_segments={max_segments} with {T} tokens: the jittable builder needs >= 1")
     bm = default_block_m(T) if block_m is None else int(block_m)
     _check_block_m(bm)
     NT = num_tiles(T, G, bm)
@@ -635,6 +637,25 @@ def _check_call(y_TxO, x_TxI, w, meta) -> int:
     _check_rows(y_TxO, "y", T, H_out, "H_out")
     _check_meta(meta, T, S)
     return T
+
+
+def _check_slab(x_TxI, a_slab, b_slab, n_proj: int, offset) -> None:
+    """The slab ops' operands agree: x `[T, H_in]` in the slab's dtype, slabs `[M, H_in, P]` and `[M, P, N]`,
+    and (where `offset` is concrete) projections `offset .. offset + n_proj - 1` inside M. The kernels read
+    a projection past M without a bounds check (another layer's rows, or garbage)."""
+    if x_TxI.ndim != 2:
+        raise ValueError(f"x must be [T, H_in], got shape {x_TxI.shape}")
+    if a_slab.ndim != 3 or b_slab.ndim != 3 or a_slab.shape[0] != b_slab.shape[0] or a_slab.shape[2] != b_slab.shape[1]:
+        raise ValueError(f"a_slab [M, H_in, P] and b_slab [M, P, N] must share M and P, got {a_slab.shape} and "
+                         f"{b_slab.shape}")
+    if x_TxI.dtype != a_slab.dtype or b_slab.dtype != a_slab.dtype:
+        raise TypeError(f"x, a_slab and b_slab must have one dtype (the kernels' dots take one), got "
+                        f"{x_TxI.dtype}, {a_slab.dtype}, {b_slab.dtype}")
+    off = _host_value(offset)
+    M = a_slab.shape[0]
+    if off is not None and (int(off) < 0 or int(off) + n_proj > M):
+        raise ValueError(f"offset={int(off)} with {n_proj} projections reads slab projections "
+                         f"{int(off)}..{int(off) + n_proj - 1}, but the slabs hold M={M}")
 
 
 @jax.custom_jvp
@@ -976,6 +997,12 @@ def lora_linear_group(x_TxI: jax.Array, ws_IxO, ws, meta: LoraMeta, *, tables=No
     ws_IxO, ws = tuple(ws_IxO), tuple(ws)
     if len(ws_IxO) != len(ws):
         raise ValueError(f"{len(ws_IxO)} base weights for {len(ws)} LoRA weights")
+    for g, (w_IxO, w) in enumerate(zip(ws_IxO, ws)):
+        S, H_in, H_out, _ = _check_weights(w)
+        if w_IxO.shape != (H_in, H_out):
+            raise ValueError(f"ws_IxO[{g}] must be [H_in, H_out] = [{H_in}, {H_out}] (its LoRA weights' shape), "
+                             f"got {w_IxO.shape}")
+        _check_meta(meta, _check_rows(x_TxI, "x", None, H_in, "H_in"), S)
     if not linear_fits(x_TxI.shape[0], ws, cfg):  # `tables` and `row_offset` serve the one launch only
         ys = tuple(jnp.dot(x_TxI, w.astype(x_TxI.dtype)) for w in ws_IxO)
         return add_lora_group(ys, x_TxI, ws, meta, config=cfg)
@@ -1034,11 +1061,14 @@ def lora_linear_slab(x_TxI: jax.Array, ws_IxO, a_slab, b_slab, lo_GxT, hi_GxT, n
     """
     cfg = _config(config)
     ws_IxO = tuple(ws_IxO)
+    if x_TxI.ndim != 2:
+        raise ValueError(f"x must be [T, H_in], got shape {x_TxI.shape}")
     T, H_in = x_TxI.shape
     if not slab_fits(T, H_in, [w.shape[1] for w in ws_IxO], cfg):
         raise ValueError(f"lora_linear_slab takes 1..{SLAB_MAX_TOKENS} tokens, H_in a multiple of "
                          f"slab_block_k={cfg.slab_block_k} and outputs of slab_block_n={cfg.slab_block_n}; got x "
                          f"{x_TxI.shape}, outputs {[w.shape[1] for w in ws_IxO]}")
+    _check_slab(x_TxI, a_slab, b_slab, len(ws_IxO), offset)
     launch = dict(block_p=cfg.slab_block_p, num_warps=cfg.slab_warps, num_stages=cfg.slab_stages,
                   interpret=cfg.interpret, counters=counters)
     splits = cfg.slab_linear_splits or None
@@ -1065,6 +1095,11 @@ def add_lora_slab(ys_TxO, x_TxI: jax.Array, a_slab, b_slab, lo_GxT, hi_GxT, n_ro
     slab layout's `add_lora_group` (arguments as `lora_linear_slab`'s; `ys` the base outputs `[T, N_g]`).
     Two launches: `slab_shrink`, then `slab_expand` accumulating into the ys."""
     cfg = _config(config)
+    ys_TxO = tuple(ys_TxO)
+    _check_slab(x_TxI, a_slab, b_slab, len(ys_TxO), offset)
+    for g, y in enumerate(ys_TxO):
+        if y.ndim != 2 or y.shape[0] != x_TxI.shape[0]:
+            raise ValueError(f"ys[{g}] must be [T={x_TxI.shape[0]}, N], got shape {y.shape}")
     launch = dict(block_p=cfg.slab_block_p, num_warps=cfg.slab_warps, num_stages=cfg.slab_stages,
                   interpret=cfg.interpret, counters=counters)
     v_GxTxP = slab_shrink(x_TxI, a_slab, lo_GxT, hi_GxT, n_rows, offset, block_k=cfg.slab_block_k,
@@ -1091,8 +1126,13 @@ def slab_from_slots(w: SlotWeights, slot_T, *, rows: int | None = None, block: i
     A copy of the used adapters is made (a gather on the device); the engine keeps its slab across
     steps instead (`slora_jax.memory.slab`).
     """
-    slot_T = np.asarray(slot_T, np.int32)
+    slot_T = np.asarray(slot_T)
+    _check_slot_ids(slot_T.shape, slot_T.dtype)
+    slot_T = slot_T.astype(np.int32)
     ranks_S = np.asarray(w.ranks)
+    if slot_T.size and slot_T.max() >= len(ranks_S):
+        raise ValueError(f"slot ids {sorted({int(s) for s in slot_T[slot_T >= len(ranks_S)]})[:8]} are out of "
+                         f"range: the weights hold S={len(ranks_S)} adapters")
     used = list(dict.fromkeys(int(s) for s in slot_T if s >= 0))
     start = np.cumsum([0] + [int(ranks_S[s]) for s in used])
     need = -(-int(start[-1]) // block) * block  # the rows the kernels read
