@@ -118,3 +118,21 @@ def test_static_batch_server_rejects_what_it_cannot_do(model):
     with pytest.raises(RequestError, match="token ids"):
         server.submit([cfg.vocab_size], None)
 
+
+
+def test_warm_compiles_every_shape_the_batches_need(model):
+    """After `warm(input range, output range)`, serving requests in those ranges compiles nothing (the
+    campaign's `compiles.replay` was 2-3 for peft_merge: host arrays of new shapes staged onto the device)."""
+    from slora_jax.experiment.campaign import COMPILES
+
+    _, cfg, params, dirs = model
+    rng = np.random.default_rng(5)
+    server = PeftMergeServer(cfg, params, max_batch_size=3, max_model_len=64)
+    for name, d in dirs.items():
+        server.add_adapter(name, d)
+    server.warm((2, 12), (1, 8))
+    before = COMPILES.count
+    adapters = ["a", None, "b", "c", "a"]
+    prompts = [rng.integers(0, cfg.vocab_size, rng.integers(2, 13)).tolist() for _ in adapters]
+    run_all(server, prompts, adapters, rng.integers(1, 9, len(adapters)).tolist())
+    assert COMPILES.count == before

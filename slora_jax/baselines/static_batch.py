@@ -175,11 +175,13 @@ class StaticBatchServer:
                   if lo_in <= p <= hi_in for m in {lo_out, hi_out} | {1 << k for k in range(hi_out.bit_length())}
                   if lo_out <= m <= hi_out}
         for S, max_len in sorted(shapes):
-            lens_B = jnp.full(B, S, jnp.int32)
-            logits_Bx1xV, cache = prefill(self.params, self.cfg, jnp.zeros((B, S), jnp.int32), lens_B, max_len,
-                                          logits_index_B=lens_B - 1)
-            next_B = jnp.argmax(logits_Bx1xV[:, 0], axis=-1)  # as `_generate` does, so these compile too
-            logits_BxV, _ = decode_step(self.params, self.cfg, next_B, lens_B, cache)
+            # inputs made as `_generate` makes them (numpy, then `jnp.asarray`): moving a host array of a new
+            # shape onto the device is itself a small compile in JAX 0.10 (its `stage` primitive)
+            lens_B = np.full(B, S, np.int32)
+            logits_Bx1xV, cache = prefill(self.params, self.cfg, jnp.asarray(np.zeros((B, S), np.int32)),
+                                          jnp.asarray(lens_B), max_len, logits_index_B=jnp.asarray(lens_B - 1))
+            next_B = np.asarray(jnp.argmax(logits_Bx1xV[:, 0], axis=-1))  # as `_generate` does, so these compile too
+            logits_BxV, _ = decode_step(self.params, self.cfg, jnp.asarray(next_B), jnp.asarray(lens_B), cache)
             np.asarray(jnp.argmax(logits_BxV, axis=-1))
         return len(shapes)
 
