@@ -18,7 +18,8 @@ It is meant for calls that fit in one wave (`--max-tokens`, 8 by default), where
 chain of waits. From 64 tokens the kernels are bound by bandwidth and occupancy instead, and the line does
 not hold (session 24: median error 31% on session 22's 64-256-token rows). Kernels that spill are left out
 of the fit (`stack_bytes` > 0; local-memory traffic is not in the model) and flagged in predictions.
-`--check` reports the fitted line's error on other runs (e.g. another tree), `--predict` prints predicted
+`--check` reports the fitted line's error on other runs (e.g. another tree; with `--against IMPL`, also each
+variant's predicted and measured device time over IMPL's, case by case), `--predict` prints predicted
 µs for static rows with no GPU time yet. Nothing here measures; a prediction is a hypothesis for the next
 GPU run to test.
 """
@@ -105,6 +106,30 @@ def predict(rows: list[dict], coef: np.ndarray) -> list[dict]:
              "predicted_us": float(np.dot(features(r), coef)), "spills": r["stack_bytes"] > 0} for r in rows]
 
 
+def variant_ratios(rows: list[dict], coef: np.ndarray, base: str) -> list[dict]:
+    """Each impl against `base`, case by case, predicted and measured: the sums of a case's spill-free
+    timed kernels (µs), their ratio to `base`'s in the same case, and in how many cases the predicted
+    ratio is on the measured one's side of 1 (`direction`)."""
+    sums = collections.defaultdict(lambda: [0.0, 0.0])
+    for r in rows:
+        if r["stack_bytes"] == 0:
+            case = case_key({**r["case"], "impl": None})
+            s = sums[(case, r["case"]["impl"])]
+            s[0] += float(np.dot(features(r), coef))
+            s[1] += r["us"]
+    out = []
+    for impl in sorted({i for _, i in sums} - {base}):
+        pairs = [(p / sums[(c, base)][0], u / sums[(c, base)][1]) for (c, i), (p, u) in sums.items()
+                 if i == impl and (c, base) in sums]
+        if pairs:
+            pred, meas = np.array(pairs).T
+            out.append({"impl": impl, "against": base, "cases": len(pairs),
+                        "predicted_median": float(np.median(pred)), "measured_median": float(np.median(meas)),
+                        "measured_range": [float(meas.min()), float(meas.max())],
+                        "direction": int(((pred - 1) * (meas - 1) > 0).sum())})
+    return out
+
+
 def _pairs(specs: list[str]) -> list[tuple[str, str]]:
     out = []
     for s in specs:
@@ -120,6 +145,8 @@ def main(argv=None) -> dict:
     p.add_argument("--check", nargs="*", default=[], metavar="STATIC:PROFILE")
     p.add_argument("--predict", nargs="*", default=[], metavar="STATIC")
     p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--against", metavar="IMPL",
+                   help="with --check: every other impl's device time over this one's, predicted and measured")
     p.add_argument("--out")
     args = p.parse_args(argv)
     train = [r for s, f in _pairs(args.fit) for r in join(s, f, args.max_tokens)]
@@ -130,13 +157,21 @@ def main(argv=None) -> dict:
           f"(fit on {result['fit']['n']} kernels: R^2 {result['fit']['r2']:.3f}, "
           f"median error {result['fit']['median_rel_err']:.0%})")
     for s, f in _pairs(args.check):
-        e = {"files": f"{s}:{f}", **errors(join(s, f, args.max_tokens), coef)}
+        rows = join(s, f, args.max_tokens)
+        e = {"files": f"{s}:{f}", **errors(rows, coef)}
         result["checks"].append(e)
         if e["n"]:
             print(f"check {f}: {e['n']} kernels, median error {e['median_rel_err']:.0%}, "
                   f"p90 {e['p90_rel_err']:.0%}, max {e['max_rel_err']:.0%}")
         else:
             print(f"check {f}: no spill-free timed kernels of <= {args.max_tokens} tokens")
+        if args.against:
+            e["variants"] = variant_ratios(rows, coef, args.against)
+            for v in e["variants"]:
+                lo, hi = v["measured_range"]
+                print(f"  {v['impl']} over {v['against']} ({v['cases']} cases): predicted {v['predicted_median']:.2f}x, "
+                      f"measured {v['measured_median']:.2f}x ({lo:.2f}-{hi:.2f}x), direction right in "
+                      f"{v['direction']} of {v['cases']}")
     for s in args.predict:
         rows = predict([r for r in _rows(s) if int(r["case"]["tokens"]) <= args.max_tokens], coef)
         result["predictions"].append({"file": s, "rows": rows})

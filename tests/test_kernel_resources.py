@@ -217,8 +217,8 @@ def test_block_partial_loads_take_the_one_launch_waits_down(kr):
     """The one launch at one token reads its 16 K splits' partials one by one, each converted through shared
     memory before the next load (a wait each); `paged_wait_loads="block"` loads them together (session 24:
     33 -> 17 waits at 4096 -> 4096, 60 -> 17 at 11008 -> 4096)."""
-    rows = kr.main(["--tokens", "1", "--projections", "4096x4096", "--ranks", "16", "--impls", "pallas_paged",
-                    "pallas_paged[paged_wait_loads=block]"])
+    rows = kr.main(["--tokens", "1", "--projections", "4096x4096", "--ranks", "16", "--impls",
+                    "pallas_paged[paged_wait_loads=volatile]", "pallas_paged"])  # "block" is the default now
     assert [r["kernel"] for r in rows] == ["sgmv_paged_one_launch_x1"] * 2
     default, block = rows
     assert block["sass_waits"] <= default["sass_waits"] - 12, (default["sass_waits"], block["sass_waits"])

@@ -82,3 +82,25 @@ def test_static_rows_without_waits_are_refused(tm, tmp_path):
     s.write_text(json.dumps({"rows": [{"case": _case(1, 16, "distinct"), "kernel": "k", "stack_bytes": 0}]}))
     with pytest.raises(SystemExit, match="sass_waits"):
         tm.join(str(s), str(s), 8)
+
+
+def test_variants_are_compared_case_by_case(tm, tmp_path):
+    """`--against`: a variant with half the waits of the base in every case, timed on the line, is
+    predicted and measured at the same ratio, below 1 in every case."""
+    static, prof = [], []
+    for tokens in (1, 8):
+        for impl, waits in (("pallas_paged", 30), ("pallas_paged[x=1]", 15)):
+            case = _case(tokens, 16, "identical", impl)
+            row = {"case": case, "kernel": "sgmv_paged_one_launch_x1", "sass_waits": waits, "round_trips": 7,
+                   "stack_bytes": 0}
+            static.append(row)
+            prof.append({"case": case, "profile": {"top_kernels": [
+                {"name": row["kernel"], "us": float(np.dot(tm.features(row), (2.0, 0.2, 1.5))), "calls": 1.0}]}})
+    s, p = tmp_path / "s.json", tmp_path / "p.json"
+    s.write_text(json.dumps({"rows": static}))
+    p.write_text(json.dumps({"rows": prof}))
+    fit_s, fit_p = _write(tm, tmp_path)
+    result = tm.main(["--fit", f"{fit_s}:{fit_p}", "--check", f"{s}:{p}", "--against", "pallas_paged"])
+    (v,) = result["checks"][0]["variants"]
+    assert v["impl"] == "pallas_paged[x=1]" and v["cases"] == 2 and v["direction"] == 2
+    assert v["predicted_median"] == pytest.approx(v["measured_median"], rel=1e-6) and v["measured_median"] < 0.8

@@ -612,6 +612,32 @@ def test_default_small_pair_calls_take_short_programs(T, ranks, splits, warps):
         assert f"tensor<1x16x{T}x" not in text
 
 
+@pytest.mark.parametrize("cfg,T,want", [({}, 1, None), ({}, 16, None), ({}, 17, 128),
+                                         ({"paged_small_tile_programs": None}, 8, 128),
+                                         ({"paged_small_tile_programs": 32}, 8, 32),
+                                         ({"paged_tile_programs": 64}, 17, 64)])
+def test_small_pair_calls_take_one_program_a_tile(monkeypatch, cfg, T, want):
+    """Split-pair calls of <= `paged_one_launch_max_tokens` tokens (rank over the one launch's) launch one
+    program per bound tile (`paged_small_tile_programs=0`: no tile loop, no `used_tiles` read); larger
+    calls keep the loop of `paged_tile_programs`; None leaves small calls on it too."""
+    import slora_jax.ops.lora as ops_lora
+
+    seen = []
+    for name in ("sgmv_shrink_paged_group", "sgmv_expand_paged_group"):
+        real = getattr(ops_lora, name)
+        monkeypatch.setattr(ops_lora, name, lambda *a, _real=real, **k: seen.append(k.get("tile_programs"))
+                            or _real(*a, **k))
+    w = random_slot_weights(jax.random.key(0), [8, 64], 64, 32, dtype=jnp.float32)
+    ws = paged_group_from_slots((w,), 16, 96, np.random.default_rng(0))
+    slot_T = np.arange(T) % 3 - 1
+    meta = build_lora_meta(slot_T)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((T, 64)), jnp.float32)
+    y = jnp.zeros((T, 32), jnp.float32)
+    (got,) = add_lora_group((y,), x, ws, meta, config=KernelConfig(interpret=True, **cfg))
+    assert seen == [want, want]
+    np.testing.assert_allclose(got, lora_reference(y, x, w, jnp.asarray(slot_T)), rtol=2e-3, atol=2e-3)
+
+
 @pytest.mark.parametrize("setting,want", [(None, True), (True, True), (False, False), (0, False), (1, True)])
 def test_one_launch_takes_phased_loads_by_default(monkeypatch, setting, want):
     """`paged_phased_loads=None` (the default) phases the one launch's loads; True and False force it, and so

@@ -422,8 +422,12 @@ class KernelConfig:
     # cases above): "cg" took 1.02x the time (median; 0.48-1.27x). Session 24 (CPU compile, no GPU): one
     # split at a time, each partial's layout conversion through shared memory comes before the next load, a
     # wait each; "block" takes the one launch from 33 SASS waits to 17 (4096->4096; 60 -> 17 at 11008->4096),
-    # predicted 0.64x the device time (scripts/kernel_time_model.py). Untimed, so not the default.
-    paged_wait_loads: str = "volatile"
+    # predicted 0.64x the device time (scripts/kernel_time_model.py). H100 (session 25, 1/8/16 tokens,
+    # 4096->4096, 11008->4096, 4096->1024 and 4096->11008, ranks 8/16, distinct and identical, 36 cases;
+    # benchmarks/results/kernels_s25_h100/decode_block*.json): "block" took 0.63x the device time of
+    # "volatile" at 1 token (0.44-0.70x), 0.69x at 8 (0.43-0.74x), 0.66x at 16 (0.57-0.79x), none slower;
+    # the Pallas kernels' sum 0.66x against the 0.64x predicted. Wall time at 1 token, launch-bound: 0.97x.
+    paged_wait_loads: str = "block"
     # split pair, pages: N > 0 launches at most N programs along the tile axis, each looping over the used tiles
     # (stride N), so the padding tiles of the metadata's bound launch none; 0: one program per bound tile.
     # H200 (session 19, 4096->4096, metadata for 1000 segments): 128 took 0.59-0.82x the time of 0 at 1024 and
@@ -464,6 +468,12 @@ class KernelConfig:
     # at rank 128; 2 chunks and 4 warps 0.81x and 0.78x.
     paged_small_k_steps: int = 1
     paged_small_warps: int = 4
+    # ... and their tile loop: `paged_tile_programs` for these calls (0: one program per bound tile, no loop
+    # and no read of `used_tiles` first); None: no override. Ignored with `paged_flat_programs`. H100
+    # (session 25, 1 and 8 tokens, 4096->4096 and 11008->4096, ranks 64/128, distinct and identical, 16
+    # cases; `kernels_s25_h100/decode_trips.json`): device time of 0 over 128 0.94x (0.86-0.98x), none
+    # slower; wall 0.93-0.95x (medians). Phased loads on top: 0.94x as well (predicted 0.86x), so not taken.
+    paged_small_tile_programs: int | None = 0
     # Ablation, off: N > 0 computes each LoRA delta (zeros + the op) as a call annotated for GPU stream N
     # (`compat.on_gpu_stream`), added to the base output after, so XLA may run the latency-bound LoRA
     # kernels beside the base matmul that reads the same x. 0: the op accumulates into the base output on
@@ -845,6 +855,8 @@ def _add_paged_group(ys_TxO, x_TxI, ws: tuple[PagedWeights, ...], meta: LoraMeta
             jnp.stack([w.b_row for w in ws]), *tiles, r_block=r_block, k_steps=cfg.paged_k_steps,
             k_loop=cfg.paged_k_loop, active_tiles=meta.active_tiles, n_steps=cfg.paged_n_steps, num_warps=warps,
             wait_loads=cfg.paged_wait_loads, **common)
+    if small and cfg.paged_small_tile_programs is not None and not cfg.paged_flat_programs:
+        cfg = dataclasses.replace(cfg, paged_tile_programs=cfg.paged_small_tile_programs)
     k_steps = cfg.paged_k_steps
     if small and cfg.paged_small_k_steps and k_steps is None:
         k_steps = cfg.paged_small_k_steps
