@@ -148,9 +148,10 @@ def test_round_trips_of_a_hand_written_module(kr):
 
 
 @pytest.mark.parametrize("over,trips", [
-    (dict(), 6),  # used tiles -> tile's adapter -> its rank -> (rank test) its first row -> page -> A rows
-    (dict(paged_tile_programs=0), 5),  # one program per tile: no used-tile count to read first
-    (dict(paged_tile_programs=0, paged_phased_loads=1), 4),  # the first row read beside the rank
+    # the tile loop: used tiles -> tile's adapter -> its rank -> (rank test) its first row -> page -> A rows
+    (dict(paged_small_tile_programs=None), 6),
+    (dict(), 5),  # small calls' default (`paged_small_tile_programs=0`): one program per tile, no used-tile count
+    (dict(paged_phased_loads=1), 4),  # the first row read beside the rank
 ])
 def test_round_trips_of_the_paged_pair(kr, over, trips):
     """The split pair's shrink at one token waits through these chains of dependent loads (session 23's
