@@ -345,3 +345,16 @@ def test_lora_linear_group_checks_the_base_weights():
     (got,) = lora_linear_group(x, (jnp.ones((H_IN, H_OUT)),), pw, meta, config=cfg)
     want = lora_reference(x @ jnp.ones((H_IN, H_OUT)), x, w, jnp.asarray(SLOT_T))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_segments_past_max_segments_get_no_lora_in_every_impl():
+    """The jittable builder drops slots past `max_segments` (it cannot raise under jit); every impl then
+    leaves those tokens' rows alone, the per-token ones (gather_bmm, onehot, ...) as the segment ones."""
+    y, x, w = case()
+    meta = build_lora_meta_jnp(jnp.asarray(SLOT_T), max_segments=2)  # slots 0, 1 kept; 2 dropped
+    assert np.asarray(meta.slot).tolist() == [0, -1, -1, -1, 1, 0, -1, -1]
+    want = lora_reference(y, x, w, meta.slot)
+    cfg = KernelConfig(interpret=True)
+    for impl in IMPLS:
+        np.testing.assert_allclose(add_lora(y, x, w, meta, impl=impl, config=cfg), want, rtol=2e-3, atol=2e-3,
+                                   err_msg=impl)

@@ -318,7 +318,8 @@ def build_lora_meta_jnp(slot_T: jax.Array, *, max_segments: int | None = None,
     """Jittable metadata builder, same output as `build_lora_meta`.
 
     Slots beyond `max_segments` distinct ones cannot raise under jit: they are
-    dropped (their tokens get no LoRA); size `max_segments` so that cannot happen.
+    dropped (their tokens get no LoRA, and `slot` says -1 for them, so that the impls that
+    read per-token slots agree); size `max_segments` so that cannot happen.
     The layout is unknown at trace time, so `active_tiles` is the static tile bound.
     `slot_T` is checked as `build_lora_meta` checks it (dtype and shape: static).
     """
@@ -357,6 +358,8 @@ def build_lora_meta_jnp(slot_T: jax.Array, *, max_segments: int | None = None,
     tile_start = jnp.where(tile_ok_N, seg_start[g_N] + within_N * bm, 0)
     tile_end = jnp.where(tile_ok_N, seg_start[g_N] + seg_len[g_N], 0)
     tile_slot = jnp.where(tile_ok_N, seg_slot[g_N], -1)
+    kept_T = jnp.zeros(T, bool).at[perm_T].set(valid_T & (seg_T < G))  # back in token order
+    slot_T = jnp.where(kept_T | (slot_T < 0), slot_T, -1)
     return LoraMeta(slot=slot_T, perm=perm_T, seg_start=seg_start, seg_len=seg_len, seg_slot=seg_slot,
                     num_segments=n_seg.astype(jnp.int32), tile_start=tile_start.astype(jnp.int32),
                     tile_end=tile_end.astype(jnp.int32), tile_slot=tile_slot.astype(jnp.int32),
