@@ -283,7 +283,7 @@ def bench_7b(bw_GBps: float, batch: int, n_adapters: int, prompt_len: int, new: 
     return out
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--skip-tiny", action="store_true")
@@ -301,7 +301,7 @@ def main():
     ap.add_argument("--slab-rows", type=int, default=1024, help="EngineConfig.lora_slab_rows of the lora_slab run")
     ap.add_argument("--top", type=int, default=12, help="kernels listed in the profile of the re-run step")
     ap.add_argument("--tag", default="", help="suffix of the JSON name (engine{tag}.json), e.g. for XLA_FLAGS variants")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     res = {"benchmark": "engine", "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
            "command": "python scripts/bench_engine.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                                    if k in ("batch", "adapters", "rank", "new", "model", "lora_chunk",
@@ -319,14 +319,15 @@ def main():
     labels = [x for x in args.labels.split(",") if x]
     if bad := set(labels) - set(RUNS):
         ap.error(f"unknown --labels {sorted(bad)}; choose from {list(RUNS)}")
-    res["llama_7b"] = bench_7b(bw, args.batch, args.adapters, 128, args.new, args.rank, args.model,
-                               args.lora_chunk, args.out, labels, args.tp, not args.slots, args.strategy,
-                               {k: int(v) for k, v in (kv.split("=") for kv in args.kernel.split(",") if kv)},
-                               args.slab_rows, args.top)
+    key = args.model.replace("-", "_")  # llama-7b -> "llama_7b", the key of the earlier result files
+    res[key] = bench_7b(bw, args.batch, args.adapters, 128, args.new, args.rank, args.model,
+                        args.lora_chunk, args.out, labels, args.tp, not args.slots, args.strategy,
+                        {k: int(v) for k, v in (kv.split("=") for kv in args.kernel.split(",") if kv)},
+                        args.slab_rows, args.top)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"engine{args.tag}.json"), "w") as f:
         json.dump(res, f, indent=2)
-    r = res["llama_7b"]
+    r = res[key]
     print(f"\n{'':9} {'wall ms':>8} {'device ms':>9} {'host ms':>8} {'dispatch':>8} {'floor ms':>8} {'floor/dev':>9} "
           f"{'tok/s':>8}")
     for k in labels:

@@ -11,6 +11,7 @@ then decodes each row alone and checks the batched result is the same.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
 
@@ -30,16 +31,23 @@ ADAPTER_SPECS = [  # (rank, projections)
 ]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny", help="model shape preset (default: tiny)")
-    ap.add_argument("--out", default=None, help="folder for the PEFT adapters (default: a temp folder)")
+    ap.add_argument("--out", default=None,
+                    help="folder for the PEFT adapters, kept (default: a temp folder, removed at exit)")
     ap.add_argument("--max-new-tokens", type=int, default=12)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
+    # A folder the user names is theirs to keep; the default one only carries the adapters to the loader.
+    folder = contextlib.nullcontext(args.out) if args.out else tempfile.TemporaryDirectory(prefix="slora_quickstart_")
+    with folder as out:
+        run(args, out)
+
+
+def run(args: argparse.Namespace, out: str) -> None:
     cfg = preset(args.preset)
     params = init_random_params(cfg, jax.random.key(0), dtype=jnp.float32)
-    out = args.out or tempfile.mkdtemp(prefix="slora_quickstart_")
     adapters = []
     for i, (rank, projs) in enumerate(ADAPTER_SPECS):
         path = f"{out}/adapter{i}_r{rank}"
@@ -56,7 +64,8 @@ def main() -> None:
     alone = [greedy_generate(params, cfg, [p], args.max_new_tokens, weights, [s], eos_token_ids=())[0]
              for p, s in zip(prompts, slots)]
 
-    print(f"model: preset {args.preset!r}, {cfg.num_params() / 1e6:.2f}M params; adapters in {out}")
+    where = out if args.out else "a temp folder (removed at exit; --out keeps them)"
+    print(f"model: preset {args.preset!r}, {cfg.num_params() / 1e6:.2f}M params; adapters in {where}")
     print(f"{'row':>3}  {'adapter':<14} {'rank':>4}  {'prompt':>6}  generated")
     for i, (p, s, o) in enumerate(zip(prompts, slots, outs)):
         name = "(base model)" if s is None else adapters[s].name

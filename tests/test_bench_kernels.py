@@ -102,12 +102,17 @@ def test_retime_replaces_one_impls_rows(bk, tmp_path):
         bk.main([*args, "--retime"])
 
 
-def test_bench_engine_pool_copy_detector():
-    """Only an instruction whose own result is a pool-shaped copy counts, not a kernel with a copied operand."""
+@pytest.fixture(scope="module")
+def be():
     spec = importlib.util.spec_from_file_location("bench_engine", os.path.join(ROOT, "scripts/bench_engine.py"))
-    be = importlib.util.module_from_spec(spec)
+    module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    spec.loader.exec_module(be)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_engine_pool_copy_detector(be):
+    """Only an instruction whose own result is a pool-shaped copy counts, not a kernel with a copied operand."""
     hlo = "\n".join([
         "  %copy.7 = bf16[32,2048,2,16,32,128]{5,4,3,2,1,0} copy(%param.1)",
         "  %copy_fusion.2 = bf16[32,2048,2,16,32,128]{5,4,3,2,1,0} fusion(%p), kind=kLoop",
@@ -118,6 +123,15 @@ def test_bench_engine_pool_copy_detector():
     ])
     got = be.pool_sized_copy_lines(hlo, (32, 2048))
     assert [ln.split(" = ")[0] for ln in got] == ["%copy.7", "%copy_fusion.2"]
+
+
+def test_bench_engine_results_keyed_by_model(be, tmp_path):
+    """The results sit under the preset run (`tiny` here), not always under `llama_7b`."""
+    be.main(["--out", str(tmp_path), "--model", "tiny", "--skip-tiny", "--batch", "2", "--adapters", "2",
+             "--new", "4", "--labels", "lora", "--lora-chunk", "16"])  # chunk 128 does not divide tiny's widths
+    with open(tmp_path / "engine.json") as f:
+        res = json.load(f)
+    assert "llama_7b" not in res and res["tiny"]["model"] == "tiny" and res["tiny"]["lora"]["decode_steps"] == 4
 
 
 def test_slab_impl_spec_rows_and_skips(bk):

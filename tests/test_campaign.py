@@ -104,6 +104,9 @@ def test_token_buckets_and_targets():
     (f,) = cp.evaluate_targets(records, [{**targets[0], "metric": "throughput_tok_s"}])
     assert f["value"] == pytest.approx(0.9) and f["value_at_floor"] == pytest.approx(0.8)
     assert "at floor" in cp.targets_table([f]) and "0.800" in cp.targets_table([f])
+    # A tokens/s target over an oom point (metrics None) has no value and no floor ratio; it does not raise.
+    (g,) = cp.evaluate_targets(records, [{**targets[1], "metric": "throughput_tok_s"}])
+    assert g["value"] is None and g["value_at_floor"] is None and g["met"] is None
     combined = cp.combine([{"points": records, "target_defs": targets},
                            {"points": [{**records[2], "status": "ok", "metrics": {"m": 20.0}}], "target_defs": []}])
     assert len(combined["points"]) == 3 and combined["targets"][1]["value"] == 2.0

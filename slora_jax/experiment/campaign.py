@@ -229,8 +229,8 @@ def evaluate_targets(records: list[dict], targets: list[dict]) -> list[dict]:
         # The same ratio at the HBM floor: each run's generated tokens over the bytes its steps had to
         # read (bandwidth cancels). A target above it asks for more than the hardware allows.
         if t["metric"] == "throughput_tok_s":
-            bpt = [(_select(records, t[side]) or {}).get("metrics", {}).get("bytes_per_generated_token")
-                   for side in ("num", "den")]
+            bpt = [((_select(records, t[side]) or {}).get("metrics") or {}).get("bytes_per_generated_token")
+                   for side in ("num", "den")]  # an oom or error point has metrics None
             row["value_at_floor"] = bpt[1] / bpt[0] if all(bpt) else None
         row["met"] = None if row["value"] is None or t.get("min") is None else bool(row["value"] >= t["min"])
         out.append(row)
