@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import importlib.util
 import json
@@ -245,3 +246,27 @@ def test_in_memory_adapters_are_read_once_per_folder_and_folded_for_the_engine(t
         assert fm.scale == 1.0 and fm.a.dtype.name == "bfloat16" and m.a.dtype == np.float32
         np.testing.assert_array_equal(fm.b.astype(np.float32),
                                       (m.b * np.float32(m.scale)).astype(fm.b.dtype).astype(np.float32))
+
+
+def test_cached_model_holds_one_form_of_the_weights():
+    """An engine system gets per-layer weights, a baseline the stacked ones; the cache never holds both
+    (two copies of a 7B model beside S1's pool did not fit an H100), and the move keeps every value."""
+    import jax
+    import numpy as np
+
+    from slora_jax.experiment.runner import cached_model
+
+    exp = load_experiment(os.path.join(ROOT, "experiments/configs/quickstart.yaml"))
+    models: dict = {}
+    cfg, stacked = cached_model(dataclasses.replace(exp, system="peft_merge"), models)
+    assert not isinstance(stacked["layers"], list) and len(models) == 1
+    want = jax.tree.map(np.asarray, stacked)
+    _, per_layer = cached_model(exp, models)  # system slora, layer_loop "unrolled"
+    assert isinstance(per_layer["layers"], list) and len(per_layer["layers"]) == cfg.num_hidden_layers
+    assert len(models) == 1 and all(a.is_deleted() for a in jax.tree.leaves(stacked["layers"]))
+    for i, layer in enumerate(per_layer["layers"]):
+        jax.tree.map(lambda a, w: np.testing.assert_array_equal(a, w[i]), layer, want["layers"])
+    assert cached_model(exp, models)[1] is per_layer  # same form: no move
+    _, again = cached_model(dataclasses.replace(exp, system="merged_copies"), models)
+    assert len(models) == 1 and all(a.is_deleted() for a in jax.tree.leaves(per_layer["layers"]))
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, again), want)

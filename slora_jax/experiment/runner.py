@@ -47,7 +47,7 @@ from slora_jax.engine import Engine, SamplingParams
 from slora_jax.errors import ConfigError, RequestError
 from slora_jax.experiment import plots
 from slora_jax.experiment.config_io import dump, point_label, sweep_points
-from slora_jax.model import init_random_params, load_checkpoint, unstack_layers
+from slora_jax.model import init_random_params, load_checkpoint, stack_layers, unstack_layers
 from slora_jax.provenance import git_commit
 from slora_jax.workload import (
     RequestRecord,
@@ -156,17 +156,22 @@ def request_prompt(r: TraceRequest, vocab_size: int, seed: int) -> list[int]:
 
 
 def cached_model(exp: ExperimentConfig, models: dict) -> tuple[LlamaConfig, dict]:
-    """`exp`'s model from `models` (loaded on a miss; one model at a time), with its layers unstacked
-    once (and kept) for the engine's unrolled layer loop."""
+    """`exp`'s model from `models` (loaded on a miss; one model at a time), its layers unstacked for the
+    engine's unrolled layer loop, else stacked.
+
+    The cache holds one copy: a change of form moves the weights leaf by leaf and frees the old form
+    (trees returned earlier are then invalid). Keeping both forms held two copies of the weights on the
+    device: a 7B model (12.6 GiB) twice beside S1's 47 GiB pool did not fit an H100 (session 26).
+    """
     if exp.model not in models:
         models.clear()
         models[exp.model] = load_model(exp.model)
-    if exp.system not in ENGINE_SYSTEMS or exp.engine.layer_loop != "unrolled":
-        return models[exp.model]
-    if (exp.model, "unrolled") not in models:
-        cfg, params = models[exp.model]
-        models[(exp.model, "unrolled")] = cfg, unstack_layers(params)
-    return models[(exp.model, "unrolled")]
+    cfg, params = models[exp.model]
+    unrolled = exp.system in ENGINE_SYSTEMS and exp.engine.layer_loop == "unrolled"
+    if unrolled != isinstance(params["layers"], (list, tuple)):
+        params = unstack_layers(params, free=True) if unrolled else stack_layers(params, free=True)
+        models[exp.model] = cfg, params
+    return cfg, params
 
 
 def make_system(exp: ExperimentConfig, clock: Clock, model: tuple[LlamaConfig, dict]):

@@ -10,6 +10,7 @@ from slora_jax.model.llama import (
     init_random_params,
     param_shapes,
     prefill,
+    stack_layers,
     unstack_layers,
 )
 
@@ -24,5 +25,6 @@ __all__ = [
     "param_shapes",
     "prefill",
     "read_config",
+    "stack_layers",
     "unstack_layers",
 ]

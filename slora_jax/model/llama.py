@@ -102,16 +102,43 @@ def _init_params(cfg: LlamaConfig, key: jax.Array, dtype) -> Params:
     return params
 
 
-def unstack_layers(params: Params) -> Params:
+def unstack_layers(params: Params, free: bool = False) -> Params:
     """The same parameters with `layers` as a list of per-layer trees (each leaf its own buffer).
 
     `forward` then runs the layers as a Python loop instead of a `scan` (more to
-    compile, no per-layer weight copies on a GPU). The stacked leaves are freed
-    once the caller drops them.
+    compile, no per-layer weight copies on a GPU). `free`: each stacked leaf is
+    deleted as soon as it is split, so the peak is the model plus one leaf (do not
+    use `params` afterwards); else the stacked leaves live until the caller drops
+    them, and both copies are held until then.
     """
-    stacked = params["layers"]
-    n = jax.tree.leaves(stacked)[0].shape[0]
-    return {**params, "layers": [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)]}
+    leaves, treedef = jax.tree.flatten(params["layers"])
+    n = leaves[0].shape[0]
+    split = []
+    for leaf in leaves:
+        split.append([leaf[i] for i in range(n)])
+        if free:
+            leaf.delete()
+    return {**params, "layers": [treedef.unflatten([s[i] for s in split]) for i in range(n)]}
+
+
+def stack_layers(params: Params, free: bool = False) -> Params:
+    """The inverse of `unstack_layers`: `layers` as one tree of `[L, ...]` leaves (for `scan`).
+
+    `free`: each layer's leaves are deleted once stacked (do not use `params` afterwards).
+    """
+    layers = params["layers"]
+    if not isinstance(layers, (list, tuple)):
+        return params
+    flat = [jax.tree.flatten(layer) for layer in layers]
+    treedef = flat[0][1]
+    stacked = []
+    for j in range(len(flat[0][0])):
+        parts = [leaves[j] for leaves, _ in flat]
+        stacked.append(jnp.stack(parts))
+        if free:
+            for a in parts:
+                a.delete()
+    return {**params, "layers": treedef.unflatten(stacked)}
 
 
 def param_shapes(cfg: LlamaConfig, dtype=jnp.bfloat16) -> Params:
