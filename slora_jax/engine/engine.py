@@ -131,6 +131,8 @@ class Engine:
         if tp is not None:
             params = tp.place_params(params)
         elif ec.layer_loop == "unrolled" and not isinstance(params["layers"], (list, tuple)):
+            # A copy: the caller's stacked weights stay alive while it holds them. To hold one copy on the
+            # device, pass `model.unstack_layers(params, free=True)` (as `experiment.runner` does).
             params = unstack_layers(params)
         self.cfg, self.params, self.tokenizer, self.clock = cfg, params, tokenizer, clock
         self.dtype = params["embed"]["embedding"].dtype
