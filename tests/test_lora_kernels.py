@@ -612,6 +612,23 @@ def test_default_small_pair_calls_take_short_programs(T, ranks, splits, warps):
         assert f"tensor<1x16x{T}x" not in text
 
 
+@pytest.mark.parametrize("T,mid_max,splits,warps", [(64, 0, 4, 2), (64, 64, 8, 4), (17, 64, 8, 4), (128, 64, 4, 2),
+                                                      (8, 64, 16, 4)])
+def test_mid_pair_calls_take_the_mid_programs(T, mid_max, splits, warps):
+    """With `paged_mid_max_tokens`, pair calls of more than `paged_one_launch_max_tokens` and at most that many
+    tokens take `paged_mid_k_steps` K chunks a program (2: 8 splits of 16 chunks) and `paged_mid_warps`; larger
+    calls keep the defaults (4 splits, 2 warps); decode calls keep the small rule (1 chunk: 16 splits)."""
+    w = random_slot_weights(jax.random.key(0), [8, 64], 1024, 128)
+    ws = paged_group_from_slots((w,), 64, 96, np.random.default_rng(0))
+    meta = build_lora_meta(np.arange(T) % 3 - 1)
+    x, y = jnp.zeros((T, 1024), jnp.bfloat16), jnp.zeros((T, 128), jnp.bfloat16)
+    cfg = KernelConfig(interpret=False, paged_mid_max_tokens=mid_max)
+    f = jax.jit(lambda y, x, ws, m: add_lora_group((y,), x, ws, m, config=cfg))
+    text = f.trace(y, x, ws, meta).lower(lowering_platforms=("cuda",)).as_text()
+    assert re.findall(r"num_warps = (\d+)", text) == [str(warps)] * 2
+    assert f"tensor<1x{splits}x{T}x" in text  # the partials: [G, splits, T, R]
+
+
 @pytest.mark.parametrize("cfg,T,want", [({}, 1, None), ({}, 16, None), ({}, 17, 128),
                                          ({"paged_small_tile_programs": None}, 8, 128),
                                          ({"paged_small_tile_programs": 32}, 8, 32),

@@ -477,6 +477,15 @@ class KernelConfig:
     # cases; `kernels_s25_h100/decode_trips.json`): device time of 0 over 128 0.94x (0.86-0.98x), none
     # slower; wall 0.93-0.95x (medians). Phased loads on top: 0.94x as well (predicted 0.86x), so not taken.
     paged_small_tile_programs: int | None = 0
+    # split pair, pages, calls of more than `paged_one_launch_max_tokens` and at most this many tokens: K chunks
+    # per shrink program and warps per program (`paged_mid_k_steps`, `paged_mid_warps`) where `paged_k_steps` /
+    # `paged_warps` are None; 0: off (`default_k_steps`, `paged_warps_for`). H100 (session 25, one adapter,
+    # 4096->4096 / 11008->4096 / 4096->1024, ranks 16/128; `kernels_s25_h100/identical_steps.json`): 2 chunks
+    # and 4 warps took 0.62x the device time at 64 tokens, 0.83x at 256 and 1.13x at 1024. Off until the
+    # other popularities are measured (at 64 tokens distinct calls have 4x the shrink programs).
+    paged_mid_max_tokens: int = 0
+    paged_mid_k_steps: int = 2
+    paged_mid_warps: int = 4
     # Ablation, off: N > 0 computes each LoRA delta (zeros + the op) as a call annotated for GPU stream N
     # (`compat.on_gpu_stream`), added to the base output after, so XLA may run the latency-bound LoRA
     # kernels beside the base matmul that reads the same x. 0: the op accumulates into the base output on
@@ -865,6 +874,11 @@ def _add_paged_group(ys_TxO, x_TxI, ws: tuple[PagedWeights, ...], meta: LoraMeta
         k_steps = cfg.paged_small_k_steps
     if small and cfg.paged_small_warps and cfg.paged_warps is None:
         warps = cfg.paged_small_warps
+    mid = not small and x_TxI.shape[0] <= cfg.paged_mid_max_tokens
+    if mid and cfg.paged_mid_k_steps and k_steps is None:
+        k_steps = cfg.paged_mid_k_steps
+    if mid and cfg.paged_mid_warps and cfg.paged_warps is None:
+        warps = cfg.paged_mid_warps
     shrink = functools.partial(sgmv_shrink_paged_group, x_TxI, w0.rows, w0.pages, rank_GxS,
                                jnp.stack([w.a_row for w in ws]), *tiles, r_block=r_block,
                                active_tiles=meta.active_tiles, num_warps=warps, **common, **_tile_loop(meta, cfg))
