@@ -270,3 +270,20 @@ def test_cached_model_holds_one_form_of_the_weights():
     _, again = cached_model(dataclasses.replace(exp, system="merged_copies"), models)
     assert len(models) == 1 and all(a.is_deleted() for a in jax.tree.leaves(per_layer["layers"]))
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, again), want)
+
+
+def test_device_memory_is_recorded_in_gib():
+    """Each point's run record carries the device allocator's numbers (None on the CPU, which keeps none)."""
+    from slora_jax.experiment.runner import device_memory_gib
+
+    class Device:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            return self.stats
+
+    got = device_memory_gib(Device({"bytes_in_use": 2**31, "peak_bytes_in_use": 3 * 2**30, "bytes_limit": 2**36,
+                                    "largest_free_block_bytes": 2**29, "num_allocs": 7}))
+    assert got == {"in_use": 2.0, "peak_in_use": 3.0, "limit": 64.0, "largest_free_block": 0.5}
+    assert device_memory_gib(Device(None)) is None and device_memory_gib(Device({})) is None

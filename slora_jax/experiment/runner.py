@@ -345,6 +345,16 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, (OutOfDeviceMemory, MemoryError)) or "RESOURCE_EXHAUSTED" in str(e)
 
 
+def device_memory_gib(device=None) -> dict[str, float] | None:
+    """The device allocator's numbers in GiB: in use now, the process's peak so far, the limit and the largest
+    free block; None where the backend keeps none (the CPU)."""
+    stats = (device or jax.devices()[0]).memory_stats()
+    if not stats:
+        return None
+    keys = ("bytes_in_use", "peak_bytes_in_use", "bytes_limit", "largest_free_block_bytes")
+    return {k.replace("_bytes", "").replace("bytes_", ""): round(stats[k] / 2**30, 3) for k in keys if k in stats}
+
+
 def run_point(exp: ExperimentConfig, out_dir: str, point: dict[str, Any] | None = None,
               system_factory: SystemFactory | None = None, models: dict | None = None,
               clock: Clock = time.monotonic, write: bool = True, prepare: Prepare | None = None) -> RunResult:
@@ -433,6 +443,7 @@ def run_point(exp: ExperimentConfig, out_dir: str, point: dict[str, Any] | None 
             raise
         summary.update(status="oom", error=f"{type(e).__name__}: {e}")
     finally:
+        summary["run"]["device_memory_gib"] = device_memory_gib()  # also for an oom point: what held the memory
         if hasattr(system, "close"):
             system.close()
         del system
