@@ -47,7 +47,7 @@ import slora_jax.engine.engine as engine_mod  # noqa: E402
 import profiling  # noqa: E402  (scripts/ is on sys.path)
 from bench_kernels import measure_ceilings  # same ceilings as the kernel benchmark
 from slora_jax.adapters import random_adapter
-from slora_jax.config import EngineConfig, preset
+from slora_jax.config import PROJECTIONS, EngineConfig, preset
 from slora_jax.engine import Engine, SamplingParams
 from slora_jax.provenance import git_commit
 from slora_jax.parallel import serving
@@ -283,6 +283,15 @@ def bench_7b(bw_GBps: float, batch: int, n_adapters: int, prompt_len: int, new: 
     return out
 
 
+def default_lora_chunk(cfg, most: int = 128) -> int:
+    """The largest power of two <= `most` dividing every projection's sizes (the pages' row width must)."""
+    sizes = {d for p in PROJECTIONS for d in cfg.projection_shape(p)}
+    c = most
+    while c > 1 and any(d % c for d in sizes):
+        c //= 2
+    return c
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -292,7 +301,9 @@ def main(argv=None):
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--model", default="llama-7b", help="a preset (tiny: a CPU smoke run)")
-    ap.add_argument("--lora-chunk", type=int, default=128)
+    ap.add_argument("--lora-chunk", type=int, default=None,
+                    help="EngineConfig.lora_chunk (default: 128, or the largest power of two below it that "
+                         "divides every projection's sizes, e.g. 32 for tiny)")
     ap.add_argument("--labels", default=",".join(RUNS), help=f"runs, a subset of {','.join(RUNS)}")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (EngineConfig.tp)")
     ap.add_argument("--strategy", default="slora", help="LoRA under TP: slora | replicated_a")
@@ -302,6 +313,8 @@ def main(argv=None):
     ap.add_argument("--top", type=int, default=12, help="kernels listed in the profile of the re-run step")
     ap.add_argument("--tag", default="", help="suffix of the JSON name (engine{tag}.json), e.g. for XLA_FLAGS variants")
     args = ap.parse_args(argv)
+    if args.lora_chunk is None:
+        args.lora_chunk = default_lora_chunk(preset(args.model))
     res = {"benchmark": "engine", "device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
            "command": "python scripts/bench_engine.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                                    if k in ("batch", "adapters", "rank", "new", "model", "lora_chunk",

@@ -128,10 +128,12 @@ def test_bench_engine_pool_copy_detector(be):
 def test_bench_engine_results_keyed_by_model(be, tmp_path):
     """The results sit under the preset run (`tiny` here), not always under `llama_7b`."""
     be.main(["--out", str(tmp_path), "--model", "tiny", "--skip-tiny", "--batch", "2", "--adapters", "2",
-             "--new", "4", "--labels", "lora", "--lora-chunk", "16"])  # chunk 128 does not divide tiny's widths
+             "--new", "4", "--labels", "lora"])  # the default chunk: 128 does not divide tiny's widths
     with open(tmp_path / "engine.json") as f:
         res = json.load(f)
     assert "llama_7b" not in res and res["tiny"]["model"] == "tiny" and res["tiny"]["lora"]["decode_steps"] == 4
+    assert "--lora-chunk 32" in res["command"]  # tiny: 32 divides every projection size, 64 does not
+    assert be.default_lora_chunk(be.preset("llama-7b")) == 128
 
 
 def test_slab_impl_spec_rows_and_skips(bk):
