@@ -417,8 +417,8 @@ def test_paged_warps_by_tile(block_m, want):
     meta = build_lora_meta(make_slots("skewed", 64, S, np.random.default_rng(1)), block_m=block_m)
     x = jnp.zeros((64, H_IN), jnp.bfloat16)
     ys = tuple(jnp.zeros((64, o), jnp.bfloat16) for o in GROUP_OUT)
-    for cfg, warps in ((dataclasses.replace(SPLIT, interpret=False), want),
-                       (dataclasses.replace(SPLIT, interpret=False, paged_warps=1), 1)):
+    base = dataclasses.replace(SPLIT, interpret=False, paged_mid_max_tokens=0)  # 64 tokens: not the mid rule's
+    for cfg, warps in ((base, want), (dataclasses.replace(base, paged_warps=1), 1)):
         text = _add_group.trace(ys, x, pws, meta, config=cfg).lower(lowering_platforms=("cuda",)).as_text()
         assert re.findall(r"num_warps = (\d+) : i32", text) == [str(warps)] * 2
 
@@ -587,12 +587,13 @@ def test_default_one_launch_for_small_calls(T, ranks, launches):
     assert ("stablehlo.reduce" in text) == (launches == 2)
 
 
-@pytest.mark.parametrize("T,ranks,splits,warps", [(1, [8, 64], 16, 4), (16, [8, 128], 16, 4), (17, [8, 64], 4, 2),
-                                                  (64, [8, 64], 4, 2)])
+@pytest.mark.parametrize("T,ranks,splits,warps", [(1, [8, 64], 16, 4), (16, [8, 128], 16, 4), (17, [8, 64], 8, 4),
+                                                  (64, [8, 64], 8, 4), (128, [8, 64], 4, 2)])
 def test_default_small_pair_calls_take_short_programs(T, ranks, splits, warps):
     """Calls of <= 16 tokens that the rank rule sends to the split pair take 1 K chunk per shrink program
-    (16 chunks: 16 splits) and 4 warps (`paged_small_k_steps`, `paged_small_warps`); larger calls keep
-    `default_k_steps` (4 splits here) and `paged_warps_for`; set `paged_k_steps` / `paged_warps` win."""
+    (16 chunks: 16 splits) and 4 warps (`paged_small_k_steps`, `paged_small_warps`); 17-64 tokens the mid
+    rule's 2 chunks (8 splits) and 4 warps; larger calls keep `default_k_steps` (4 splits here) and
+    `paged_warps_for`; set `paged_k_steps` / `paged_warps` win."""
     w = random_slot_weights(jax.random.key(0), ranks, 1024, 128)
     ws = paged_group_from_slots((w,), 64, 96, np.random.default_rng(0))
     meta = build_lora_meta(np.arange(T) % 3 - 1)
@@ -613,16 +614,17 @@ def test_default_small_pair_calls_take_short_programs(T, ranks, splits, warps):
 
 
 @pytest.mark.parametrize("T,mid_max,splits,warps", [(64, 0, 4, 2), (64, 64, 8, 4), (17, 64, 8, 4), (128, 64, 4, 2),
-                                                      (8, 64, 16, 4)])
+                                                      (8, 64, 16, 4), (64, None, 8, 4), (128, None, 4, 2)])
 def test_mid_pair_calls_take_the_mid_programs(T, mid_max, splits, warps):
     """With `paged_mid_max_tokens`, pair calls of more than `paged_one_launch_max_tokens` and at most that many
     tokens take `paged_mid_k_steps` K chunks a program (2: 8 splits of 16 chunks) and `paged_mid_warps`; larger
-    calls keep the defaults (4 splits, 2 warps); decode calls keep the small rule (1 chunk: 16 splits)."""
+    calls keep the defaults (4 splits, 2 warps); decode calls keep the small rule (1 chunk: 16 splits).
+    None: the default config, on up to 64 tokens."""
     w = random_slot_weights(jax.random.key(0), [8, 64], 1024, 128)
     ws = paged_group_from_slots((w,), 64, 96, np.random.default_rng(0))
     meta = build_lora_meta(np.arange(T) % 3 - 1)
     x, y = jnp.zeros((T, 1024), jnp.bfloat16), jnp.zeros((T, 128), jnp.bfloat16)
-    cfg = KernelConfig(interpret=False, paged_mid_max_tokens=mid_max)
+    cfg = KernelConfig(interpret=False, **({} if mid_max is None else {"paged_mid_max_tokens": mid_max}))
     f = jax.jit(lambda y, x, ws, m: add_lora_group((y,), x, ws, m, config=cfg))
     text = f.trace(y, x, ws, meta).lower(lowering_platforms=("cuda",)).as_text()
     assert re.findall(r"num_warps = (\d+)", text) == [str(warps)] * 2

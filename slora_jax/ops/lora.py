@@ -481,9 +481,13 @@ class KernelConfig:
     # per shrink program and warps per program (`paged_mid_k_steps`, `paged_mid_warps`) where `paged_k_steps` /
     # `paged_warps` are None; 0: off (`default_k_steps`, `paged_warps_for`). H100 (session 25, one adapter,
     # 4096->4096 / 11008->4096 / 4096->1024, ranks 16/128; `kernels_s25_h100/identical_steps.json`): 2 chunks
-    # and 4 warps took 0.62x the device time at 64 tokens, 0.83x at 256 and 1.13x at 1024. Off until the
-    # other popularities are measured (at 64 tokens distinct calls have 4x the shrink programs).
-    paged_mid_max_tokens: int = 0
+    # and 4 warps took 0.62x the device time at 64 tokens, 0.83x at 256 and 1.13x at 1024. H100 (session 27,
+    # 64 tokens, the same projections, ranks 16/64/128, 27 cases; `kernels_s27_h100/mid_shapes.json`): device
+    # time over the default 0.59x identical (0.54-0.66x), 0.66x skewed (0.63-0.87x), 1.01x distinct
+    # (0.90-1.44x; the 1.44x is 11008->4096 rank 16's shrink, 14.6 -> 23.2 us). Identical calls then beat
+    # `loop` in all 9 cases (0.71-0.98x its device time), where the default took 1.12-1.75x. 17-63 tokens:
+    # not measured.
+    paged_mid_max_tokens: int = 64
     paged_mid_k_steps: int = 2
     paged_mid_warps: int = 4
     # Ablation, off: N > 0 computes each LoRA delta (zeros + the op) as a call annotated for GPU stream N
