@@ -45,8 +45,10 @@ def test_issue6_campaign_points(smoke):
     spares = {p.exp.name: p.exp.engine.host_adapter_spare_bytes for p in c.points if p.exp.system == "slora"}
     assert spares["slora_s2_nospare"] == 0 and spares["slora_s2"] > 0
     slab = {p.exp.name: p.exp.engine.lora_slab_rows for p in c.points if p.exp.name.startswith("lora_vs_base")}
-    assert slab == {"lora_vs_base": 0, "lora_vs_base_mid": 0, "lora_vs_base_linear": 0, "lora_vs_base_slab": 1024,
+    assert slab == {"lora_vs_base": 0, "lora_vs_base_nomid": 0, "lora_vs_base_linear": 0, "lora_vs_base_slab": 1024,
                     "lora_vs_base_slab64": 1024}
+    nomid = [p.exp.engine for p in c.points if p.exp.name == "lora_vs_base_nomid"]
+    assert len(nomid) == 1 and nomid[0].lora_kernel == {"paged_mid_max_tokens": 0}
     assert {p.exp.engine.lora_slab_rows for p in c.points if p.exp.name == "slora_s1_slab"} == {1024}
     s2_slab = [p.exp.engine for p in c.points if p.exp.name == "slora_s2_slab"]
     assert len(s2_slab) == 2 and all(e.lora_slab_rows == 4096 and e.lora_kernel == {"slab_max_tokens": 64} for e in s2_slab)
