@@ -248,6 +248,9 @@ class EngineConfig:
     unified_memory: bool = True  # False: S-LoRA's ablation, fixed adapter slots beside a KV-only pool
     max_loras: int = 8  # unified_memory=False: number of adapter slots
     max_lora_rank: int = 64  # unified_memory=False: every slot's rank
+    # unified_memory=False: the projections the slots hold (an adapter of others is refused); (): all seven.
+    # The experiment runner sets its random adapters' projections (7B q/k/v/o slots: 4/11 of all seven's bytes).
+    slot_projections: tuple[str, ...] = ()
     host_adapter_budget_bytes: int = 8 << 30
     # Packed-row buffers the host tier dropped, kept (up to this many bytes) to pack adapters into again:
     # packing into fresh host memory stalls on page faults (adapters/spares.py); 0: always fresh memory.
@@ -282,6 +285,10 @@ class EngineConfig:
         if self.min_batch_tokens > self.max_batch_tokens:
             raise ValueError(f"EngineConfig.min_batch_tokens ({self.min_batch_tokens}) must be <= max_batch_tokens "
                              f"({self.max_batch_tokens})")
+        if not set(self.slot_projections) <= set(PROJECTIONS) or len(set(self.slot_projections)) < len(
+                self.slot_projections):
+            raise ValueError(f"EngineConfig.slot_projections must be distinct names of {list(PROJECTIONS)}, got "
+                             f"{list(self.slot_projections)}")
         if self.tp_lora_strategy not in TP_LORA_STRATEGIES:
             raise ValueError(
                 f"EngineConfig.tp_lora_strategy must be one of {TP_LORA_STRATEGIES}, got {self.tp_lora_strategy!r}")

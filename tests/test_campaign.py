@@ -56,6 +56,10 @@ def test_issue6_campaign_points(smoke):
     assert all(p.exp.engine.lora_impl == "pallas" for p in c.points if p.exp.engine.lora_slab_rows)
     slots = {p.exp.name: p.exp.engine.max_lora_rank for p in c.points if p.exp.system == "slora_no_unified"}
     assert slots == {"slora_s1": 8, "slora_s2": 64}
+    if not smoke:  # the same device memory as slora's 6000 pages of 8 MiB: KV pages + q/k/v/o slots
+        pages = {p.exp.name: p.exp.engine.num_pages for p in c.points if p.exp.system == "slora_no_unified"}
+        slot_bytes = {n: 64 * r * 32 * 4 * (4096 + 4096) * 2 for n, r in slots.items()}
+        assert {n: pages[n] + slot_bytes[n] / (8 << 20) for n in pages} == {"slora_s1": 6000, "slora_s2": 6000}
     for p in c.points:
         e = p.exp
         assert e.warmup_requests == 0 and e.adapters.in_memory

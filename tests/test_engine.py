@@ -12,7 +12,7 @@ import torch
 import dataclasses
 
 from slora_jax.adapters import random_adapter, save_peft_adapter
-from slora_jax.config import PROJECTIONS, preset
+from slora_jax.config import PROJECTIONS, EngineConfig, preset
 from slora_jax.engine import Engine, SamplingParams
 from slora_jax.engine.request import Status
 from slora_jax.errors import ConfigError
@@ -417,6 +417,27 @@ def test_no_unified_memory_ablation_gives_the_same_tokens():
     rep = engine.memory_report()
     assert rep["pages_adapter"] == 0 and rep["resident_adapters"] <= 2 and rep["adapter_slots_bytes"] > 0
     assert engine.store.stats["evictions"] > 0
+
+
+def test_slots_hold_only_their_projections():
+    """`slot_projections`: the fixed slots reserve memory for those projections only, give the same
+    tokens as the pool, and refuse an adapter of another projection."""
+    cfg = preset("tiny")
+    prompts = random_prompts(250, [4, 9, 2, 7], seed=3)
+    adapters, sp = ["a0", "a1", "a2", None], SamplingParams(max_new_tokens=5)
+    unified = tiny_engine().generate(prompts, adapters, sp)
+    slot = dict(unified_memory=False, max_loras=2, max_lora_rank=32)
+    engine = tiny_engine(**slot, slot_projections=("o", "q", "k", "v"))  # a0-a2 target q, k, v, o
+    assert engine.store.projections == ("q", "k", "v", "o")
+    assert [c.token_ids for c in engine.generate(prompts, adapters, sp)] == [c.token_ids for c in unified]
+    qkvo = sum(sum(cfg.projection_shape(p)) for p in ("q", "k", "v", "o"))
+    assert engine.memory_report()["adapter_slots_bytes"] == 2 * 32 * cfg.num_hidden_layers * qkvo * 4  # float32
+    assert tiny_engine(**slot).memory_report()["adapter_slots_bytes"] > engine.memory_report()["adapter_slots_bytes"]
+    out = tiny_engine(**slot, slot_projections=("q", "k", "v")).generate(prompts, adapters, sp)
+    assert [c.finish_reason for c in out[:3]] == ["length", "length", "error"] and "fixed adapter slots" in out[2].error
+    assert [c.token_ids for c in out[:2]] == [c.token_ids for c in unified[:2]]
+    with pytest.raises(ValueError, match="slot_projections"):
+        EngineConfig(slot_projections=("q", "qq"))
 
 
 def test_public_api_names():

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -155,6 +156,19 @@ def test_system_settings_checked_when_the_system_is_built(tmp_path):
         exp = load_experiment(quick, [f"output_dir={tmp_path}", *QUICK, *overrides])
         with pytest.raises(ConfigError, match=message):
             run_point(exp, str(tmp_path / "run"))
+
+
+def test_no_unified_slots_take_the_adapters_projections(tmp_path):
+    """`slora_no_unified` reserves slots for the random adapters' projections only, unless
+    `engine.slot_projections` says otherwise."""
+    from slora_jax.experiment.runner import cached_model, make_system
+
+    quick = os.path.join(ROOT, "experiments/configs/quickstart.yaml")
+    for extra, want in [([], ("q", "v")), (["engine.slot_projections=[q,k,v,o]"], ("q", "k", "v", "o"))]:
+        exp = load_experiment(quick, [f"output_dir={tmp_path}", "system=slora_no_unified", "adapters.projections=[v,q]",
+                                      *QUICK, *extra])
+        engine = make_system(exp, time.monotonic, cached_model(exp, {}))
+        assert engine.store.projections == want and set(engine.store.weights) == set(want)
 
 
 def test_merged_copies_out_of_memory_is_a_result(tmp_path):

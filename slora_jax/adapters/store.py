@@ -416,7 +416,11 @@ class SlotAdapterStore(AdapterStore):
                  host_budget_bytes: int = 8 << 30, dtype=jnp.bfloat16):
         super().__init__(cfg, layout=None, allocator=None, host_budget_bytes=host_budget_bytes, dtype=dtype,
                          max_resident=max_loras)
-        self.max_loras, self.max_rank, self.projections = max_loras, max_rank, tuple(projections)
+        unknown = set(projections) - set(PROJECTIONS)
+        if unknown or not projections:
+            raise ValueError(f"slot projections must be a non-empty subset of {list(PROJECTIONS)}, got {list(projections)}")
+        self.max_loras, self.max_rank = max_loras, max_rank
+        self.projections = tuple(p for p in PROJECTIONS if p in projections)
         self._used_elems: dict[str, int] = {}
         self.weights = {p: self._zero_slots(p) for p in self.projections}
 

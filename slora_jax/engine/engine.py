@@ -150,7 +150,7 @@ class Engine:
                                       ec.max_resident_adapters, ec.adapter_stage_threads,
                                       ec.host_adapter_spare_bytes)
         else:
-            self.store = SlotAdapterStore(cfg, ec.max_loras, ec.max_lora_rank,
+            self.store = SlotAdapterStore(cfg, ec.max_loras, ec.max_lora_rank, ec.slot_projections or PROJECTIONS,
                                           host_budget_bytes=ec.host_adapter_budget_bytes, dtype=self.dtype)
         self.scheduler = make_scheduler(ec)
         self._kernel = _kernel_config(ec.lora_kernel)

@@ -181,6 +181,8 @@ def make_system(exp: ExperimentConfig, clock: Clock, model: tuple[LlamaConfig, d
     if exp.system in ENGINE_SYSTEMS:
         if exp.system == "slora_no_unified":
             ec = ec.replace(unified_memory=False)
+            if not ec.slot_projections and not exp.adapters.folders:  # random adapters: slots for their projections
+                ec = ec.replace(slot_projections=tuple(exp.adapters.projections))
         elif not ec.unified_memory:
             raise ConfigError("engine.unified_memory=false is the system slora_no_unified; "
                               "set system: slora_no_unified")

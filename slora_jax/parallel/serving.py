@@ -127,6 +127,7 @@ class TensorParallel:
                                        ec.adapter_stage_threads, ec.host_adapter_spare_bytes)
         return ShardedSlotAdapterStore(self.cfg, self.mesh, self.strategy, ec.max_loras, ec.max_lora_rank,
                                        rank_block=16 if self.lora_impl == "pallas" else 1,
+                                       projections=ec.slot_projections or PROJECTIONS,
                                        host_budget_bytes=ec.host_adapter_budget_bytes, dtype=dtype)
 
     def forward(self, params, cfg, tokens_BxS, pos_BxS, cache, lora=None, logits_index_B=None):
@@ -178,10 +179,10 @@ class ShardedSlotAdapterStore(SlotAdapterStore):
     """
 
     def __init__(self, cfg: LlamaConfig, mesh, strategy: str, max_loras: int, max_rank: int, rank_block: int = 1,
-                 host_budget_bytes: int = 8 << 30, dtype=jnp.bfloat16):
+                 projections=PROJECTIONS, host_budget_bytes: int = 8 << 30, dtype=jnp.bfloat16):
         self.mesh, self.strategy = mesh, strategy
         rank = sharding.padded_rank("q", max_rank, tp_size(mesh), strategy, rank_block)  # a split R: the strictest
-        super().__init__(cfg, max_loras, rank, host_budget_bytes=host_budget_bytes, dtype=dtype)
+        super().__init__(cfg, max_loras, rank, projections, host_budget_bytes=host_budget_bytes, dtype=dtype)
 
     def _shardings(self, proj: str) -> SlotWeights:
         return sharding.named(self.mesh, sharding.lora_spec(proj, self.strategy))
