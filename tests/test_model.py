@@ -67,7 +67,7 @@ def test_prefill_logits_match_transformers(loaded, name):
     toks, lens = pad(prompts)
     logits, cache = prefill(params, cfg, toks, lens, max_len=64)
     assert logits.shape == (len(prompts), max(PROMPT_LENS), cfg.vocab_size)
-    assert isinstance(cache, DenseKVCache) and cache.k.shape[2] == 64
+    assert isinstance(cache, DenseKVCache) and cache.k.shape[3] == 64 and cache.max_len == 64
     for i, p in enumerate(prompts):
         assert rel_err(logits[i, : len(p)], hf_logits(hf, p)) < 1e-4, (name, len(p))
 
@@ -131,7 +131,7 @@ def test_forward_is_pure_and_jittable(loaded):
     jitted, new_cache = step(params, cfg, toks, pos, DenseKVCache.create(cfg, 2, 16, jnp.float32))
     np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=1e-5, atol=1e-5)
     # Padding positions were never written.
-    assert not np.asarray(new_cache.k)[:, 1, 4:].any()
+    assert not np.asarray(new_cache.k)[:, 1, :, 4:].any()
 
 
 def test_presets_have_real_shapes():

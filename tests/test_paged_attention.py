@@ -173,7 +173,7 @@ def test_chunked_prefill_then_decode_equals_dense_cache():
     k_pool = jnp.asarray(rng.standard_normal(shape), jnp.float32)  # stale data must be ignored
     v_pool = jnp.asarray(rng.standard_normal(shape), jnp.float32)
     page_table = jnp.asarray(rng.permutation(num_pages)[: B * M].reshape(B, M).astype(np.int32))
-    dense = DenseKVCache(jnp.zeros((L, B, M * P, K, D)), jnp.zeros((L, B, M * P, K, D)))
+    dense = DenseKVCache(jnp.zeros((L, B, K, M * P, D)), jnp.zeros((L, B, K, M * P, D)))
     layer = jnp.int32(1)
     pos0 = np.array([[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [0, 1, 2, 3, 4, 5, -1, -1, -1, -1]])
     steps = [pos0, pos0 + 10 * (pos0 >= 0) + np.array([[0], [-4]]) * (pos0 >= 0), np.array([[20], [12]])]

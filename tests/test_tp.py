@@ -134,7 +134,7 @@ def test_tp_greedy_matches_single_device(setup, tp, unstacked, strategy):
 @pytest.mark.parametrize("strategy", parallel.LORA_STRATEGIES)
 def test_tp4_prefill_logits_every_position(setup, tp4_prefill, strategy):
     _, _, _, logits, cache = tp4_prefill[strategy]
-    assert {sh.data.shape[3] for sh in cache.k.addressable_shards} == {setup["cfg"].num_key_value_heads // 4}
+    assert {sh.data.shape[2] for sh in cache.k.addressable_shards} == {setup["cfg"].num_key_value_heads // 4}
     assert max(row_errors(logits, setup["ref_logits"], setup["lens"])) < TOL
 
 

@@ -18,7 +18,7 @@ reads the whole lm_head every step: splitting it divides that read by `tp`.
 Its costs are one `[T, H]` all-reduce after the embedding lookup and logits that
 come out split over the vocabulary (a global `[B, S, V]` array, sharded).
 
-KV cache: split by KV heads (`DenseKVCache` `[L, B, S, K, D]` on `K`; the paged
+KV cache: split by KV heads (`DenseKVCache` `[L, B, K, S, D]` on `K`; the paged
 pool `[L, num_pages, page_elems]` on `page_elems`, each device's slab being
 pages of its own `K/tp` heads, see `create_pool`).
 
@@ -136,7 +136,7 @@ def lora_specs(weights, strategy: str):
 def cache_specs(cache):
     """Specs of a KV cache split by KV heads (`DenseKVCache` or a `PagedKVCache` from `paged_kv_cache`)."""
     if isinstance(cache, DenseKVCache):
-        kv = P(None, None, None, TP_AXIS, None)  # [L, B, S_max, K, D]
+        kv = P(None, None, TP_AXIS, None, None)  # [L, B, K, S_max, D]
         return DenseKVCache(kv, kv)
     if isinstance(cache, PagedKVCache):
         return cache.replace(pool=P(None, None, TP_AXIS), page_table=P(), seq_ids=P())
