@@ -249,7 +249,7 @@ class EngineConfig:
     max_loras: int = 8  # unified_memory=False: number of adapter slots
     max_lora_rank: int = 64  # unified_memory=False: every slot's rank
     # unified_memory=False: the projections the slots hold (an adapter of others is refused); (): all seven.
-    # The experiment runner sets its random adapters' projections (7B q/k/v/o slots: 4/11 of all seven's bytes).
+    # The experiment runner sets its random adapters' projections (7B q/k/v/o slots: 42% of all seven's bytes).
     slot_projections: tuple[str, ...] = ()
     host_adapter_budget_bytes: int = 8 << 30
     # Packed-row buffers the host tier dropped, kept (up to this many bytes) to pack adapters into again:
