@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import pytest
 
 from slora_jax.cli import main as cli
@@ -171,6 +172,33 @@ def test_no_unified_slots_take_the_adapters_projections(tmp_path):
         assert engine.store.projections == want and set(engine.store.weights) == set(want)
 
 
+@pytest.mark.parametrize("system", ["slora", "slora_no_unified", "peft_merge"])
+def test_memory_plan_matches_what_the_system_allocates(tmp_path, system):
+    """`memory_plan`'s parts are the bytes the built system holds: weights, the pool and the slots
+    (the engine's own report), the baselines' largest dense cache (a `DenseKVCache` of that shape)."""
+    from slora_jax.experiment.runner import cached_model, make_system, memory_plan
+    from slora_jax.model.cache import DenseKVCache
+
+    quick = os.path.join(ROOT, "experiments/configs/quickstart.yaml")
+    exp = load_experiment(quick, [f"output_dir={tmp_path}", f"system={system}", *QUICK])
+    model = cached_model(exp, {})
+    cfg, params = model
+    plan = memory_plan(exp, cfg)
+    assert plan["weights"] == sum(x.nbytes for x in jax.tree.leaves(params))
+    assert plan["total"] == sum(v for k, v in plan.items() if k != "total")
+    built = make_system(exp, time.monotonic, model)
+    if system == "peft_merge":
+        B, (_, T) = 4, built.shapes(exp.workload.input_len[1], exp.workload.output_len[1])  # max_num_seqs 4
+        cache = DenseKVCache.create(cfg, B, T, built.params["embed"]["embedding"].dtype)
+        assert plan["dense_kv_cache"] == cache.k.nbytes + cache.v.nbytes and set(plan) == {"weights", "dense_kv_cache",
+                                                                                           "total"}
+    else:
+        rep = built.memory_report()
+        assert plan["kv_pool"] == rep["pages_total"] * rep["page_bytes"]
+        assert plan.get("adapter_slots", 0) == rep.get("adapter_slots_bytes", 0)
+        assert ("adapter_slots" in plan) == (system == "slora_no_unified")
+
+
 def test_merged_copies_out_of_memory_is_a_result(tmp_path):
     from slora_jax.experiment import run
 
@@ -181,6 +209,8 @@ def test_merged_copies_out_of_memory_is_a_result(tmp_path):
     assert res.summary["status"] == "oom" and "budget" in res.summary["error"]
     saved = json.load(open(os.path.join(res.out_dir, "metrics.json")))
     assert saved["status"] == "oom" and saved["metrics"] is None
+    plan = saved["memory_plan_gib"]  # what the point needed, by part, also in the error's text
+    assert plan["model_copies"] == pytest.approx(exp.adapters.n * plan["weights"], abs=2e-3) and "planned GiB" in saved["error"]
 
 
 def test_time_limit_cuts_the_run_off(tmp_path):

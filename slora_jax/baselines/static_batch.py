@@ -39,6 +39,12 @@ def _pow2(n: int, lo: int = 1) -> int:
     return 1 << (max(n, lo) - 1).bit_length()
 
 
+def batch_shapes(prompt_len: int, max_new_tokens: int, min_prompt_bucket: int = 16) -> tuple[int, int]:
+    """(padded prompt length S, cache length) of a batch whose longest prompt and output are these."""
+    S = _pow2(prompt_len, max(16, min_prompt_bucket))
+    return S, _pow2(S + max_new_tokens)
+
+
 @dataclasses.dataclass(eq=False)
 class _Request:
     id: int
@@ -162,8 +168,7 @@ class StaticBatchServer:
 
     def shapes(self, prompt_len: int, max_new_tokens: int) -> tuple[int, int]:
         """(padded prompt length S, cache length) of a batch whose longest prompt and output are these."""
-        S = _pow2(prompt_len, max(16, self.min_prompt_bucket))
-        return S, _pow2(S + max_new_tokens)
+        return batch_shapes(prompt_len, max_new_tokens, self.min_prompt_bucket)
 
     def warm(self, input_len: tuple[int, int], output_len: tuple[int, int]) -> int:
         """Compile every (prompt, cache) shape that requests with lengths in these ranges can need

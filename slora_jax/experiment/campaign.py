@@ -358,7 +358,7 @@ def _run_one(p: Point, work_dir: str, records_dir: str, factories: dict[str, Sys
     try:
         res = run_point(exp, out_dir, p.point, factories.get(exp.system), models, write=bool(records_dir),
                         prepare=prepare)
-        record.update({k: res.summary[k] for k in ("status", "error", "metrics", "memory")})
+        record.update({k: res.summary[k] for k in ("status", "error", "metrics", "memory", "memory_plan_gib")})
         record["run"] = {k: v for k, v in res.summary["run"].items()
                          if k not in ("git_commit", "jax_version", "device")}
     except BudgetExceeded:

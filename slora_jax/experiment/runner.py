@@ -34,8 +34,10 @@ from slora_jax.adapters.adapter import LoraAdapter
 from slora_jax.adapters.peft import WEIGHTS_NAME, load_adapter
 from slora_jax.adapters.random import random_adapter, save_peft_adapter
 from slora_jax.baselines import MergedCopiesServer, OutOfDeviceMemory, PeftMergeServer
+from slora_jax.baselines.static_batch import batch_shapes
 from slora_jax.config import (
     PRESETS,
+    PROJECTIONS,
     AdapterSetConfig,
     EngineConfig,
     ExperimentConfig,
@@ -47,6 +49,7 @@ from slora_jax.engine import Engine, SamplingParams
 from slora_jax.errors import ConfigError, RequestError
 from slora_jax.experiment import plots
 from slora_jax.experiment.config_io import dump, point_label, sweep_points
+from slora_jax.memory.pool import PoolLayout
 from slora_jax.model import init_random_params, load_checkpoint, stack_layers, unstack_layers
 from slora_jax.provenance import git_commit
 from slora_jax.workload import (
@@ -174,15 +177,48 @@ def cached_model(exp: ExperimentConfig, models: dict) -> tuple[LlamaConfig, dict
     return cfg, params
 
 
+def slot_projections(exp: ExperimentConfig) -> tuple[str, ...]:
+    """The projections `slora_no_unified`'s fixed slots hold: `engine.slot_projections`, else the random
+    adapters' projections, else (given folders) all seven."""
+    if exp.engine.slot_projections:
+        return tuple(exp.engine.slot_projections)
+    return PROJECTIONS if exp.adapters.folders else tuple(exp.adapters.projections)
+
+
+def memory_plan(exp: ExperimentConfig, cfg: LlamaConfig) -> dict[str, int]:
+    """Bytes the point's system holds on the device by design, by part (not counted: XLA's temporaries, and
+    the opt-in slab, whose arrays are made per projection group on first use):
+    the base weights; the engines' pool (and `slora_no_unified`'s slots); the static-batch baselines'
+    largest dense KV cache (and `merged_copies`' copies). Recorded with every point, and named in the
+    error of one that runs out of memory."""
+    item = jnp.dtype(exp.model.dtype).itemsize
+    ec, L = exp.engine, cfg.num_hidden_layers
+    plan = {"weights": cfg.num_params() * item}
+    if exp.system in ENGINE_SYSTEMS:
+        plan["kv_pool"] = ec.num_pages * PoolLayout.for_model(cfg, ec.num_pages, ec.page_size, ec.lora_chunk).page_bytes(
+            exp.model.dtype)
+        if exp.system == "slora_no_unified":
+            per_rank = sum(sum(cfg.projection_shape(p)) for p in slot_projections(exp))
+            plan["adapter_slots"] = ec.max_loras * ec.max_lora_rank * L * per_rank * item
+    elif exp.system in ("peft_merge", "merged_copies"):
+        w = exp.workload
+        B = 1 << (ec.max_num_seqs - 1).bit_length()
+        T = (batch_shapes(w.input_len[1], w.output_len[1], exp.baseline.min_prompt_bucket)[1] if w.kind != "file"
+             else ec.max_model_len)
+        plan["dense_kv_cache"] = 2 * L * B * cfg.num_key_value_heads * T * cfg.head_dim * item
+        if exp.system == "merged_copies":
+            plan["model_copies"] = exp.adapters.n * plan["weights"]
+    plan["total"] = sum(plan.values())
+    return plan
+
+
 def make_system(exp: ExperimentConfig, clock: Clock, model: tuple[LlamaConfig, dict]):
     """The system `exp.system` on the given model."""
     cfg, params = model
     ec: EngineConfig = exp.engine
     if exp.system in ENGINE_SYSTEMS:
         if exp.system == "slora_no_unified":
-            ec = ec.replace(unified_memory=False)
-            if not ec.slot_projections and not exp.adapters.folders:  # random adapters: slots for their projections
-                ec = ec.replace(slot_projections=tuple(exp.adapters.projections))
+            ec = ec.replace(unified_memory=False, slot_projections=slot_projections(exp))
         elif not ec.unified_memory:
             raise ConfigError("engine.unified_memory=false is the system slora_no_unified; "
                               "set system: slora_no_unified")
@@ -374,7 +410,7 @@ def run_point(exp: ExperimentConfig, out_dir: str, point: dict[str, Any] | None 
             f.write(dump(exp))
     summary: dict[str, Any] = {
         "name": exp.name, "system": exp.system, "impl": exp.impl, "mode": exp.mode, "point": point or {},
-        "status": "ok", "error": None, "metrics": None, "memory": None,
+        "status": "ok", "error": None, "metrics": None, "memory": None, "memory_plan_gib": None,
         "run": {"git_commit": git_commit(), "device": str(jax.devices()[0].device_kind),
                 "jax_version": jax.__version__},
     }
@@ -382,12 +418,15 @@ def run_point(exp: ExperimentConfig, out_dir: str, point: dict[str, Any] | None 
     t_setup = clock()
     system = None
     try:
+        plan = lambda cfg: {k: round(v / 2**30, 3) for k, v in memory_plan(exp, cfg).items()}
         if system_factory is None:
             model = cached_model(exp, models)
             cfg = model[0]
+            summary["memory_plan_gib"] = plan(cfg)  # before the system allocates: an OOM point has it too
             system = make_system(exp, clock, model)
         else:
             system, cfg = system_factory(exp, clock)
+            summary["memory_plan_gib"] = plan(cfg)
         if hasattr(system, "check_fits"):
             system.check_fits(exp.adapters.n)
         adapters: list[tuple[str, Any]] = adapter_folders(exp.adapters, cfg,
@@ -443,7 +482,11 @@ def run_point(exp: ExperimentConfig, out_dir: str, point: dict[str, Any] | None 
     except Exception as e:
         if not _is_oom(e):
             raise
-        summary.update(status="oom", error=f"{type(e).__name__}: {e}")
+        plan = summary.get("memory_plan_gib")
+        limit = (device_memory_gib() or {}).get("limit")
+        note = "" if plan is None else (" [planned GiB: " + ", ".join(f"{k} {v}" for k, v in plan.items())
+                                        + ("" if limit is None else f"; device limit {limit}") + "]")
+        summary.update(status="oom", error=f"{type(e).__name__}: {e}{note}")
     finally:
         summary["run"]["device_memory_gib"] = device_memory_gib()  # also for an oom point: what held the memory
         if hasattr(system, "close"):
